@@ -1,0 +1,39 @@
+// Every normkit operator schema, in one place. Kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu,
+// each registering its own TORCH_LIBRARY_IMPL block; autograd and fake kernels are registered in Python
+// (normkit/ops). Private ops (leading underscore) are the pieces public ops and their backwards are built from.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import normkit._C` loads this library, which registers the ops below with the dispatcher.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "normkit compiled operators", -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(normkit, m) {
+  // ---- Switchable Normalization (csrc/cpu/switch_norm.cpp, csrc/cuda/switch_norm.cu) ----
+  // moments: (N, C, 2) per-(n, c) mean and sum of squared deviations, in the accumulation dtype.
+  // coefficients: (N, C, 2) per-(n, c) scale and shift with y = scale * x + shift.
+  // bn_stats: (3, C) batch-norm statistics used [mean, var, count]; count is the number of (n) members.
+  m.def("switch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor mean_weight, Tensor var_weight, "
+        "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, bool has_instance, float eps) "
+        "-> (Tensor output, Tensor moments, Tensor bn_stats)");
+  m.def("_switch_norm_backward(Tensor grad_output, Tensor input, Tensor moments, Tensor bn_stats, Tensor? weight, "
+        "Tensor mean_weight, Tensor var_weight, bool use_batch_stats, bool has_instance, float eps) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_mean_weight, Tensor grad_var_weight)");
+  m.def("_switch_norm_moments(Tensor input) -> Tensor");
+  m.def("_switch_norm_forward_coefficients(Tensor moments, Tensor? weight, Tensor? bias, Tensor mean_weight, "
+        "Tensor var_weight, Tensor? bn_stats, int count, bool has_instance, float eps) -> (Tensor, Tensor)");
+  m.def("_switch_norm_affine(Tensor input, Tensor coefficients) -> Tensor");
+  m.def("_switch_norm_grad_moments(Tensor grad_output, Tensor input) -> Tensor");
+  m.def("_switch_norm_backward_reduce(Tensor grad_moments, Tensor moments, Tensor bn_stats, Tensor? weight, "
+        "Tensor mean_weight, Tensor var_weight, int count, bool has_instance, float eps) "
+        "-> (Tensor grad_weight, Tensor grad_bias, Tensor grad_mean_weight, Tensor grad_var_weight, Tensor bn_grad)");
+  m.def("_switch_norm_backward_coefficients(Tensor grad_moments, Tensor moments, Tensor bn_stats, Tensor? bn_grad, "
+        "Tensor? weight, Tensor mean_weight, Tensor var_weight, int count, bool has_instance, float eps) -> Tensor");
+  m.def("_switch_norm_affine_backward(Tensor grad_output, Tensor input, Tensor coefficients) -> Tensor");
+
+  // ---- ROI ops (csrc/cpu/roi_align.cpp, roi_pool.cpp, nms.cpp and their CUDA twins) ----
+
+  // ---- Conditional classifier (csrc/cpu/cond_classifier.cpp, csrc/cuda/cond_classifier.cu) ----
+}

@@ -1,0 +1,20 @@
+"""Loads the compiled operator library `normkit._C` and reports clearly when it is missing."""
+from __future__ import annotations
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the normkit checkout"
+
+try:
+    from normkit import _C  # noqa: F401  (registers the torch.ops.normkit operators)
+    LOAD_ERROR: Exception | None = None
+except ImportError as exc:  # the package stays importable; ops raise on use
+    LOAD_ERROR = exc
+
+
+def has_extension() -> bool:
+    return LOAD_ERROR is None
+
+
+def require_extension(op_name: str) -> None:
+    if LOAD_ERROR is not None:
+        raise RuntimeError(f"normkit.ops.{op_name} needs the compiled library normkit._C, which failed to load "
+                           f"({LOAD_ERROR}); {BUILD_HINT}")

@@ -1,0 +1,11 @@
+"""nn.Modules over normkit's operators."""
+
+# -- Normalization --
+from normkit.nn.switch_norm import (  # noqa: F401
+    SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm, convert_sync_switchnorm)
+from normkit.nn.norm import FrozenBatchNorm2d, build_norm, recompute_batch_stats, NORM_NAMES  # noqa: F401
+
+# -- ROI ops --
+
+# -- Conditional classifier --
+
