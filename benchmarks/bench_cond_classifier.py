@@ -165,7 +165,8 @@ def main(argv=None) -> str:
         print(f"-- {threads} intra-op thread(s)", flush=True)
         sections.append(f"### {threads} intra-op thread(s)\n\n{run_table(sizes, device, dtype, repeats)}\n")
     torch.set_num_threads(default_threads)
-    markdown = "## Conditional classifier: normkit vs official CondNet formulation\n\n" + notes + "\n" + "\n".join(sections)
+    title = "## Conditional classifier: normkit vs official CondNet formulation\n\n"
+    markdown = title + notes + "\n" + "\n".join(sections)
     print(markdown)
     path = write_results("cond_classifier", device, markdown)
     print(f"wrote {path}")

@@ -20,9 +20,10 @@ class ConditionalClassifier(nn.Module):
 
     Steps (DESIGN §5): Dropout2d; guidance logits ``G = guidance_project(X)`` (1x1 conv with bias);
     class embeddings ``E = class_embedding(G, X)`` (B, K, C); kernel generation, one 1x1 conv with
-    groups = K over E viewed as (B, K*C, 1, 1) (computed as the equivalent batched GEMM) giving K*C weights (and, with bias, K biases: the first
-    K*C outputs are the weights, the last K the biases, exactly as the official code slices them even
-    though that split does not follow the conv's groups); dynamic classification ``Y = W X + b``.
+    groups = K over E viewed as (B, K*C, 1, 1) (computed as the equivalent batched GEMM) giving K*C
+    weights (and, with bias, K biases: the first K*C outputs are the weights, the last K the biases,
+    exactly as the official code slices them even though that split does not follow the conv's groups);
+    dynamic classification ``Y = W X + b``.
 
     Parameter names follow the official CondNet code (``ConditionalDecodeHead`` in the CondNet
     MMSegmentation fork, ``mmseg/models/decode_heads/conditional_decode_head.py``), whose projections are
@@ -92,8 +93,12 @@ class ConditionalClassifier(nn.Module):
         if self.dropout is not None:
             features = self.dropout(features)
         guidance = self.guidance_project["conv"](features)
-        weight, bias = self.generate_classifier(class_embedding(guidance, features))
-        logits = dynamic_classify(features, weight, bias)
+        # Under autocast the convs and the generator GEMM return the autocast dtype while the features may
+        # not; the fused ops take one dtype, the features'.
+        weight, bias = self.generate_classifier(class_embedding(guidance.to(features.dtype), features))
+        if bias is not None:
+            bias = bias.to(features.dtype)
+        logits = dynamic_classify(features, weight.to(features.dtype), bias)
         return (logits, guidance) if self.training else logits
 
     def extra_repr(self) -> str:
