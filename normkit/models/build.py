@@ -58,6 +58,8 @@ def _call(fn, where: str, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except TypeError as exc:
+        if "argument" not in str(exc):  # a TypeError from inside the constructor, not from its signature
+            raise
         raise ValueError(f"bad keys in config {where}: {exc}") from exc
 
 
