@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from normkit.evaluation.inference import inference
 from normkit.evaluation.metrics import SegmentationMetric
 from normkit.evaluation.visualize import denormalize, side_by_side
@@ -44,7 +45,8 @@ def evaluate(model, loader, eval_cfg: dict | None = None, num_classes: int | Non
     unknown = set(eval_cfg) - set(EVAL_KEYS)
     if unknown:
         raise ValueError(f"unknown evaluation option(s) {sorted(unknown)}; known: {', '.join(EVAL_KEYS)}")
-    base = getattr(loader.dataset, "dataset", None)
+    samples = getattr(loader, "dataset", None)  # build_val_loader's per-rank view: has mean, std, dataset
+    base = getattr(samples, "dataset", None)
     num_classes = num_classes or getattr(base, "num_classes", None)
     if num_classes is None:
         raise ValueError("evaluate needs num_classes when the loader's dataset does not state it")
@@ -66,8 +68,8 @@ def evaluate(model, loader, eval_cfg: dict | None = None, num_classes: int | Non
             pred = probs.argmax(dim=1)
             metric.update(pred, labels)
             if show_dir is not None:
-                mean = getattr(loader.dataset, "mean", (0.485, 0.456, 0.406))
-                std = getattr(loader.dataset, "std", (0.229, 0.224, 0.225))
+                mean = getattr(samples, "mean", IMAGENET_MEAN)
+                std = getattr(samples, "std", IMAGENET_STD)
                 for i, name in enumerate(batch["meta"]["names"]):
                     panel = side_by_side(denormalize(images[i], mean, std), pred[i].cpu().numpy(),
                                          labels[i].cpu().numpy())
