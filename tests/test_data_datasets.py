@@ -186,6 +186,6 @@ def test_config_errors(ade_root):
     with pytest.raises(ValueError, match="unknown ADE20K source 'lmdb'"):
         build_dataset({"dataset": "ade20k", "root": str(ade_root), "num_classes": 150,
                        "train": {"source": "lmdb"}}, "train")
-    with pytest.raises(ValueError, match="3 class names given for num_classes=150"):
+    with pytest.raises(ValueError, match="3 class names for num_classes=150"):
         build_dataset({"dataset": "ade20k", "root": str(ade_root), "num_classes": 150,
                        "class_names": ["a", "b", "c"]}, "train")

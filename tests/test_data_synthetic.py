@@ -60,3 +60,12 @@ def test_cli(tmp_path, capsys):
     main(["--root", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size", "40"])
     assert "2 train / 1 val" in capsys.readouterr().out
     assert (tmp_path / "validation.odgt").is_file()
+
+
+def test_class_names_come_from_the_manifest(tmp_path):
+    from normkit.data.build import resolve_class_names
+    root = generate_mini_ade(tmp_path, num_train=2, num_val=1, size=40)
+    cfg = {"dataset": "ade20k", "root": str(root), "num_classes": len(MINI_ADE_CLASSES)}
+    assert build_dataset(cfg, "train").class_names == MINI_ADE_CLASSES
+    assert resolve_class_names({**cfg, "root": str(tmp_path / "absent")})[0] == "class_0"
+    assert resolve_class_names({**cfg, "num_classes": 150})[0] == "wall"

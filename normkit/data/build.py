@@ -7,7 +7,8 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
       root: data/mini_ade        # dataset root; for ADE20K the folder holding the .odgt lists and/or
                                  # ADEChallengeData2016/ (or that folder itself when source: folder)
       num_classes: 150           # must equal model.num_classes
-      class_names: null          # list of names; default: the dataset's standard names (or class_<i>)
+      class_names: null          # list of names; default: the dataset's standard names when num_classes
+                                 # matches, else those in a generated mini set's manifest, else class_<i>
       mean: [0.485, 0.456, 0.406]  # RGB normalisation, 0..1 scale (ImageNet)
       std: [0.229, 0.224, 0.225]
       synthetic: null            # {num_train, num_val, size, seed}: generate the mini ADE20K-layout set
@@ -46,13 +47,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from normkit.data.ade20k import ADE20KDataset
+from normkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from normkit.data.base import SegmentationDataset
-from normkit.data.pascal_context import PascalContextDataset
+from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
 from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
 from normkit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, CSAILTrainTransform, MMSegTrainTransform,
                                      pad_batch, to_tensor)
-from normkit.data.voc import VOCDataset
+from normkit.data.synthetic import generate_mini_ade, manifest_class_names
+from normkit.data.voc import VOC_CLASSES, VOCDataset
 
 SPLITS = ("train", "val")
 DATASETS = ("ade20k", "voc", "pascal_context")
@@ -88,7 +90,6 @@ def split_config(data_cfg: dict, split: str) -> dict:
 
 def _prepare_synthetic(data_cfg: dict) -> None:
     """Generate the mini set once; in a distributed run rank 0 writes while the others wait."""
-    from normkit.data.synthetic import generate_mini_ade
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
         generate_mini_ade(data_cfg["root"], **data_cfg["synthetic"])
@@ -96,14 +97,30 @@ def _prepare_synthetic(data_cfg: dict) -> None:
         torch.distributed.barrier()
 
 
+def resolve_class_names(data_cfg: dict) -> tuple[str, ...]:
+    """`data.class_names`, else the dataset's standard names when num_classes matches them, else the names
+    in a generated mini set's manifest under `root`, else class_0, class_1, ..."""
+    num_classes = int(_require(data_cfg, "num_classes"))
+    if data_cfg.get("class_names") is not None:
+        names = tuple(data_cfg["class_names"])
+        if len(names) != num_classes:
+            raise ValueError(f"data.class_names has {len(names)} class names for num_classes={num_classes}")
+        return names
+    standard = {"ade20k": ADE20K_CLASSES, "voc": VOC_CLASSES, "pascal_context": PASCAL_CONTEXT59_CLASSES}
+    for names in (standard.get(data_cfg.get("dataset")), manifest_class_names(data_cfg.get("root", ""))):
+        if names is not None and len(names) == num_classes:
+            return tuple(names)
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
 def build_dataset(data_cfg: dict, split: str) -> SegmentationDataset:
     """The decoded dataset of `split` ("train" | "val"): items are dicts with uint8 image/label (no pipeline)."""
     cfg = split_config(data_cfg, split)
     root = _require(data_cfg, "root")
     num_classes = int(_require(data_cfg, "num_classes"))
-    class_names = data_cfg.get("class_names")
     if data_cfg.get("synthetic"):
         _prepare_synthetic(data_cfg)
+    class_names = resolve_class_names(data_cfg)
     name = data_cfg["dataset"]
     if name == "ade20k":
         return ADE20KDataset(root, source=cfg["source"], list_file=cfg.get("list"), split=cfg["split"],

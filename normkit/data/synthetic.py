@@ -163,6 +163,14 @@ def _manifest(num_train: int, num_val: int, size: int, seed: int) -> dict:
             "num_val": num_val, "size": size, "seed": seed, "classes": list(MINI_ADE_CLASSES)}
 
 
+def manifest_class_names(root) -> tuple[str, ...] | None:
+    """The class names recorded in the manifest of a generated set under `root`, or None."""
+    try:
+        return tuple(json.loads((Path(root) / MANIFEST_NAME).read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _is_complete(root: Path, manifest: dict) -> bool:
     try:
         if json.loads((root / MANIFEST_NAME).read_text()) != manifest:
