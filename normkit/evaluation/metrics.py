@@ -76,6 +76,15 @@ class SegmentationMetric:
                 "per_class_iou": iou.tolist(), "num_pixels": int(labelled)}
 
 
+def results_to_json(results: dict) -> dict:
+    """The numeric entries of `results` with NaN (undefined IoU) as None, ready for json.dumps."""
+    def clean(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+    out = {k: clean(v) for k, v in results.items() if isinstance(v, (int, float))}
+    out["per_class_iou"] = [clean(v) for v in results["per_class_iou"]]
+    return out
+
+
 def format_table(results: dict, class_names=None) -> str:
     """A plain-text table of per-class IoU followed by pixel accuracy, mIoU and score (percent)."""
     ious = results["per_class_iou"]
