@@ -8,4 +8,6 @@ from normkit.nn.norm import FrozenBatchNorm2d, build_norm, recompute_batch_stats
 # -- ROI ops --
 
 # -- Conditional classifier --
+from normkit.nn.cond_classifier import ConditionalClassifier  # noqa: F401
+from normkit.nn.losses import DiceLoss, dice_loss  # noqa: F401
 

@@ -6,4 +6,6 @@ from normkit.ops.switch_norm import switch_norm, switch_norm_reference  # noqa: 
 # -- ROI ops --
 
 # -- Conditional classifier --
+from normkit.ops.cond_classifier import (  # noqa: F401
+    class_embedding, class_embedding_reference, dynamic_classify, dynamic_classify_reference)
 
