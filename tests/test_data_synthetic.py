@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from normkit.data import MINI_ADE_CLASSES, build_dataset, generate_mini_ade
@@ -69,3 +70,11 @@ def test_class_names_come_from_the_manifest(tmp_path):
     assert build_dataset(cfg, "train").class_names == MINI_ADE_CLASSES
     assert resolve_class_names({**cfg, "root": str(tmp_path / "absent")})[0] == "class_0"
     assert resolve_class_names({**cfg, "num_classes": 150})[0] == "wall"
+
+
+def test_build_dataset_generates_the_configured_set(tmp_path):
+    cfg = {"dataset": "ade20k", "root": str(tmp_path / "gen"), "num_classes": len(MINI_ADE_CLASSES),
+           "synthetic": {"num_train": 3, "num_val": 2, "size": 40}}
+    assert len(build_dataset(cfg, "train")) == 3 and len(build_dataset(cfg, "val")) == 2
+    with pytest.raises(ValueError, match="data.synthetic must be a mapping"):
+        build_dataset({**cfg, "synthetic": {"num_images": 3}}, "train")

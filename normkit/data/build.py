@@ -90,9 +90,13 @@ def split_config(data_cfg: dict, split: str) -> dict:
 
 def _prepare_synthetic(data_cfg: dict) -> None:
     """Generate the mini set once; in a distributed run rank 0 writes while the others wait."""
+    options = data_cfg["synthetic"]
+    allowed = {"num_train", "num_val", "size", "seed"}
+    if not isinstance(options, dict) or set(options) - allowed:
+        raise ValueError(f"data.synthetic must be a mapping with keys among {sorted(allowed)}, got {options!r}")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
-        generate_mini_ade(data_cfg["root"], **data_cfg["synthetic"])
+        generate_mini_ade(data_cfg["root"], **options)
     if distributed:
         torch.distributed.barrier()
 
