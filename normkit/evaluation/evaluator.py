@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
