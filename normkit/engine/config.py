@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
-__all__ = ["load_config", "apply_overrides", "SECTIONS"]
+__all__ = ["load_config", "apply_overrides", "parse_value", "SECTIONS"]
 
 SECTIONS = ("model", "data", "train", "evaluation")
 
@@ -45,5 +46,16 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise KeyError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section of the config")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_value(raw)
     return cfg
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(raw: str):
+    """YAML value, except that exponent floats without a dot (`1e-3`, a string to YAML 1.1) become floats."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
