@@ -51,10 +51,8 @@ def _worker(rank: int, world_size: int, port: int, norm: str, out_dir: str) -> N
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    try:
-        losses, state = _train(norm, rank, world_size)
-    finally:
-        destroy_distributed()
+    losses, state = _train(norm, rank, world_size)
+    destroy_distributed()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"losses": losses, "state": state}, f)
 

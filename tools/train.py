@@ -134,8 +134,10 @@ def main(argv=None) -> dict:
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     try:
         results, class_names = train(cfg, work_dir, args.resume, info)
-    finally:
-        destroy_distributed()
+    except BaseException:
+        destroy_distributed(wait_for_others=False)
+        raise
+    destroy_distributed()
     if info.is_main:
         print(format_table(results, class_names), flush=True)
         serialisable = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in results.items()

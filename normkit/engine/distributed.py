@@ -72,8 +72,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, torch_device)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(wait_for_others: bool = True) -> None:
+    """Tears the process group down; on the normal path every rank first waits for the others (a rank that
+    leaves early can abort its peers' transport). Pass False when leaving on an error: the others may never come."""
     if dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
