@@ -128,3 +128,25 @@ def test_cuda_matches_cpu(dtype):
     rtol, atol = TOLERANCES[dtype]
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b.cpu().double(), a.double(), rtol=rtol, atol=atol)
+
+
+def test_fp16_mean_over_many_pixels_does_not_overflow():
+    # 4096 pixels of value 200 sum to 819200 > fp16's 65504: the official matmul-then-scale overflows to
+    # inf; the op applies 1/N inside the GEMM's fp32 accumulation.
+    guidance = torch.zeros(1, 3, 64, 64, dtype=torch.float16)
+    features = torch.full((1, 5, 64, 64), 200.0, dtype=torch.float16)
+    out = class_embedding(guidance, features)
+    torch.testing.assert_close(out.float(), torch.full((1, 3, 5), 200.0 / 3), rtol=1e-3, atol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile():
+    from normkit.ops import dynamic_classify
+
+    def head(guidance, features, weight):
+        return dynamic_classify(features, weight + class_embedding(guidance, features))
+
+    guidance, features = sample_inputs((2, 5, 7, 4, 3), torch.float32)
+    weight = torch.randn(2, 5, 7)
+    compiled = torch.compile(head, fullgraph=True)
+    torch.testing.assert_close(compiled(guidance, features, weight), head(guidance, features, weight))

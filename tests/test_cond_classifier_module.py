@@ -108,3 +108,13 @@ def test_bad_input():
         ConditionalClassifier(6, 4, dropout=1.0)
     with pytest.raises(ValueError, match="positive"):
         ConditionalClassifier(6, 0)
+
+
+def test_autocast():
+    module = ConditionalClassifier(16, 5).eval()
+    module.load_state_dict(random_state(module))
+    features = torch.randn(2, 16, 8, 8)
+    expected = module(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module(features)
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.1)

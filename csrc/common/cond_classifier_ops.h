@@ -77,7 +77,7 @@ inline std::tuple<at::Tensor, at::Tensor> class_embedding_backward(const at::Ten
   const double scale = 1.0 / pixels;
 
   if (grad_embedding.numel() == 0) {
-    return {at::zeros_like(guidance), at::zeros_like(features)};
+    return {at::zeros(guidance.sizes(), guidance.options()), at::zeros_like(features)};
   }
   // The probabilities are recomputed here rather than saved by the forward: (B, K, N) is the largest
   // tensor of the op, and recomputing it costs one pass over the guidance logits.

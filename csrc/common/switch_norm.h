@@ -137,5 +137,41 @@ C10_HOST_DEVICE inline void input_grad_coefficients(T gamma_rstd, T d_mu, T d_m2
   coef[2] = d_mu / T(L) - coef[1] * mu;
 }
 
+// Forward coefficients of one plane: y = scale * x + shift.
+template <typename T>
+C10_HOST_DEVICE inline void plane_coefficients(const Normalizer<T>& nz, T gamma, T beta, T* coef) {
+  const T scale = gamma * nz.rstd;
+  coef[0] = scale;
+  coef[1] = beta - nz.mean * scale;
+}
+
+// Adds one plane's contribution to the gradients w.r.t. the mixture weights (before the softmax backward).
+template <typename T>
+C10_HOST_DEVICE inline void accumulate_mixture_grads(const PlaneGrad<T>& g, const GroupForm<T>& form, T mu, T m2,
+                                                     T ln_mean, T ln_var, T bn_mean, T bn_var, T* d_mean_w, T* d_var_w) {
+  d_mean_w[0] += g.grad_mean * mu;
+  d_mean_w[1] += g.grad_mean * ln_mean;
+  d_mean_w[2] += g.grad_mean * bn_mean;
+  d_var_w[0] += g.grad_var * (form.instance ? form.within * m2 : T(0));
+  d_var_w[1] += g.grad_var * ln_var;
+  d_var_w[2] += g.grad_var * bn_var;
+}
+
+// Input-gradient coefficients of one plane from its own gradient and the reduced LN (and, when the BN statistics
+// came from the batch, BN) group gradients.
+template <typename T>
+C10_HOST_DEVICE inline void plane_input_grad(const Mixture<T>& mix, const GroupForm<T>& form, const PlaneGrad<T>& g,
+                                             T gamma_rstd, T mu, T channels, T ln_mean, T ln_grad_mean, T ln_grad_var,
+                                             bool with_bn, T bn_members, T bn_mean, T bn_grad_mean, T bn_grad_var,
+                                             T* coef) {
+  T d_mu = 0, d_m2 = 0;
+  if (form.instance)  // IN: a group of one
+    group_backward(form, T(1), mix.mean_w[0], mix.var_w[0], g.grad_mean, g.grad_var, mu, mu, d_mu, d_m2);
+  group_backward(form, channels, mix.mean_w[1], mix.var_w[1], ln_grad_mean, ln_grad_var, mu, ln_mean, d_mu, d_m2);
+  if (with_bn)
+    group_backward(form, bn_members, mix.mean_w[2], mix.var_w[2], bn_grad_mean, bn_grad_var, mu, bn_mean, d_mu, d_m2);
+  input_grad_coefficients(gamma_rstd, d_mu, d_m2, mu, form.count, coef);
+}
+
 }  // namespace switch_norm
 }  // namespace normkit

@@ -31,23 +31,28 @@ at::Tensor class_softmax_cpu(const at::Tensor& guidance) {
       acc_t max_logit[kPixelBlock];
       acc_t inv_sum[kPixelBlock];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t offset = (task / blocks_per_sample) * classes * pixels + (task % blocks_per_sample) * kPixelBlock;
-        const int64_t len = std::min(kPixelBlock, pixels - (task % blocks_per_sample) * kPixelBlock);
+        const int64_t first_pixel = (task % blocks_per_sample) * kPixelBlock;
+        const int64_t offset = (task / blocks_per_sample) * classes * pixels + first_pixel;
+        const int64_t len = std::min(kPixelBlock, pixels - first_pixel);
         const scalar_t* g = logits + offset;
         scalar_t* p = out + offset;
         std::fill(max_logit, max_logit + len, -std::numeric_limits<acc_t>::infinity());
         std::fill(inv_sum, inv_sum + len, acc_t(0));
         for (int64_t k = 0; k < classes; ++k) {
-          for (int64_t j = 0; j < len; ++j) max_logit[j] = std::max(max_logit[j], static_cast<acc_t>(g[k * pixels + j]));
+          for (int64_t j = 0; j < len; ++j) {
+            max_logit[j] = std::max(max_logit[j], static_cast<acc_t>(g[k * pixels + j]));
+          }
         }
         for (int64_t k = 0; k < classes; ++k) {
-          for (int64_t j = 0; j < len; ++j) inv_sum[j] += shifted_exp(static_cast<acc_t>(g[k * pixels + j]), max_logit[j]);
+          for (int64_t j = 0; j < len; ++j) {
+            inv_sum[j] += shifted_exp(static_cast<acc_t>(g[k * pixels + j]), max_logit[j]);
+          }
         }
         for (int64_t j = 0; j < len; ++j) inv_sum[j] = acc_t(1) / inv_sum[j];
         for (int64_t k = 0; k < classes; ++k) {
           for (int64_t j = 0; j < len; ++j) {
-            p[k * pixels + j] =
-                static_cast<scalar_t>(class_probability(static_cast<acc_t>(g[k * pixels + j]), max_logit[j], inv_sum[j]));
+            const acc_t logit = static_cast<acc_t>(g[k * pixels + j]);
+            p[k * pixels + j] = static_cast<scalar_t>(class_probability(logit, max_logit[j], inv_sum[j]));
           }
         }
       }
@@ -68,8 +73,9 @@ void class_softmax_backward_cpu(const at::Tensor& prob, at::Tensor& grad_prob) {
     at::parallel_for(0, batch * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
       acc_t dot[kPixelBlock];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t offset = (task / blocks_per_sample) * classes * pixels + (task % blocks_per_sample) * kPixelBlock;
-        const int64_t len = std::min(kPixelBlock, pixels - (task % blocks_per_sample) * kPixelBlock);
+        const int64_t first_pixel = (task % blocks_per_sample) * kPixelBlock;
+        const int64_t offset = (task / blocks_per_sample) * classes * pixels + first_pixel;
+        const int64_t len = std::min(kPixelBlock, pixels - first_pixel);
         const scalar_t* p = probs + offset;
         scalar_t* d = grads + offset;
         std::fill(dot, dot + len, acc_t(0));

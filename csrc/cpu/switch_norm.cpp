@@ -12,6 +12,7 @@
 
 #include "common/nc_layout.h"
 #include "common/switch_norm.h"
+#include "common/switch_norm_host.h"
 
 namespace normkit {
 namespace {
@@ -251,52 +252,21 @@ at::Tensor affine_backward_cpu(const at::Tensor& grad_output, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// O(N*C) coefficient steps
+// O(N*C) coefficient steps (serial: N*C is small next to the streaming passes)
 
-// Parameters and statistics converted to the accumulation dtype, contiguous.
+// LN statistics per sample, (mean, var) for each n.
 template <typename acc_t>
-struct SnInputs {
-  int64_t N, C, L;
-  const acc_t* moments;
-  at::Tensor gamma, beta, mean_logits, var_logits;
-  int K;
-
-  SnInputs(const at::Tensor& moments_t, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-           const at::Tensor& mean_weight, const at::Tensor& var_weight, int64_t count)
-      : N(moments_t.size(0)), C(moments_t.size(1)), L(count), moments(moments_t.const_data_ptr<acc_t>()) {
-    const auto opts = moments_t.options();
-    gamma = weight.has_value() && weight->defined() ? weight->to(opts).contiguous() : at::ones({C}, opts);
-    beta = bias.has_value() && bias->defined() ? bias->to(opts).contiguous() : at::zeros({C}, opts);
-    mean_logits = mean_weight.to(opts).contiguous();
-    var_logits = var_weight.to(opts).contiguous();
-    K = static_cast<int>(mean_weight.numel());
-  }
-  acc_t mu(int64_t n, int64_t c) const { return moments[2 * (n * C + c)]; }
-  acc_t m2(int64_t n, int64_t c) const { return moments[2 * (n * C + c) + 1]; }
-};
-
-void check_coefficient_inputs(const at::Tensor& moments, const at::Tensor& mean_weight, const at::Tensor& var_weight,
-                              bool has_instance) {
-  TORCH_CHECK(moments.dim() == 3 && moments.size(2) == 2, "switch_norm: moments must be (N, C, 2), got ", moments.sizes());
-  TORCH_CHECK(mean_weight.numel() == var_weight.numel(), "switch_norm: mean_weight and var_weight lengths differ");
-  const int64_t K = mean_weight.numel();
-  TORCH_CHECK(has_instance ? (K == 2 || K == 3) : (K == 1 || K == 2), "switch_norm: expected ",
-              has_instance ? "2 or 3" : "1 or 2", " mixture weights, got ", K);
-}
-
-// LN statistics per sample: (mean, var) for each n.
-template <typename acc_t>
-std::vector<acc_t> layer_stats(const SnInputs<acc_t>& in, const GroupForm<acc_t>& form) {
-  std::vector<acc_t> ln(2 * in.N);
-  const acc_t C = acc_t(in.C);
-  for (int64_t n = 0; n < in.N; ++n) {
+std::vector<acc_t> layer_stats(const acc_t* mom, int64_t N, int64_t C, const GroupForm<acc_t>& form) {
+  std::vector<acc_t> ln(2 * N);
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* row = mom + 2 * n * C;
     acc_t s = 0;
-    for (int64_t c = 0; c < in.C; ++c) s += in.mu(n, c);
-    const acc_t mean = s / C;
+    for (int64_t c = 0; c < C; ++c) s += row[2 * c];
+    const acc_t mean = s / acc_t(C);
     acc_t v = 0;
-    for (int64_t c = 0; c < in.C; ++c) v += form.member_term(in.mu(n, c), in.m2(n, c), mean);
+    for (int64_t c = 0; c < C; ++c) v += form.member_term(row[2 * c], row[2 * c + 1], mean);
     ln[2 * n] = mean;
-    ln[2 * n + 1] = v / form.denominator(C);
+    ln[2 * n + 1] = v / form.denominator(acc_t(C));
   }
   return ln;
 }
@@ -306,115 +276,110 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
     const at::Tensor& mean_weight, const at::Tensor& var_weight, const c10::optional<at::Tensor>& bn_stats,
     int64_t count, bool has_instance, double eps) {
   check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
-  const at::Tensor mom = moments.contiguous();
-  const int64_t N = mom.size(0), C = mom.size(1);
-  at::Tensor coef = at::empty({N, C, 2}, mom.options());
-  at::Tensor bn_used = at::zeros({3, C}, mom.options());
-  AT_DISPATCH_FLOATING_TYPES(mom.scalar_type(), "switch_norm_forward_coefficients_cpu", [&] {
-    const SnInputs<scalar_t> in(mom, weight, bias, mean_weight, var_weight, count);
+  const at::Tensor mom_t = moments.contiguous();
+  const int64_t N = mom_t.size(0), C = mom_t.size(1);
+  const Params params(mom_t, weight, bias, mean_weight, var_weight);
+  at::Tensor coef = at::empty({N, C, 2}, mom_t.options());
+  const at::Tensor bn_given = optional_as(bn_stats, mom_t);
+  at::Tensor bn_used = bn_given.defined() ? bn_given.clone() : at::zeros({3, C}, mom_t.options());
+  TORCH_CHECK(bn_used.dim() == 2 && bn_used.size(0) == 3 && bn_used.size(1) == C, "switch_norm: bn_stats must be (3, ",
+              C, "), got ", bn_used.sizes());
+  AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_forward_coefficients_cpu", [&] {
+    const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
     const GroupForm<scalar_t> form(has_instance, count);
-    const Mixture<scalar_t> mix(in.mean_logits.template const_data_ptr<scalar_t>(),
-                                in.var_logits.template const_data_ptr<scalar_t>(), in.K, has_instance);
-    const std::vector<scalar_t> ln = layer_stats(in, form);
+    const Mixture<scalar_t> mix(params.mean_logits.const_data_ptr<scalar_t>(),
+                                params.var_logits.const_data_ptr<scalar_t>(), params.K, has_instance);
+    const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
     scalar_t* bn = bn_used.mutable_data_ptr<scalar_t>();
-    if (mix.has_bn()) {
-      if (bn_stats.has_value() && bn_stats->defined()) {
-        TORCH_CHECK(bn_stats->dim() == 2 && bn_stats->size(0) == 3 && bn_stats->size(1) == C,
-                    "switch_norm: bn_stats must be (3, ", C, "), got ", bn_stats->sizes());
-        bn_used.copy_(*bn_stats);
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          scalar_t s = 0;
-          for (int64_t n = 0; n < N; ++n) s += in.mu(n, c);
-          const scalar_t mean = s / scalar_t(N);
-          scalar_t v = 0;
-          for (int64_t n = 0; n < N; ++n) v += form.member_term(in.mu(n, c), in.m2(n, c), mean);
-          bn[c] = mean;
-          bn[C + c] = v / form.denominator(scalar_t(N));
-          bn[2 * C + c] = scalar_t(N);
-        }
+    if (mix.has_bn() && !bn_given.defined()) {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t s = 0;
+        for (int64_t n = 0; n < N; ++n) s += mom[2 * (n * C + c)];
+        const scalar_t mean = s / scalar_t(N);
+        scalar_t v = 0;
+        for (int64_t n = 0; n < N; ++n) v += form.member_term(mom[2 * (n * C + c)], mom[2 * (n * C + c) + 1], mean);
+        bn[c] = mean;
+        bn[C + c] = v / form.denominator(scalar_t(N));
+        bn[2 * C + c] = scalar_t(N);
       }
     }
-    const scalar_t* gamma = in.gamma.template const_data_ptr<scalar_t>();
-    const scalar_t* beta = in.beta.template const_data_ptr<scalar_t>();
+    const scalar_t* gamma = params.gamma.const_data_ptr<scalar_t>();
+    const scalar_t* beta = params.beta.const_data_ptr<scalar_t>();
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < C; ++c) {
-        const Normalizer<scalar_t> nz(mix, form, in.mu(n, c), in.m2(n, c), ln[2 * n], ln[2 * n + 1], bn[c], bn[C + c],
-                                      scalar_t(eps));
-        const scalar_t scale = gamma[c] * nz.rstd;
-        cp[2 * (n * C + c)] = scale;
-        cp[2 * (n * C + c) + 1] = beta[c] - nz.mean * scale;
+        const int64_t p = n * C + c;
+        const Normalizer<scalar_t> nz(mix, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c],
+                                      bn[C + c], scalar_t(eps));
+        plane_coefficients(nz, gamma[c], beta[c], cp + 2 * p);
       }
     }
   });
   return {coef, bn_used};
 }
 
-// Per-(n, c) plane gradients for the backward steps; ln holds the LN statistics.
+// Normalizer and gradient of every (n, c) plane, shared by the two backward steps.
 template <typename acc_t>
-std::vector<PlaneGrad<acc_t>> plane_grads(const SnInputs<acc_t>& in, const GroupForm<acc_t>& form,
-                                          const Mixture<acc_t>& mix, const std::vector<acc_t>& ln, const acc_t* bn,
-                                          const acc_t* gm, acc_t eps, std::vector<Normalizer<acc_t>>& norms) {
+struct BackwardPlanes {
+  std::vector<Normalizer<acc_t>> norms;
   std::vector<PlaneGrad<acc_t>> grads;
-  grads.reserve(in.N * in.C);
-  norms.reserve(in.N * in.C);
-  const acc_t* gamma = in.gamma.template const_data_ptr<acc_t>();
-  for (int64_t n = 0; n < in.N; ++n) {
-    for (int64_t c = 0; c < in.C; ++c) {
-      norms.emplace_back(mix, form, in.mu(n, c), in.m2(n, c), ln[2 * n], ln[2 * n + 1], bn[c], bn[in.C + c], eps);
-      const int64_t p = n * in.C + c;
-      grads.emplace_back(norms.back(), gamma[c], gm[2 * p], gm[2 * p + 1]);
+
+  BackwardPlanes(const acc_t* mom, const acc_t* gm, const acc_t* gamma, const acc_t* bn, const std::vector<acc_t>& ln,
+                 const Mixture<acc_t>& mix, const GroupForm<acc_t>& form, int64_t N, int64_t C, acc_t eps) {
+    norms.reserve(N * C);
+    grads.reserve(N * C);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t p = n * C + c;
+        norms.emplace_back(mix, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c], bn[C + c], eps);
+        grads.emplace_back(norms.back(), gamma[c], gm[2 * p], gm[2 * p + 1]);
+      }
     }
   }
-  return grads;
-}
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& grad_moments, const at::Tensor& moments, const at::Tensor& bn_stats,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight, const at::Tensor& var_weight,
     int64_t count, bool has_instance, double eps) {
   check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
-  const at::Tensor mom = moments.contiguous();
-  const int64_t N = mom.size(0), C = mom.size(1);
-  const auto opts = mom.options();
+  const at::Tensor mom_t = moments.contiguous();
+  const int64_t N = mom_t.size(0), C = mom_t.size(1);
+  const auto opts = mom_t.options();
+  const Params params(mom_t, weight, c10::nullopt, mean_weight, var_weight);
+  const at::Tensor bn_t = bn_stats.to(opts).contiguous();
+  const at::Tensor gm_t = grad_moments.to(opts).contiguous();
   at::Tensor grad_weight = at::zeros({C}, opts), grad_bias = at::zeros({C}, opts);
-  at::Tensor grad_mean_weight = at::empty({mean_weight.numel()}, opts), grad_var_weight = at::empty_like(grad_mean_weight);
+  at::Tensor grad_mean_weight = at::empty({params.K}, opts), grad_var_weight = at::empty({params.K}, opts);
   at::Tensor bn_grad = at::zeros({2, C}, opts);
-  AT_DISPATCH_FLOATING_TYPES(mom.scalar_type(), "switch_norm_backward_reduce_cpu", [&] {
-    const SnInputs<scalar_t> in(mom, weight, c10::nullopt, mean_weight, var_weight, count);
-    const GroupForm<scalar_t> form(has_instance, count);
-    const Mixture<scalar_t> mix(in.mean_logits.template const_data_ptr<scalar_t>(),
-                                in.var_logits.template const_data_ptr<scalar_t>(), in.K, has_instance);
-    const std::vector<scalar_t> ln = layer_stats(in, form);
-    const at::Tensor bn_t = bn_stats.to(opts).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_backward_reduce_cpu", [&] {
+    const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
     const scalar_t* bn = bn_t.const_data_ptr<scalar_t>();
-    const at::Tensor gm_t = grad_moments.to(opts).contiguous();
-    std::vector<Normalizer<scalar_t>> norms;
-    const auto grads = plane_grads(in, form, mix, ln, bn, gm_t.const_data_ptr<scalar_t>(), scalar_t(eps), norms);
+    const scalar_t* gm = gm_t.const_data_ptr<scalar_t>();
+    const GroupForm<scalar_t> form(has_instance, count);
+    const Mixture<scalar_t> mix(params.mean_logits.const_data_ptr<scalar_t>(),
+                                params.var_logits.const_data_ptr<scalar_t>(), params.K, has_instance);
+    const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
+    const BackwardPlanes<scalar_t> planes(mom, gm, params.gamma.const_data_ptr<scalar_t>(), bn, ln, mix, form, N, C,
+                                          scalar_t(eps));
     scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
     scalar_t* bg = bn_grad.mutable_data_ptr<scalar_t>();
-    const scalar_t* gm = gm_t.const_data_ptr<scalar_t>();
     scalar_t d_mean_w[3] = {0, 0, 0}, d_var_w[3] = {0, 0, 0};
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t p = n * C + c;
-        const PlaneGrad<scalar_t>& g = grads[p];
+        const PlaneGrad<scalar_t>& g = planes.grads[p];
         gw[c] += g.grad_gamma;
         gb[c] += gm[2 * p];
         bg[c] += g.grad_mean;
         bg[C + c] += g.grad_var;
-        d_mean_w[0] += g.grad_mean * in.mu(n, c);
-        d_mean_w[1] += g.grad_mean * ln[2 * n];
-        d_mean_w[2] += g.grad_mean * bn[c];
-        d_var_w[0] += g.grad_var * (form.instance ? form.within * in.m2(n, c) : scalar_t(0));
-        d_var_w[1] += g.grad_var * ln[2 * n + 1];
-        d_var_w[2] += g.grad_var * bn[C + c];
+        accumulate_mixture_grads(g, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c], bn[C + c],
+                                 d_mean_w, d_var_w);
       }
     }
-    softmax_backward(mix.mean_w, d_mean_w, mix.first, in.K, grad_mean_weight.mutable_data_ptr<scalar_t>());
-    softmax_backward(mix.var_w, d_var_w, mix.first, in.K, grad_var_weight.mutable_data_ptr<scalar_t>());
+    softmax_backward(mix.mean_w, d_mean_w, mix.first, params.K, grad_mean_weight.mutable_data_ptr<scalar_t>());
+    softmax_backward(mix.var_w, d_var_w, mix.first, params.K, grad_var_weight.mutable_data_ptr<scalar_t>());
   });
   return {grad_weight, grad_bias, grad_mean_weight, grad_var_weight, bn_grad};
 }
@@ -424,44 +389,38 @@ at::Tensor backward_coefficients_cpu(const at::Tensor& grad_moments, const at::T
                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight,
                                      const at::Tensor& var_weight, int64_t count, bool has_instance, double eps) {
   check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
-  const at::Tensor mom = moments.contiguous();
-  const int64_t N = mom.size(0), C = mom.size(1);
-  const auto opts = mom.options();
+  const at::Tensor mom_t = moments.contiguous();
+  const int64_t N = mom_t.size(0), C = mom_t.size(1);
+  const auto opts = mom_t.options();
+  const Params params(mom_t, weight, c10::nullopt, mean_weight, var_weight);
+  const at::Tensor bn_t = bn_stats.to(opts).contiguous();
+  const at::Tensor gm_t = grad_moments.to(opts).contiguous();
+  const at::Tensor bg_t = optional_as(bn_grad, mom_t);
   at::Tensor coef = at::empty({N, C, 3}, opts);
-  AT_DISPATCH_FLOATING_TYPES(mom.scalar_type(), "switch_norm_backward_coefficients_cpu", [&] {
-    const SnInputs<scalar_t> in(mom, weight, c10::nullopt, mean_weight, var_weight, count);
-    const GroupForm<scalar_t> form(has_instance, count);
-    const Mixture<scalar_t> mix(in.mean_logits.template const_data_ptr<scalar_t>(),
-                                in.var_logits.template const_data_ptr<scalar_t>(), in.K, has_instance);
-    const std::vector<scalar_t> ln = layer_stats(in, form);
-    const at::Tensor bn_t = bn_stats.to(opts).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_backward_coefficients_cpu", [&] {
+    const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
     const scalar_t* bn = bn_t.const_data_ptr<scalar_t>();
-    const at::Tensor gm_t = grad_moments.to(opts).contiguous();
-    const bool with_bn = mix.has_bn() && bn_grad.has_value() && bn_grad->defined();
-    const at::Tensor bg_t = with_bn ? bn_grad->to(opts).contiguous() : at::Tensor();
+    const scalar_t* gamma = params.gamma.const_data_ptr<scalar_t>();
+    const GroupForm<scalar_t> form(has_instance, count);
+    const Mixture<scalar_t> mix(params.mean_logits.const_data_ptr<scalar_t>(),
+                                params.var_logits.const_data_ptr<scalar_t>(), params.K, has_instance);
+    const bool with_bn = mix.has_bn() && bg_t.defined();
     const scalar_t* bg = with_bn ? bg_t.const_data_ptr<scalar_t>() : nullptr;
-    std::vector<Normalizer<scalar_t>> norms;
-    const auto grads = plane_grads(in, form, mix, ln, bn, gm_t.const_data_ptr<scalar_t>(), scalar_t(eps), norms);
-    const scalar_t* gamma = in.gamma.template const_data_ptr<scalar_t>();
+    const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
+    const BackwardPlanes<scalar_t> planes(mom, gm_t.const_data_ptr<scalar_t>(), gamma, bn, ln, mix, form, N, C,
+                                          scalar_t(eps));
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
     for (int64_t n = 0; n < N; ++n) {
       scalar_t ln_grad_mean = 0, ln_grad_var = 0;
       for (int64_t c = 0; c < C; ++c) {
-        ln_grad_mean += grads[n * C + c].grad_mean;
-        ln_grad_var += grads[n * C + c].grad_var;
+        ln_grad_mean += planes.grads[n * C + c].grad_mean;
+        ln_grad_var += planes.grads[n * C + c].grad_var;
       }
       for (int64_t c = 0; c < C; ++c) {
         const int64_t p = n * C + c;
-        const scalar_t mu = in.mu(n, c);
-        scalar_t d_mu = 0, d_m2 = 0;
-        if (form.instance)  // IN: a group of one
-          group_backward(form, scalar_t(1), mix.mean_w[0], mix.var_w[0], grads[p].grad_mean, grads[p].grad_var, mu, mu,
-                         d_mu, d_m2);
-        group_backward(form, scalar_t(C), mix.mean_w[1], mix.var_w[1], ln_grad_mean, ln_grad_var, mu, ln[2 * n], d_mu,
-                       d_m2);
-        if (with_bn)
-          group_backward(form, bn[2 * C + c], mix.mean_w[2], mix.var_w[2], bg[c], bg[C + c], mu, bn[c], d_mu, d_m2);
-        input_grad_coefficients(gamma[c] * norms[p].rstd, d_mu, d_m2, mu, count, cp + 3 * p);
+        plane_input_grad(mix, form, planes.grads[p], gamma[c] * planes.norms[p].rstd, mom[2 * p], scalar_t(C),
+                         ln[2 * n], ln_grad_mean, ln_grad_var, with_bn, with_bn ? bn[2 * C + c] : scalar_t(0), bn[c],
+                         with_bn ? bg[c] : scalar_t(0), with_bn ? bg[C + c] : scalar_t(0), cp + 3 * p);
       }
     }
   });

@@ -26,7 +26,7 @@ from torch import nn
 from normkit.models.backbones.resnet import ResNet
 from normkit.models.checkpoint import load_state_dict_strict
 from normkit.models.registry import BACKBONES, HEADS, MODELS
-from normkit.models.segmentation import csail_decoders
+from normkit.models.segmentation import condnet, csail_decoders
 from normkit.models.segmentation.deeplab_v2 import ASPPSumHead, DeepLabV2
 from normkit.models.segmentation.encoder_decoder import SegmentationModel
 
@@ -58,6 +58,8 @@ def _call(fn, where: str, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except TypeError as exc:
+        if "argument" not in str(exc):  # a TypeError from inside the constructor, not from its signature
+            raise
         raise ValueError(f"bad keys in config {where}: {exc}") from exc
 
 
@@ -100,6 +102,9 @@ HEADS.register("ppm_deepsup", _head_builder(csail_decoders.PPMDeepSup))
 HEADS.register("upernet", _head_builder(csail_decoders.UPerNet, fpn_dim=512))
 HEADS.register("upernet_lite", _head_builder(csail_decoders.UPerNet, fpn_dim=256))
 HEADS.register("aspp_sum", _head_builder(ASPPSumHead, takes_norm=False))
+HEADS.register("cond_aspp", _head_builder(condnet.CondASPPHead))
+HEADS.register("cond_sep_aspp", _head_builder(condnet.CondDepthwiseSeparableASPPHead))
+HEADS.register("fcn", _head_builder(condnet.FCNHead))
 
 
 def build_head(cfg: Mapping, in_channels: Tuple[int, ...], num_classes: int, *, default_norm=None,

@@ -41,7 +41,8 @@ def dice_loss(logits: Tensor, target: Tensor, num_classes: int | None = None, ig
     if num_classes is not None and num_classes != k:
         raise ValueError(f"logits have {k} classes but num_classes={num_classes}")
     if target.dim() != 3 or target.shape[0] != b:
-        raise ValueError(f"target must be Tensor[{b}, H, W] to match logits {list(logits.shape)}, got {list(target.shape)}")
+        raise ValueError(f"target must be Tensor[{b}, H, W] to match logits {list(logits.shape)}, "
+                         f"got {list(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer labels, got {target.dtype}")
     if tuple(target.shape[1:]) != (h, w):

@@ -5,7 +5,8 @@ classifier of a segmentation head by one generated per image. Two steps are fuse
 
 * ``class_embedding(guidance, features)``: softmax over the classes of the guidance logits at every pixel,
   then the probability-weighted mean of the features over the pixels. The backward recomputes the
-  softmax, so autograd keeps no (B, K, H*W) probabilities (the official code keeps two such tensors).
+  softmax, so autograd keeps only the two inputs (the official code also keeps the (B, K, H*W)
+  probabilities and a pixel-major (B, H*W, C) copy of the features).
 * ``dynamic_classify(features, weight, bias)``: every sample's features are classified by its own (K, C)
   weights and (K,) biases, as one batched GEMM (the official code runs a grouped conv with groups = B).
 

@@ -7,7 +7,7 @@ only; the norm modules are called ``bn*`` whatever norm they hold. The deep stem
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -251,8 +251,3 @@ class ResNet(nn.Module):
     def extra_repr(self) -> str:
         return f"depth={self.depth}, stem={self.stem!r}, output_stride={self.output_stride}"
 
-
-def resnet_layer_names(depth: int) -> Sequence[str]:
-    """Names of the residual blocks, e.g. ``layer1.0`` ... (used by converters and tests)."""
-    _, layers = ARCH_SETTINGS[depth]
-    return [f"layer{s}.{b}" for s, n in enumerate(layers, start=1) for b in range(n)]
