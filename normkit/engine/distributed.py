@@ -1,6 +1,7 @@
 """One code path from a single process to many: torchrun environment, DDP wrapping, sync-norm conversion."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -76,6 +77,7 @@ def destroy_distributed(wait_for_others: bool = True) -> None:
     """Tears the process group down; on the normal path every rank first waits for the others (a rank that
     leaves early can abort its peers' transport). Pass False when leaving on an error: the others may never come."""
     if dist.is_initialized():
+        gc.collect()  # a DistributedDataParallel left in a reference cycle must go before its process group
         if wait_for_others:
             dist.barrier()
         dist.destroy_process_group()
