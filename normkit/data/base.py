@@ -1,0 +1,144 @@
+"""The common segmentation dataset: a list of (image, label) files, decoded and label-mapped on access.
+
+Readers (ADE20K, VOC, Pascal Context) only build the file list and the label lookup table; decoding, checks
+and error messages live here so that every dataset fails the same clear way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: Path
+    name: str
+    size: tuple[int, int] | None = None  # (height, width) when the list file states it
+
+
+def require_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a folder")
+    return path
+
+
+def require_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 array [H, W, 3]; a clear error names a missing or undecodable file."""
+    require_file(path, "image file")
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise RuntimeError(f"cannot decode image file {path}: {exc}") from exc
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Class-index array [H, W] (uint8). Read with PIL so palette PNGs give their indices, not colours."""
+    require_file(path, "label file")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise RuntimeError(f"label file {path} must be a single-channel 8-bit PNG (mode L or P), "
+                                   f"got mode {im.mode}")
+            return np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise RuntimeError(f"cannot decode label file {path}: {exc}") from exc
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    require_file(path, "image file")
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise RuntimeError(f"cannot decode image file {path}: {exc}") from exc
+
+
+def label_lut(num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """Lookup table raw value -> train id (0..K-1 or 255); -1 marks values that must not occur.
+
+    reduce_zero_label (ADE20K, Pascal Context-59): raw 0 = "other/background" -> 255, raw k -> k - 1.
+    Otherwise (VOC): raw k -> k. Raw 255 is the ignore label in both cases.
+    """
+    lut = np.full(256, -1, np.int16)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    if reduce_zero_label:
+        lut[0] = IGNORE_INDEX
+        lut[1:num_classes + 1] = np.arange(num_classes)
+    else:
+        lut[:num_classes] = np.arange(num_classes)
+    return lut
+
+
+class SegmentationDataset(Dataset):
+    """Map-style dataset of decoded samples.
+
+    `dataset[i]` -> {"image": uint8 [H, W, 3] RGB, "label": uint8 [H, W] (0..K-1, 255 = ignore),
+    "name": str, "ori_size": (H, W)}. Pipelines (normkit.data.transforms) turn these into tensors.
+    """
+
+    def __init__(self, samples: list[Sample], num_classes: int, class_names, lut: np.ndarray, description: str):
+        if not samples:
+            raise ValueError(f"{description}: the sample list is empty")
+        if num_classes < 1 or num_classes > 255:
+            raise ValueError(f"num_classes must be in 1..255, got {num_classes}")
+        self.samples = samples
+        self.num_classes = num_classes
+        self.class_names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(num_classes))
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{description}: {len(self.class_names)} class names given for num_classes={num_classes}")
+        self.lut = lut
+        self.description = description
+        self._sizes: list[tuple[int, int] | None] = [s.size for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description}, {len(self)} samples, {self.num_classes} classes)"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of sample `index` from the list file or the image header (cached)."""
+        if self._sizes[index] is None:
+            self._sizes[index] = image_size(self.samples[index].image)
+        return self._sizes[index]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        raw = read_label(sample.label)
+        if raw.shape != image.shape[:2]:
+            raise ValueError(f"image/label size mismatch: {sample.image} is {image.shape[0]}x{image.shape[1]} "
+                             f"but {sample.label} is {raw.shape[0]}x{raw.shape[1]} (height x width)")
+        mapped = self.lut[raw]
+        if (mapped < 0).any():
+            bad = np.unique(raw[mapped < 0]).tolist()
+            raise ValueError(f"label file {sample.label} holds values {bad} outside the {self.num_classes} classes "
+                             f"of {self.description} (check data.num_classes)")
+        return {"image": image, "label": mapped.astype(np.uint8), "name": sample.name,
+                "ori_size": (image.shape[0], image.shape[1])}
+
+
+def read_split_list(path: Path) -> list[list[str]]:
+    """The whitespace-separated fields of each non-blank line of a split file."""
+    require_file(path, "split list")
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"split list {path} is empty")
+    return rows

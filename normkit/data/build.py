@@ -1,0 +1,251 @@
+"""Datasets and loaders from the `data:` section of an experiment config.
+
+Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults shown)::
+
+    data:
+      dataset: ade20k            # ade20k | voc | pascal_context
+      root: data/mini_ade        # dataset root; for ADE20K the folder holding the .odgt lists and/or
+                                 # ADEChallengeData2016/ (or that folder itself when source: folder)
+      num_classes: 150           # must equal model.num_classes
+      class_names: null          # list of names; default: the dataset's standard names when num_classes
+                                 # matches, else those in a generated mini set's manifest, else class_<i>
+      mean: [0.485, 0.456, 0.406]  # RGB normalisation, 0..1 scale (ImageNet)
+      std: [0.229, 0.224, 0.225]
+      synthetic: null            # {num_train, num_val, size, seed}: generate the mini ADE20K-layout set
+                                 # (normkit.data.synthetic) in `root` first if it is not there yet
+      train:
+        # which files (per dataset)
+        source: odgt             # ade20k: odgt (CSAIL list) | folder (ADEChallengeData2016 layout)
+        list: training.odgt      # ade20k odgt list / voc, pascal_context split list, relative to root
+                                 #   voc: ImageSets/Segmentation/train_aug.txt
+                                 #   pascal_context: ImageSets/SegmentationContext/train.txt
+        split: training          # ade20k folder split (training | validation)
+        img_dir: JPEGImages      # voc / pascal_context image folder
+        ann_dir: ...             # voc: SegmentationClassAug, pascal_context: SegmentationClassContext
+        # how to augment
+        pipeline: csail          # csail | mmseg
+        flip: true
+        # csail: one short side per batch, long side capped, images grouped by orientation
+        short_sides: [300, 375, 450, 525, 600]
+        max_long_side: 1000
+        pad_multiple: 8          # 32 for UPerNet
+        # mmseg: ratio-range rescale, cat_max_ratio crop, photometric distortion, pad to the crop
+        scale: [2048, 512]
+        ratio_range: [0.5, 2.0]
+        crop_size: [512, 512]
+        cat_max_ratio: 0.75
+        photometric: true
+      val:                       # same file keys; defaults validation.odgt / split validation,
+        source: odgt             # voc: ImageSets/Segmentation/val.txt + SegmentationClass,
+        list: validation.odgt    # pascal_context: ImageSets/SegmentationContext/val.txt
+
+Labels everywhere: classes 0..K-1, 255 = ignored (ADE20K 0 and Context background included; padding too).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from normkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
+from normkit.data.base import SegmentationDataset
+from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
+from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
+from normkit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, CSAILTrainTransform, MMSegTrainTransform,
+                                     pad_batch, to_tensor)
+from normkit.data.synthetic import generate_mini_ade, manifest_class_names
+from normkit.data.voc import VOC_CLASSES, VOCDataset
+
+SPLITS = ("train", "val")
+DATASETS = ("ade20k", "voc", "pascal_context")
+PIPELINES = ("csail", "mmseg")
+_DEFAULTS = {
+    "ade20k": {"train": {"source": "odgt", "list": "training.odgt", "split": "training"},
+               "val": {"source": "odgt", "list": "validation.odgt", "split": "validation"}},
+    "voc": {"train": {"list": "ImageSets/Segmentation/train_aug.txt", "img_dir": "JPEGImages",
+                      "ann_dir": "SegmentationClassAug"},
+            "val": {"list": "ImageSets/Segmentation/val.txt", "img_dir": "JPEGImages", "ann_dir": "SegmentationClass"}},
+    "pascal_context": {"train": {"list": "ImageSets/SegmentationContext/train.txt", "img_dir": "JPEGImages",
+                                 "ann_dir": "SegmentationClassContext"},
+                       "val": {"list": "ImageSets/SegmentationContext/val.txt", "img_dir": "JPEGImages",
+                               "ann_dir": "SegmentationClassContext"}},
+}
+
+
+def _require(data_cfg: dict, key: str):
+    if key not in data_cfg:
+        raise ValueError(f"the data config needs `data.{key}`")
+    return data_cfg[key]
+
+
+def split_config(data_cfg: dict, split: str) -> dict:
+    """The defaults of `data.dataset` for `split`, overridden by `data.<split>`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    name = _require(data_cfg, "dataset")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}' (data.dataset); choose one of {', '.join(DATASETS)}")
+    return {**_DEFAULTS[name][split], **(data_cfg.get(split) or {})}
+
+
+def _prepare_synthetic(data_cfg: dict) -> None:
+    """Generate the mini set once; in a distributed run rank 0 writes while the others wait."""
+    options = data_cfg["synthetic"]
+    allowed = {"num_train", "num_val", "size", "seed"}
+    if not isinstance(options, dict) or set(options) - allowed:
+        raise ValueError(f"data.synthetic must be a mapping with keys among {sorted(allowed)}, got {options!r}")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        generate_mini_ade(data_cfg["root"], **options)
+    if distributed:
+        torch.distributed.barrier()
+
+
+def resolve_class_names(data_cfg: dict) -> tuple[str, ...]:
+    """`data.class_names`, else the dataset's standard names when num_classes matches them, else the names
+    in a generated mini set's manifest under `root`, else class_0, class_1, ..."""
+    num_classes = int(_require(data_cfg, "num_classes"))
+    if data_cfg.get("class_names") is not None:
+        names = tuple(data_cfg["class_names"])
+        if len(names) != num_classes:
+            raise ValueError(f"data.class_names has {len(names)} class names for num_classes={num_classes}")
+        return names
+    standard = {"ade20k": ADE20K_CLASSES, "voc": VOC_CLASSES, "pascal_context": PASCAL_CONTEXT59_CLASSES}
+    for names in (standard.get(data_cfg.get("dataset")), manifest_class_names(data_cfg.get("root", ""))):
+        if names is not None and len(names) == num_classes:
+            return tuple(names)
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def build_dataset(data_cfg: dict, split: str) -> SegmentationDataset:
+    """The decoded dataset of `split` ("train" | "val"): items are dicts with uint8 image/label (no pipeline)."""
+    cfg = split_config(data_cfg, split)
+    root = _require(data_cfg, "root")
+    num_classes = int(_require(data_cfg, "num_classes"))
+    if data_cfg.get("synthetic"):
+        _prepare_synthetic(data_cfg)
+    class_names = resolve_class_names(data_cfg)
+    name = data_cfg["dataset"]
+    if name == "ade20k":
+        return ADE20KDataset(root, source=cfg["source"], list_file=cfg.get("list"), split=cfg["split"],
+                             num_classes=num_classes, class_names=class_names)
+    cls = VOCDataset if name == "voc" else PascalContextDataset
+    return cls(root, list_file=cfg["list"], img_dir=cfg["img_dir"], ann_dir=cfg["ann_dir"],
+               num_classes=num_classes, class_names=class_names)
+
+
+def build_train_transform(cfg: dict):
+    pipeline = cfg.get("pipeline", "csail")
+    if pipeline == "csail":
+        return CSAILTrainTransform(cfg.get("short_sides", (300, 375, 450, 525, 600)),
+                                   cfg.get("max_long_side", 1000), cfg.get("flip", True))
+    if pipeline == "mmseg":
+        return MMSegTrainTransform(cfg.get("scale", (2048, 512)), cfg.get("ratio_range", (0.5, 2.0)),
+                                   cfg.get("crop_size", (512, 512)), cfg.get("cat_max_ratio", 0.75),
+                                   cfg.get("flip", True), cfg.get("photometric", True))
+    raise ValueError(f"unknown pipeline '{pipeline}' (data.train.pipeline); choose one of {', '.join(PIPELINES)}")
+
+
+class _AugmentedSamples(Dataset):
+    """Indexed by `SampleKey`: decodes sample `key.index` and augments it with its own seeded Generator."""
+
+    def __init__(self, dataset: SegmentationDataset, transform, seed: int, mean, std):
+        self.dataset, self.transform, self.seed, self.mean, self.std = dataset, transform, seed, mean, std
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey):
+        sample = self.dataset[key.index]
+        image, label = self.transform(sample["image"], sample["label"], sample_rng(self.seed, key), key.short_side)
+        return to_tensor(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64)), sample["name"], key
+
+
+class _Collate:
+    def __init__(self, multiple: int = 1, min_size=(0, 0)):
+        self.multiple, self.min_size = multiple, min_size
+
+    def __call__(self, items):
+        images, labels = pad_batch([it[0] for it in items], [it[1] for it in items], self.multiple, self.min_size)
+        meta = {"names": [it[2] for it in items]}
+        if isinstance(items[0][3], SampleKey):
+            meta["iteration"] = items[0][3].iteration
+            meta["indices"] = [it[3].index for it in items]
+        else:
+            meta["ori_sizes"] = [it[3] for it in items]
+        return {"images": images, "labels": labels, "meta": meta}
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Workers already run in parallel; nested thread pools would only oversubscribe the cores.
+    import cv2
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class TrainLoader:
+    """Infinite iterator of training batches {"images": [B, 3, H, W], "labels": int64 [B, H, W],
+    "meta": {"names", "iteration", "indices"}}; batch i is iteration start_iter + i."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.dataset = loader.dataset.dataset
+        self._iterator = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+
+def _normalisation(data_cfg: dict):
+    return tuple(data_cfg.get("mean", IMAGENET_MEAN)), tuple(data_cfg.get("std", IMAGENET_STD))
+
+
+def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                       start_iter: int = 0, num_workers: int = 0, dataset: SegmentationDataset | None = None
+                       ) -> TrainLoader:
+    """Per-rank training batches of `batch_size`, deterministic in (seed, iteration, rank): resuming with
+    start_iter=k yields what an uninterrupted run sees from iteration k. `dataset` reuses a built one."""
+    cfg = split_config(data_cfg, "train")
+    dataset = dataset if dataset is not None else build_dataset(data_cfg, "train")
+    transform = build_train_transform(cfg)
+    if isinstance(transform, CSAILTrainTransform):
+        landscape = [w > h for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
+        sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
+                                    start_iter=start_iter, landscape=landscape, short_sides=transform.short_sides)
+        collate = _Collate(int(cfg.get("pad_multiple", 8)))
+    else:
+        sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
+                                    start_iter=start_iter)
+        collate = _Collate(int(cfg.get("pad_multiple", 1)), transform.crop_size)
+    loader = DataLoader(_AugmentedSamples(dataset, transform, seed, *_normalisation(data_cfg)),
+                        batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                        worker_init_fn=_worker_init if num_workers else None,
+                        pin_memory=torch.cuda.is_available())
+    return TrainLoader(loader)
+
+
+class _ValSamples(Dataset):
+    def __init__(self, dataset: SegmentationDataset, indices: list[int], mean, std):
+        self.dataset, self.indices, self.mean, self.std = dataset, indices, mean, std
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[self.indices[i]]
+        return (to_tensor(sample["image"], self.mean, self.std), torch.from_numpy(sample["label"].astype(np.int64)),
+                sample["name"], sample["ori_size"])
+
+
+def build_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     dataset: SegmentationDataset | None = None) -> DataLoader:
+    """Finite loader over this rank's shard of the val split, batch 1, full-resolution image and label:
+    {"images": [1, 3, H, W], "labels": int64 [1, H, W], "meta": {"names": [str], "ori_sizes": [(H, W)]}}.
+    `loader.dataset.dataset` is the SegmentationDataset (class names)."""
+    dataset = dataset if dataset is not None else build_dataset(data_cfg, "val")
+    samples = _ValSamples(dataset, shard_indices(len(dataset), rank, world_size), *_normalisation(data_cfg))
+    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=_Collate(), num_workers=num_workers,
+                      worker_init_fn=_worker_init if num_workers else None)

@@ -1,0 +1,154 @@
+"""Training and validation pipelines on decoded samples (uint8 RGB image [H, W, 3], uint8 label [H, W]).
+
+Every random choice draws from an explicit `numpy.random.Generator` passed in by the loader, never from a
+global RNG, so a batch is a pure function of (seed, iteration, sample index) and resuming reproduces it.
+
+- CSAIL (ADE20K scene parsing framework): one short side per batch drawn from a list, long side capped,
+  random horizontal flip; the batch is padded to a multiple of 8 (32 for UPerNet) with ignored labels.
+  Labels stay at full resolution (nearest resize); the model downsamples them to its decoder stride.
+- mmseg (CondNet): ratio-range rescale of a reference scale, random crop whose largest class covers at
+  most `cat_max_ratio` of the labelled pixels, flip, photometric distortion, pad to the crop with ignore.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from normkit.data.base import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
+    """Bilinear image, nearest label (label values must never be interpolated)."""
+    if (height, width) == image.shape[:2]:
+        return image, label
+    return (cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST))
+
+
+def hflip_pair(image: np.ndarray, label: np.ndarray):
+    return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
+
+
+def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (or float 0..255) RGB [H, W, 3] -> float32 [3, H, W], (x / 255 - mean) / std."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+
+
+class CSAILTrainTransform:
+    """Rescale so the short side is the batch's `short_side` unless that makes the long side exceed
+    `max_long_side`, then flip with probability 1/2."""
+
+    def __init__(self, short_sides=(300, 375, 450, 525, 600), max_long_side: int = 1000, flip: bool = True):
+        if not short_sides:
+            raise ValueError("CSAIL pipeline needs at least one short side (data.train.short_sides)")
+        self.short_sides = tuple(int(s) for s in short_sides)
+        self.max_long_side = int(max_long_side)
+        self.flip = flip
+
+    def __call__(self, image, label, rng: np.random.Generator, short_side: int):
+        h, w = image.shape[:2]
+        scale = min(short_side / min(h, w), self.max_long_side / max(h, w))
+        image, label = resize_pair(image, label, max(1, round(h * scale)), max(1, round(w * scale)))
+        if self.flip and rng.random() < 0.5:
+            image, label = hflip_pair(image, label)
+        return image, label
+
+
+def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv `imrescale` with keep_ratio: the largest size with long side <= max(scale), short <= min(scale)."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def crop_with_cat_max_ratio(label: np.ndarray, crop: tuple[int, int], cat_max_ratio: float,
+                            rng: np.random.Generator, tries: int = 10) -> tuple[int, int]:
+    """Top-left corner of a random crop; re-drawn (up to `tries` times) while one class covers
+    `cat_max_ratio` or more of its labelled pixels, so crops are not all sky or all wall."""
+    h, w = label.shape
+    ch, cw = crop
+    for _ in range(tries):
+        y = int(rng.integers(0, max(h - ch, 0) + 1))
+        x = int(rng.integers(0, max(w - cw, 0) + 1))
+        if cat_max_ratio >= 1:
+            break
+        values, counts = np.unique(label[y:y + ch, x:x + cw], return_counts=True)
+        counts = counts[values != IGNORE_INDEX]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return y, x
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32,
+                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: float = 18):
+    """mmseg PhotoMetricDistortion: each step applied with probability 1/2, contrast either before or after
+    the saturation/hue steps. `hue_delta` is in OpenCV uint8 hue units (degrees / 2). Returns float32 0..255."""
+    img = image.astype(np.float32)
+    if rng.random() < 0.5:
+        img = np.clip(img + rng.uniform(-brightness_delta, brightness_delta), 0, 255)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(*contrast_range) if rng.random() < 0.5 else None
+    if contrast_first and contrast is not None:
+        img = np.clip(img * contrast, 0, 255)
+    saturation = rng.uniform(*saturation_range) if rng.random() < 0.5 else None
+    hue = rng.uniform(-hue_delta, hue_delta) * 2 if rng.random() < 0.5 else None
+    if saturation is not None or hue is not None:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # float input: H in degrees [0, 360), S in [0, 1]
+        if saturation is not None:
+            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
+        if hue is not None:
+            hsv[..., 0] = (hsv[..., 0] + hue) % 360
+        img = np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 255)
+    if not contrast_first and contrast is not None:
+        img = np.clip(img * contrast, 0, 255)
+    return img
+
+
+class MMSegTrainTransform:
+    """Ratio-range rescale of `scale` (w, h order irrelevant: long/short), cat_max_ratio crop, flip,
+    photometric distortion, pad to `crop_size` with ignored labels."""
+
+    def __init__(self, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(512, 512), cat_max_ratio: float = 0.75,
+                 flip: bool = True, photometric: bool = True):
+        self.scale = (int(scale[0]), int(scale[1]))
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.flip = flip
+        self.photometric = photometric
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ValueError(f"ratio_range must be 0 < low <= high, got {ratio_range}")
+
+    def __call__(self, image, label, rng: np.random.Generator, short_side=None):
+        ratio = rng.uniform(*self.ratio_range)
+        h, w = rescale_size(*image.shape[:2], (self.scale[0] * ratio, self.scale[1] * ratio))
+        image, label = resize_pair(image, label, h, w)
+        y, x = crop_with_cat_max_ratio(label, self.crop_size, self.cat_max_ratio, rng)
+        ch, cw = self.crop_size
+        image, label = image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+        if self.flip and rng.random() < 0.5:
+            image, label = hflip_pair(image, label)
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+        return image, label
+
+
+def pad_batch(images: list[torch.Tensor], labels: list[torch.Tensor], multiple: int = 1, min_size=(0, 0)):
+    """Stack [3, h, w] images and [h, w] labels into [B, 3, H, W] / int64 [B, H, W], padding bottom/right to
+    the largest size (at least `min_size`) rounded up to `multiple`: images with 0 (the mean colour after
+    normalisation), labels with the ignore index."""
+    height = max(max(im.shape[1] for im in images), min_size[0])
+    width = max(max(im.shape[2] for im in images), min_size[1])
+    height, width = math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+    out_images = images[0].new_zeros(len(images), 3, height, width)
+    out_labels = torch.full((len(labels), height, width), IGNORE_INDEX, dtype=torch.int64)
+    for i, (im, lb) in enumerate(zip(images, labels)):
+        out_images[i, :, :im.shape[1], :im.shape[2]] = im
+        out_labels[i, :lb.shape[0], :lb.shape[1]] = lb
+    return out_images, out_labels

@@ -1,0 +1,61 @@
+"""Experiment configs: one YAML file with top-level `model`, `data`, `train`, `evaluation`; `--set` overrides."""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+__all__ = ["load_config", "apply_overrides", "parse_value", "SECTIONS"]
+
+SECTIONS = ("model", "data", "train", "evaluation")
+
+
+def load_config(path: str | Path) -> dict:
+    """Parses the YAML file (safe loader) and checks its top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path} must be a mapping with keys {', '.join(SECTIONS)}; got {type(cfg).__name__}")
+    unknown = set(cfg) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"config {path} has unknown top-level keys {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+    for section in SECTIONS:
+        cfg.setdefault(section, {})
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """Returns a copy of `cfg` with each `dotted.key=value` applied; values are parsed as YAML
+    (`train.max_iter=100`, `train.amp=bf16`, `train.optimizer.lr_mult={decode_head: 10}`, `x.y=null`).
+    Intermediate keys must exist (a typo then fails instead of silently adding a key); the last may be new."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like dotted.key=value")
+        parts = key.split(".")
+        node = cfg
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                raise KeyError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section of the config")
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return cfg
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(raw: str):
+    """YAML value, except that exponent floats without a dot (`1e-3`, a string to YAML 1.1) become floats."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value

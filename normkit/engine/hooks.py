@@ -1,0 +1,115 @@
+"""Trainer hooks: periodic checkpoints, periodic evaluation, scalar logging (JSON lines, tensorboard), progress bar."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from normkit.engine.checkpoint import Checkpointer
+from normkit.engine.trainer import HookBase
+
+__all__ = ["PeriodicCheckpointer", "EvalHook", "MetricsWriter", "ProgressBar"]
+
+logger = logging.getLogger(__name__)
+
+
+def _due(trainer, period: int) -> bool:
+    """True after every `period`-th iteration and after the last one; period <= 0 means the last one only."""
+    done = trainer.iter + 1
+    return trainer.is_last_iter or (period > 0 and done % period == 0)
+
+
+class PeriodicCheckpointer(HookBase):
+    """Saves the trainer state every `period` iterations and at the end (on every rank: the state is gathered
+    collectively; the checkpointer writes on rank 0 only)."""
+
+    def __init__(self, checkpointer: Checkpointer, period: int):
+        self.checkpointer = checkpointer
+        self.period = period
+
+    def after_step(self) -> None:
+        if _due(self.trainer, self.period):
+            trainer = self.trainer
+            trainer.iter += 1  # the checkpoint holds the number of completed iterations: resume starts there
+            try:
+                self.checkpointer.save(trainer.state_dict(), trainer.iter)
+            finally:
+                trainer.iter -= 1
+
+
+class EvalHook(HookBase):
+    """Calls `eval_fn()` every `period` iterations and at the end; its result (a dict whose float entries
+    are reported as `val/<key>`) is added to the trainer's scalars and kept in `self.latest`.
+    `eval_fn` runs on every rank (distributed evaluation) and restores train mode itself or not: the hook
+    puts the model back in train mode afterwards."""
+
+    def __init__(self, eval_fn: Callable[[], dict], period: int):
+        self.eval_fn = eval_fn
+        self.period = period
+        self.latest: dict | None = None
+
+    def after_step(self) -> None:
+        if not _due(self.trainer, self.period):
+            return
+        self.latest = self.eval_fn()
+        self.trainer.model.train()
+        self.trainer.scalars.update({f"val/{k}": float(v) for k, v in self.latest.items()
+                                     if isinstance(v, (int, float))})
+
+
+class MetricsWriter(HookBase):
+    """Every `period` iterations (and at the end) appends the trainer's scalars to `metrics.jsonl` and, with
+    `tensorboard=True`, writes them as tensorboard scalars under `directory`. Create it on rank 0 only."""
+
+    def __init__(self, directory: str | Path, period: int = 20, *, tensorboard: bool = True):
+        self.directory = Path(directory)
+        self.period = period
+        self.tensorboard = tensorboard
+        self._writer = None
+
+    def before_train(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        if not (_due(trainer, self.period) or any(k.startswith("val/") for k in trainer.scalars)):
+            return
+        step = trainer.iter + 1
+        with open(self.directory / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": step, **trainer.scalars}) + "\n")
+        if self._writer is not None:
+            for key, value in trainer.scalars.items():
+                self._writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def after_train(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class ProgressBar(HookBase):
+    """tqdm bar over the iterations with the loss and lr; tqdm adds the rate and the ETA. Rank 0 only."""
+
+    def __init__(self, loss_key: str = "total_loss"):
+        self.loss_key = loss_key
+        self._bar = None
+
+    def before_train(self) -> None:
+        from tqdm import tqdm
+        trainer = self.trainer
+        self._bar = tqdm(total=trainer.max_iter, initial=trainer.start_iter, desc="train", unit="it",
+                         dynamic_ncols=True, mininterval=1.0)
+
+    def after_step(self) -> None:
+        scalars = self.trainer.scalars
+        self._bar.set_postfix(loss=f"{scalars[self.loss_key]:.4f}", lr=f"{scalars['lr']:.3g}", refresh=False)
+        self._bar.update(1)
+
+    def after_train(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,127 @@
+"""Iteration-based learning-rate policies: poly (CSAIL, mmseg) and step decay, both with optional linear warmup.
+
+Every schedule is a closed-form function of the iteration, so its state is just the iteration counter and
+the base learning rates: resuming sets the exact rate the uninterrupted run would have used.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["IterationLRScheduler", "PolyLR", "WarmupStepLR", "build_lr_scheduler"]
+
+
+class IterationLRScheduler:
+    """Sets each param group's lr to `lr_at(base_lr_of_the_group, iteration)` times a warmup factor.
+
+    The lr seen by the optimizer step of iteration t (0-based) is the one set after t calls to `step()`.
+    Base lrs come from each group's `initial_lr` (set on first use from its `lr`), so per-group lr
+    multipliers carry through every policy.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup_iters: int = 0, warmup_factor: float = 1.0 / 3,
+                 warmup_method: str = "linear"):
+        if warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+        if warmup_method not in ("linear", "constant"):
+            raise ValueError(f"unknown warmup_method {warmup_method!r}; choose 'linear' or 'constant'")
+        if not 0.0 < warmup_factor <= 1.0:
+            raise ValueError(f"warmup_factor must be in (0, 1], got {warmup_factor}")
+        self.optimizer = optimizer
+        self.warmup_iters = warmup_iters
+        self.warmup_factor = warmup_factor
+        self.warmup_method = warmup_method
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        self.iteration = 0
+        self._apply()
+
+    def lr_at(self, base_lr: float, iteration: int) -> float:
+        raise NotImplementedError
+
+    def warmup_multiplier(self, iteration: int) -> float:
+        if iteration >= self.warmup_iters:
+            return 1.0
+        if self.warmup_method == "constant":
+            return self.warmup_factor
+        alpha = iteration / self.warmup_iters
+        return self.warmup_factor * (1.0 - alpha) + alpha
+
+    def _apply(self) -> None:
+        warmup = self.warmup_multiplier(self.iteration)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = warmup * self.lr_at(base_lr, self.iteration)
+
+    def step(self) -> None:
+        self.iteration += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"scheduler state has {len(state['base_lrs'])} param groups, the optimizer has "
+                             f"{len(self.optimizer.param_groups)}")
+        self.iteration = int(state["iteration"])
+        self.base_lrs = [float(lr) for lr in state["base_lrs"]]
+        self._apply()
+
+
+class PolyLR(IterationLRScheduler):
+    """lr = (base_lr - min_lr) * (1 - t / max_iter) ** power + min_lr  (CSAIL with min_lr = 0; mmseg)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iter: int, *, power: float = 0.9, min_lr: float = 0.0,
+                 **warmup):
+        if max_iter <= 0:
+            raise ValueError(f"poly schedule needs max_iter > 0, got {max_iter}")
+        self.max_iter = max_iter
+        self.power = power
+        self.min_lr = min_lr
+        super().__init__(optimizer, **warmup)
+
+    def lr_at(self, base_lr: float, iteration: int) -> float:
+        progress = min(iteration, self.max_iter) / self.max_iter
+        return (base_lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr
+
+
+class WarmupStepLR(IterationLRScheduler):
+    """lr = base_lr * gamma ** (number of milestones <= t)  (Detectron's steps, e.g. 120k/160k of 180k)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: Sequence[int], *, gamma: float = 0.1, **warmup):
+        steps = [int(s) for s in steps]
+        if steps != sorted(steps):
+            raise ValueError(f"step schedule milestones must be increasing, got {steps}")
+        self.steps = steps
+        self.gamma = gamma
+        super().__init__(optimizer, **warmup)
+
+    def lr_at(self, base_lr: float, iteration: int) -> float:
+        return base_lr * self.gamma ** bisect.bisect_right(self.steps, iteration)
+
+
+_POLICIES = {"poly": (PolyLR, {"power", "min_lr"}), "step": (WarmupStepLR, {"steps", "gamma"})}
+_WARMUP_KEYS = {"warmup_iters", "warmup_factor", "warmup_method"}
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, max_iter: int) -> IterationLRScheduler:
+    """Builds the schedule from `train.lr_schedule`, e.g. `{policy: poly, power: 0.9, min_lr: 1e-4}` or
+    `{policy: step, steps: [120000, 160000], gamma: 0.1, warmup_iters: 500, warmup_factor: 0.333}`."""
+    cfg = dict(cfg)
+    policy = cfg.pop("policy", "poly")
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown train.lr_schedule.policy {policy!r}; choose one of {sorted(_POLICIES)}")
+    cls, keys = _POLICIES[policy]
+    unknown = set(cfg) - keys - _WARMUP_KEYS
+    if unknown:
+        raise ValueError(f"unknown train.lr_schedule keys {sorted(unknown)} for policy {policy!r}; "
+                         f"allowed: {sorted(keys | _WARMUP_KEYS)}")
+    if policy == "poly":
+        return PolyLR(optimizer, max_iter, **cfg)
+    if "steps" not in cfg:
+        raise ValueError("train.lr_schedule.steps is required for the step policy (a list of iterations)")
+    return WarmupStepLR(optimizer, cfg.pop("steps"), **cfg)

@@ -1,0 +1,150 @@
+"""Training/validation loaders: determinism, exact resume, distributed slicing, pipeline geometry."""
+import numpy as np
+import pytest
+import torch
+
+from normkit.data import MINI_ADE_CLASSES, build_train_loader, build_val_loader, generate_mini_ade
+from normkit.data.samplers import global_batches
+from normkit.data.transforms import (MMSegTrainTransform, crop_with_cat_max_ratio, pad_batch,
+                                     photometric_distortion, rescale_size)
+
+
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    return generate_mini_ade(tmp_path_factory.mktemp("mini"), num_train=24, num_val=5, size=40)
+
+
+def config(root, pipeline):
+    train = ({"pipeline": "csail", "short_sides": [32, 40, 48], "max_long_side": 56, "pad_multiple": 8}
+             if pipeline == "csail" else
+             {"pipeline": "mmseg", "scale": [80, 40], "ratio_range": [0.5, 2.0], "crop_size": [32, 24]})
+    return {"dataset": "ade20k", "root": str(root), "num_classes": len(MINI_ADE_CLASSES), "train": train}
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+@pytest.mark.parametrize("pipeline", ["csail", "mmseg"])
+def test_resume_reproduces_uninterrupted_run(mini_root, pipeline):
+    cfg = config(mini_root, pipeline)
+    full = take(build_train_loader(cfg, 4, seed=7), 9)  # 24 samples / 4 = 6 per epoch: crosses an epoch
+    resumed = take(build_train_loader(cfg, 4, seed=7, start_iter=5), 4)
+    for a, b in zip(full[5:], resumed):
+        assert a["meta"] == b["meta"]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    other = next(build_train_loader(cfg, 4, seed=8))
+    assert other["meta"]["indices"] != full[0]["meta"]["indices"]
+
+
+def test_workers_give_the_same_batches(mini_root):
+    cfg = config(mini_root, "mmseg")
+    a = take(build_train_loader(cfg, 3, seed=1), 3)
+    b = take(build_train_loader(cfg, 3, seed=1, num_workers=1), 3)
+    for x, y in zip(a, b):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"])
+
+
+@pytest.mark.parametrize("pipeline", ["csail", "mmseg"])
+def test_ranks_take_disjoint_slices_of_the_global_batch(mini_root, pipeline):
+    cfg = config(mini_root, pipeline)
+    single = take(build_train_loader(cfg, 4, seed=2, start_iter=3), 2)
+    ranks = [take(build_train_loader(cfg, 2, seed=2, start_iter=3, rank=r, world_size=2), 2) for r in range(2)]
+    for step in range(2):
+        r0, r1, whole = ranks[0][step], ranks[1][step], single[step]
+        assert r0["meta"]["indices"] + r1["meta"]["indices"] == whole["meta"]["indices"]
+        assert not set(r0["meta"]["indices"]) & set(r1["meta"]["indices"])
+        assert r0["meta"]["iteration"] == r1["meta"]["iteration"] == 3 + step
+        for part, lo in ((r0, 0), (r1, 2)):  # same samples, same augmentation, whatever the world size
+            for i in range(2):
+                h, w = (part["labels"][i] != 255).nonzero().max(0).values + 1
+                assert torch.equal(part["images"][i, :, :h, :w], whole["images"][lo + i, :, :h, :w])
+                assert torch.equal(part["labels"][i, :h, :w], whole["labels"][lo + i, :h, :w])
+
+
+def test_csail_batches(mini_root):
+    loader = build_train_loader(config(mini_root, "csail"), 3, seed=0)
+    ds = loader.dataset
+    for batch in take(loader, 8):
+        images, labels = batch["images"], batch["labels"]
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert images.shape[-2] % 8 == 0 and images.shape[-1] % 8 == 0
+        orientations = {ds.image_size(i)[1] > ds.image_size(i)[0] for i in batch["meta"]["indices"]}
+        assert len(orientations) == 1  # one orientation per batch
+        for i in range(3):
+            valid = labels[i] != 255
+            ys, xs = valid.nonzero(as_tuple=True)
+            # the unpadded extent: short side from the list unless the long side cap (56) binds
+            h, w = ys.max().item() + 1, xs.max().item() + 1
+            assert max(h, w) <= 56 and (min(h, w) in (32, 40, 48) or max(h, w) >= 55)
+            assert (images[i, :, h:, :] == 0).all() and (labels[i, h:, :] == 255).all()
+        assert set(labels.unique().tolist()) <= set(range(7)) | {255}
+
+
+def test_global_batches_orientation_and_size_checks():
+    landscape = [True] * 5 + [False] * 3
+    stream = global_batches(8, 2, seed=0, landscape=landscape)
+    for _ in range(10):
+        batch = next(stream)
+        assert len({landscape[i] for i in batch}) == 1
+    with pytest.raises(ValueError, match="one orientation"):
+        next(global_batches(8, 6, seed=0, landscape=landscape))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        next(global_batches(3, 4, seed=0))
+
+
+def test_mmseg_batches(mini_root):
+    batch = next(build_train_loader(config(mini_root, "mmseg"), 4, seed=0))
+    assert batch["images"].shape == (4, 3, 32, 24) and batch["labels"].shape == (4, 32, 24)
+
+
+def test_rescale_size_matches_mmcv_keep_ratio():
+    assert rescale_size(100, 200, (2048, 512)) == (512, 1024)   # short side binds
+    assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side binds
+    assert rescale_size(300, 200, (100, 50)) == (75, 50)
+
+
+def test_cat_max_ratio_rejects_single_class_crops():
+    label = np.zeros((4, 40), np.uint8)
+    label[:, 30:] = 1  # only crops that reach column 30 hold two classes
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y, x = crop_with_cat_max_ratio(label, (4, 12), 0.75, rng, tries=50)
+        crop = label[y:y + 4, x:x + 12]
+        assert (crop == 1).mean() > 0.25 and (crop == 0).mean() > 0.25
+    ignored = np.full((4, 40), 255, np.uint8)
+    ignored[:, :2] = 0
+    y, x = crop_with_cat_max_ratio(ignored, (4, 12), 0.75, np.random.default_rng(0))  # gives up after 10 tries
+    assert 0 <= x <= 28
+
+
+def test_photometric_distortion_stays_in_range_and_is_seeded():
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    a = photometric_distortion(image, np.random.default_rng(5))
+    b = photometric_distortion(image, np.random.default_rng(5))
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 255
+    np.testing.assert_array_equal(a, b)
+    changed = [not np.allclose(photometric_distortion(image, np.random.default_rng(s)), image) for s in range(8)]
+    assert any(changed)
+
+
+def test_mmseg_transform_small_image_is_padded_by_collate():
+    transform = MMSegTrainTransform(scale=(20, 10), ratio_range=(1, 1), crop_size=(16, 16), photometric=False)
+    image = np.full((10, 20, 3), 128, np.uint8)
+    label = np.ones((10, 20), np.uint8)
+    img, lab = transform(image, label, np.random.default_rng(0))
+    assert img.shape == (10, 16, 3) and lab.shape == (10, 16)
+    images, labels = pad_batch([torch.ones(3, 10, 16)], [torch.from_numpy(lab.astype(np.int64))], 1, (16, 16))
+    assert images.shape == (1, 3, 16, 16) and (labels[0, 10:] == 255).all() and (images[0, :, 10:] == 0).all()
+
+
+def test_val_loader_shards(mini_root):
+    cfg = config(mini_root, "csail")
+    names = [b["meta"]["names"][0] for b in build_val_loader(cfg)]
+    shards = [[b["meta"]["names"][0] for b in build_val_loader(cfg, rank=r, world_size=2)] for r in range(2)]
+    assert len(names) == 5 and sorted(shards[0] + shards[1]) == sorted(names) and not set(shards[0]) & set(shards[1])
+    batch = next(iter(build_val_loader(cfg)))
+    h, w = batch["meta"]["ori_sizes"][0]
+    assert batch["images"].shape == (1, 3, h, w) and batch["labels"].shape == (1, h, w)
+    # ImageNet normalisation of an RGB uint8 image
+    assert batch["images"].min() >= -0.485 / 0.229 - 1e-5 and batch["images"].max() <= (1 - 0.406) / 0.225 + 1e-5

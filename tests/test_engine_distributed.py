@@ -1,0 +1,72 @@
+"""Two gloo processes on CPU train exactly like one process on the concatenated batch."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from engine_toys import ToySegNet, toy_loader_fn
+from normkit.engine import (HookBase, PolyLR, Trainer, build_param_groups, convert_sync_norm, destroy_distributed,
+                            init_distributed, wrap_ddp)
+
+ITERATIONS = 4
+PER_RANK_BATCH = 2
+
+
+class RecordLosses(HookBase):
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self):
+        self.losses.append(self.trainer.scalars["total_loss"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(norm: str, rank: int, world_size: int) -> tuple[list[float], dict]:
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = ToySegNet(norm=norm)
+    if info.distributed:
+        model = convert_sync_norm(model)
+    optimizer = torch.optim.SGD(build_param_groups(model, 0.2, 1e-4, lr_mult={"decode_head": 2.0}), momentum=0.9)
+    model = wrap_ddp(model, info)
+    trainer = Trainer(model, optimizer, PolyLR(optimizer, ITERATIONS),
+                      toy_loader_fn(batch_size=PER_RANK_BATCH * 2 // world_size, rank=rank, world_size=world_size),
+                      max_iter=ITERATIONS)
+    recorded = RecordLosses()
+    trainer.register_hooks([recorded])
+    trainer.train()
+    state = {k: v.tolist() for k, v in trainer.state_dict()["model"].items()}
+    return recorded.losses, state
+
+
+def _worker(rank: int, world_size: int, port: int, norm: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    losses, state = _train(norm, rank, world_size)
+    destroy_distributed()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"losses": losses, "state": state}, f)
+
+
+# gn: plain DDP gradient averaging; sn: SwitchNorm converted to SyncSwitchNorm, whose BN statistics span both ranks.
+@pytest.mark.parametrize("norm", ["gn", "sn"])
+def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path, norm, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    mp.spawn(_worker, args=(2, _free_port(), norm, str(tmp_path)), nprocs=2, join=True)
+    single_losses, single_state = _train(norm, rank=0, world_size=1)
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            result = json.load(f)
+        assert result["losses"] == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
+        for key, value in single_state.items():
+            torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from engine_toys import ToySegNet, toy_loader_fn
+from normkit.engine import Checkpointer, HookBase, PeriodicCheckpointer, PolyLR, Trainer
+
+
+class RecordLosses(HookBase):
+    def __init__(self):
+        self.losses = {}
+
+    def after_step(self):
+        self.losses[self.trainer.iter] = self.trainer.scalars["total_loss"]
+
+
+class StopAt(HookBase):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            raise KeyboardInterrupt  # a killed run: nothing after this point is saved
+
+
+def _trainer(model, loader_fn, max_iter, *, iter_size=1, amp=None, lr=0.1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    scheduler = PolyLR(optimizer, max_iter, power=0.9)
+    return Trainer(model, optimizer, scheduler, loader_fn, max_iter=max_iter, iter_size=iter_size, amp=amp)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return ToySegNet(norm="bn", dropout=0.3)  # running stats and dropout: state and RNG both matter
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    torch.manual_seed(1)
+    reference = _trainer(_model(), toy_loader_fn(), max_iter=8)
+    recorded = RecordLosses()
+    reference.register_hooks([recorded])
+    reference.train()
+
+    torch.manual_seed(1)
+    interrupted = _trainer(_model(), toy_loader_fn(), max_iter=8)
+    checkpointer = Checkpointer(tmp_path)
+    interrupted.register_hooks([PeriodicCheckpointer(checkpointer, period=3), StopAt(5)])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert checkpointer.load()["iteration"] == 3
+
+    torch.manual_seed(1234)  # a new process: different RNG state and model initialisation
+    resumed = _trainer(_model(seed=5), toy_loader_fn(), max_iter=8)
+    resumed.load_state_dict(checkpointer.load())
+    resumed_losses = RecordLosses()
+    resumed.register_hooks([resumed_losses])
+    resumed.train()
+    assert sorted(resumed_losses.losses) == [3, 4, 5, 6, 7]
+    assert resumed_losses.losses == {i: recorded.losses[i] for i in range(3, 8)}  # bit-exact
+    for got, want in zip(resumed.model.state_dict().values(), reference.model.state_dict().values()):
+        assert torch.equal(got, want)
+
+
+def test_non_finite_loss_names_the_iteration():
+    trainer = _trainer(_model(), toy_loader_fn(nan_at=3), max_iter=6)
+    with pytest.raises(FloatingPointError, match="non-finite at iteration 3"):
+        trainer.train()
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    # GroupNorm: no batch statistics, so two half batches give exactly the big batch's gradient.
+    torch.manual_seed(0)
+    accumulated = _trainer(ToySegNet(norm="gn"), toy_loader_fn(batch_size=2), max_iter=3, iter_size=2)
+    torch.manual_seed(0)
+    big_batch_model = ToySegNet(norm="gn")
+
+    def big_batches(start_batch):  # big batch i = half batches 2i and 2i+1 concatenated
+        halves = toy_loader_fn(batch_size=2)(2 * start_batch)
+        for first, second in zip(halves, halves):
+            yield {k: torch.cat([first[k], second[k]]) for k in first}
+
+    big = _trainer(big_batch_model, big_batches, max_iter=3)
+    losses_accumulated, losses_big = RecordLosses(), RecordLosses()
+    accumulated.register_hooks([losses_accumulated])
+    big.register_hooks([losses_big])
+    accumulated.train()
+    big.train()
+    for i in range(3):
+        assert losses_accumulated.losses[i] == pytest.approx(losses_big.losses[i], rel=1e-5)
+    for got, want in zip(accumulated.model.parameters(), big.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_and_checkpoints_the_grad_scaler(amp):
+    trainer = _trainer(ToySegNet(norm="gn"), toy_loader_fn(), max_iter=3, amp=amp)
+    recorded = RecordLosses()
+    trainer.register_hooks([recorded])
+    trainer.train()
+    assert len(recorded.losses) == 3 and all(torch.isfinite(torch.tensor(list(recorded.losses.values()))))
+    state = trainer.state_dict()
+    assert state["iteration"] == 3
+    assert bool(state["grad_scaler"]) == (amp == "fp16")  # fp16 keeps a loss scale, bf16 needs none
+    if amp == "fp16":
+        assert state["grad_scaler"]["scale"] > 0
+
+
+def test_bad_arguments_and_models_are_reported():
+    with pytest.raises(ValueError, match="unknown train.amp 'fp8'"):
+        _trainer(ToySegNet(), toy_loader_fn(), 2, amp="fp8")
+    with pytest.raises(ValueError, match="iter_size must be >= 1"):
+        _trainer(ToySegNet(), toy_loader_fn(), 2, iter_size=0)
+
+    class NoLoss(ToySegNet):
+        def forward(self, images, labels=None):
+            return {"pixel_acc": super().forward(images, labels)["pixel_acc"]}
+
+    with pytest.raises(RuntimeError, match="no loss terms .* got keys \\['pixel_acc'\\]"):
+        _trainer(NoLoss(), toy_loader_fn(), 2).train()
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        _trainer(ToySegNet(), toy_loader_fn(), 2).load_state_dict({"model": {}})

@@ -1,0 +1,125 @@
+"""Multi-scale / flip / sliding-window inference on models whose outputs are known, and evaluate()."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normkit.evaluation import evaluate, inference
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+class RampModel(nn.Module):
+    """Two-class logits: class 0 = red channel + slope * (column index within the model's input),
+    class 1 = 0. So P(class 0) = sigmoid(red + slope * column)."""
+
+    def __init__(self, slope=0.0):
+        super().__init__()
+        self.slope = slope
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, x):
+        cols = torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x[:, 0])
+        return torch.stack([x[:, 0] + self.slope * cols, torch.zeros_like(x[:, 0])], 1)
+
+
+def image_with_red(row):
+    red = torch.tensor(row, dtype=torch.float32).expand(2, len(row))  # two identical rows
+    return torch.stack([red, torch.zeros_like(red), torch.zeros_like(red)])[None]
+
+
+def test_single_scale_is_softmax():
+    probs = inference(RampModel(), image_with_red([0, 2, 4, 6]))
+    assert probs.shape == (1, 2, 2, 4)
+    np.testing.assert_allclose(probs[0, 0, 0], sigmoid([0, 2, 4, 6]), rtol=1e-6)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
+
+
+def test_two_scales_average_resized_probabilities():
+    probs = inference(RampModel(), image_with_red([0, 2, 4, 6]), scales=(1.0, 0.5))
+    # x0.5 (bilinear, half-pixel centres): columns sample at 0.5 and 2.5 -> red 1 and 5; back to 4 columns
+    # samples at -0.25 (clamped), 0.25, 0.75, 1.25 (clamped) between those two values.
+    s1, s5 = sigmoid(1), sigmoid(5)
+    half = np.array([s1, 0.75 * s1 + 0.25 * s5, 0.25 * s1 + 0.75 * s5, s5])
+    expected = (sigmoid([0, 2, 4, 6]) + half) / 2
+    np.testing.assert_allclose(probs[0, 0, 1], expected, rtol=1e-6)
+
+
+def test_flip_averages_the_mirrored_prediction():
+    red = [0.5, -1.0, 2.0, 0.0]
+    probs = inference(RampModel(slope=1.0), image_with_red(red), flip=True)
+    cols = np.arange(4)
+    # mirrored pass: column c of the flipped input is column 3 - c of the image
+    expected = (sigmoid(np.array(red) + cols) + sigmoid(np.array(red) + (3 - cols))) / 2
+    np.testing.assert_allclose(probs[0, 0, 0], expected, rtol=1e-6)
+
+
+def test_flip_and_scales_combined():
+    red = [1.0, 3.0, -1.0, 1.0]
+    probs = inference(RampModel(slope=0.5), image_with_red(red), scales=(1.0, 0.5), flip=True)
+    r = np.array(red)
+    cols = np.arange(4)
+    full = (sigmoid(r + 0.5 * cols) + sigmoid(r + 0.5 * (3 - cols))) / 2
+    small_red = np.array([(r[0] + r[1]) / 2, (r[2] + r[3]) / 2])
+    small = (sigmoid(small_red + 0.5 * np.arange(2)) + sigmoid(small_red + 0.5 * (1 - np.arange(2)))) / 2
+    up = np.array([small[0], 0.75 * small[0] + 0.25 * small[1], 0.25 * small[0] + 0.75 * small[1], small[1]])
+    np.testing.assert_allclose(probs[0, 0, 0], (full + up) / 2, rtol=1e-6)
+
+
+def test_slide_averages_overlapping_window_logits():
+    red = np.array([0.0, 1.0, -2.0, 0.5, 1.5, -0.5])
+    probs = inference(RampModel(slope=1.0), image_with_red(red.tolist()), mode="slide", crop_size=(2, 4),
+                      stride=(2, 2))
+    # windows cover columns 0-3 and 2-5; inside a window the ramp restarts at 0
+    cols = np.arange(6)
+    ramp = np.where(cols < 2, cols, np.where(cols < 4, ((cols) + (cols - 2)) / 2, cols - 2))
+    np.testing.assert_allclose(probs[0, 0, 0], sigmoid(red + ramp), rtol=1e-6)
+    # a window larger than the image runs it whole
+    whole = inference(RampModel(slope=1.0), image_with_red(red.tolist()), mode="slide", crop_size=8, stride=4)
+    np.testing.assert_allclose(whole[0, 0, 0], sigmoid(red + cols), rtol=1e-6)
+
+
+def test_out_size_and_errors():
+    probs = inference(RampModel(), image_with_red([0, 2, 4, 6]), out_size=(4, 8))
+    assert probs.shape == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="unknown inference mode 'tile'"):
+        inference(RampModel(), image_with_red([0, 1]), mode="tile")
+    with pytest.raises(ValueError, match="needs `crop_size`"):
+        inference(RampModel(), image_with_red([0, 1]), mode="slide")
+    with pytest.raises(ValueError, match=r"Tensor\[B, 3, H, W\]"):
+        inference(RampModel(), torch.zeros(1, 2, 4, 4))
+
+
+def test_evaluate_on_known_predictions():
+    # predicted class = 0 where red > 0 else 1; labels chosen so that the metrics are easy to count
+    batches = [
+        {"images": image_with_red([1, 1, -1, -1]), "labels": torch.tensor([[[0, 1, 1, 255], [0, 0, 1, 1]]]),
+         "meta": {"names": ["a"]}},
+        {"images": image_with_red([-1, 1]), "labels": torch.tensor([[[1, 1], [1, 1]]]), "meta": {"names": ["b"]}},
+    ]
+    model = RampModel().train()
+    r = evaluate(model, batches, {"flip": True}, num_classes=2)
+    assert model.training  # the mode is restored
+    # a: class 0 I=3 (cols 0,1 of row 1 and col 0 of row 0), pred0 count 4, label0 3 -> U=4; class 1: I=3, U=4
+    # b: pred [1,0],[1,0]; class 1: I=2, label 4, pred 2 -> U=4; class 0: I=0, pred 2 -> U=2
+    assert r["per_class_iou"] == pytest.approx([3 / 6, 5 / 8])
+    assert r["pixel_acc"] == pytest.approx(8 / 11)
+    assert not math.isnan(r["score"])
+    with pytest.raises(ValueError, match="unknown evaluation option"):
+        evaluate(model, batches, {"scale": [1.0]}, num_classes=2)
+
+
+def test_evaluate_short_sides_and_show_dir(tmp_path):
+    from normkit.evaluation.evaluator import image_scales
+    assert image_scales({"short_sides": [150, 300], "max_long_side": 1000}, 100, 400) == [1.5, 2.5]
+    batches = [{"images": image_with_red([1, -1, 1, -1]), "labels": torch.tensor([[[0, 1, 0, 1], [0, 1, 0, 1]]]),
+                "meta": {"names": ["scene"]}}]
+    r = evaluate(RampModel(), batches, {"show_dir": str(tmp_path)}, num_classes=2)
+    assert r["mean_iou"] == 1.0
+    from PIL import Image
+    with Image.open(tmp_path / "scene.png") as im:
+        assert im.size == (12, 2)  # image | prediction | label

@@ -1,0 +1,173 @@
+"""tools/test.py (single, watch, distributed) and tools/demo.py on the mini set with a tiny stand-in model.
+
+`normkit.build_model` is replaced by a factory for a 1x1-conv model so these tests exercise the tools'
+own logic (config handling, checkpoints, sharding, outputs) independently of the model zoo.
+"""
+import importlib.util
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+from PIL import Image
+from torch import nn
+
+import normkit
+from normkit.data import MINI_ADE_CLASSES, build_val_loader, generate_mini_ade
+from normkit.evaluation import evaluate
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+NUM_CLASSES = len(MINI_ADE_CLASSES)
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"normkit_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model():
+    return nn.Conv2d(3, NUM_CLASSES, 1)
+
+
+def build_tiny_model(config, checkpoint=None):
+    model = tiny_model()
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    return model
+
+
+@pytest.fixture(autouse=True)
+def stand_in_model(monkeypatch):
+    monkeypatch.setattr(normkit, "build_model", build_tiny_model, raising=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A mini set, a config and two checkpoints of the tiny model."""
+    tmp = tmp_path_factory.mktemp("tools")
+    root = generate_mini_ade(tmp / "mini", num_train=2, num_val=5, size=40)
+    cfg = {"model": {"name": "tiny", "num_classes": NUM_CLASSES},
+           "data": {"dataset": "ade20k", "root": str(root), "num_classes": NUM_CLASSES},
+           "train": {"device": "cpu"}, "evaluation": {"mode": "whole"}}
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    work = tmp / "work"
+    work.mkdir()
+    models = []
+    for i, iteration in enumerate((10, 20)):
+        torch.manual_seed(i)
+        model = tiny_model()
+        torch.save({"iteration": iteration, "model": model.state_dict()}, work / f"iter_{iteration:07d}.pth")
+        models.append(model)
+    return {"cfg": cfg, "config": config, "work": work, "models": models, "root": root}
+
+
+def direct(setup, model, eval_cfg):
+    return evaluate(model, build_val_loader(setup["cfg"]["data"]), eval_cfg)
+
+
+def test_test_tool_matches_evaluate(setup, tmp_path, capsys):
+    tool = load_tool("test")
+    out = tmp_path / "results.json"
+    results = tool.main(["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "iter_0000010.pth"),
+                         "--scales", "0.75", "1.0", "--flip", "--show-dir", str(tmp_path / "show"),
+                         "--out", str(out)])
+    expected = direct(setup, setup["models"][0], {"scales": [0.75, 1.0], "flip": True})
+    assert results["per_class_iou"] == pytest.approx(expected["per_class_iou"], nan_ok=True)
+    assert results["mean_iou"] == pytest.approx(expected["mean_iou"])
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "ball" in printed and f"{100 * expected['pixel_acc']:.2f}" in printed
+    saved = json.loads(out.read_text())
+    assert saved["mean_iou"] == pytest.approx(expected["mean_iou"]) and len(saved["per_class_iou"]) == NUM_CLASSES
+    assert len(list((tmp_path / "show").glob("ADE_val_*.png"))) == 5
+
+
+def test_test_tool_slide_mode_and_errors(setup):
+    tool = load_tool("test")
+    args = tool.parse_args(["--config", "c.yaml", "--checkpoint", "x.pth", "--mode", "slide", "--crop-size", "32",
+                            "24", "--stride", "16", "16"])
+    cfg = tool.evaluation_config({"evaluation": {"mode": "whole", "scales": [1.0]}}, args)
+    assert cfg == {"mode": "slide", "scales": [1.0], "crop_size": [32, 24], "stride": [16, 16]}
+    with pytest.raises(SystemExit):  # --checkpoint and --watch are exclusive
+        tool.parse_args(["--config", "c.yaml", "--checkpoint", "x.pth", "--watch", "dir"])
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        tool.main(["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "missing.pth")])
+
+
+def test_watch_evaluates_each_new_checkpoint_once(setup, tmp_path):
+    tool = load_tool("test")
+    work = tmp_path / "watched"
+    work.mkdir()
+    for name in ("iter_0000010.pth", "iter_0000020.pth"):
+        (work / name).write_bytes((setup["work"] / name).read_bytes())
+    os.link(work / "iter_0000020.pth", work / "latest.pth")  # the trainer's alias: not evaluated twice
+    (work / ".iter_0000030.pth.tmp-123").write_bytes(b"half written")  # an atomic write in progress
+    argv = ["--config", str(setup["config"]), "--watch", str(work), "--poll", "0.01", "--idle-timeout", "0.05"]
+    records = tool.main(argv)
+    assert [r["checkpoint"] for r in records] == ["iter_0000010.pth", "iter_0000020.pth"]
+    assert records[1]["iteration"] == 20
+    expected = direct(setup, setup["models"][1], {"mode": "whole"})
+    assert records[1]["mean_iou"] == pytest.approx(expected["mean_iou"])
+    # a restarted watcher skips what the log says is done and picks up only the new checkpoint
+    (work / "iter_0000030.pth").write_bytes((setup["work"] / "iter_0000010.pth").read_bytes())
+    assert [r["checkpoint"] for r in tool.main(argv)] == ["iter_0000030.pth"]
+    assert len((work / "eval_watch.jsonl").read_text().splitlines()) == 3
+
+
+def _distributed_worker(rank, config, checkpoint, port, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    normkit.build_model = build_tiny_model
+    sys.stdout = open(os.devnull, "w")  # rank 0 prints the table; the parent checks the numbers
+    results = load_tool("test").main(["--config", config, "--checkpoint", checkpoint])
+    queue.put((rank, results["per_class_iou"], results["pixel_acc"]))
+
+
+def test_distributed_evaluation_equals_single_process(setup):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    checkpoint = str(setup["work"] / "iter_0000020.pth")
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_distributed_worker, args=(str(setup["config"]), checkpoint, port, queue), nprocs=2)
+    expected = direct(setup, setup["models"][1], {})
+    for _ in range(2):
+        _, ious, acc = queue.get()
+        assert ious == pytest.approx(expected["per_class_iou"], nan_ok=True)
+        assert acc == pytest.approx(expected["pixel_acc"])
+
+
+def test_demo_on_a_folder_and_a_file(setup, tmp_path, capsys):
+    demo = load_tool("demo")
+    images = setup["root"] / "ADEChallengeData2016" / "images" / "validation"
+    preds = demo.main(["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "iter_0000010.pth"),
+                       "--image", str(images), "--out", str(tmp_path / "folder")])
+    assert len(preds) == 5 and len(list((tmp_path / "folder").glob("*.png"))) == 5
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 5 and printed[0].startswith("ADE_val_00000001.jpg: ")
+
+    single = images / "ADE_val_00000002.jpg"
+    out = tmp_path / "one.png"
+    pred = demo.main(["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "iter_0000010.pth"),
+                      "--image", str(single), "--out", str(out)])["ADE_val_00000002.jpg"]
+    with Image.open(single) as im, Image.open(out) as written:
+        assert written.size == im.size
+    x = next(b["images"] for b in build_val_loader(setup["cfg"]["data"]) if b["meta"]["names"] == ["ADE_val_00000002"])
+    with torch.no_grad():
+        np.testing.assert_array_equal(pred, setup["models"][0](x).argmax(1)[0].numpy())
+    # the printed classes are the predicted ones with their area share
+    line = capsys.readouterr().out
+    counts = np.bincount(pred.ravel(), minlength=NUM_CLASSES)
+    top = int(counts.argmax())
+    assert f"{MINI_ADE_CLASSES[top]} {100 * counts[top] / pred.size:.1f}%" in line
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        demo.main(["--config", str(setup["config"]), "--checkpoint", "x", "--image", str(tmp_path / "nothing_here")])
