@@ -197,10 +197,11 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   const AlignShape s{rois.size(0), channels, height, width, pooled_h, pooled_w};
   const bool channels_last = roi::is_channels_last(grad);
   // Accumulate in fp32 for half/bfloat16: many RoIs may add into one cell.
-  at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
+  at::Tensor grad_input = at::empty({batch_size, channels, height, width},
                                     grad.options()
                                         .dtype(at::toOpMathType(grad.scalar_type()))
-                                        .memory_format(roi::kernel_memory_format(grad)));
+                                        .memory_format(roi::kernel_memory_format(grad)))
+                               .zero_();  // (at::zeros ignores the memory format)
   if (grad.numel() > 0 && grad_input.numel() > 0) {
     roi::check_batch_indices(rois, batch_size, "_roi_align_backward");
     const at::Tensor g = grad.contiguous(roi::kernel_memory_format(grad));
