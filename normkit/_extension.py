@@ -1,6 +1,8 @@
 """Loads the compiled operator library `normkit._C` and reports clearly when it is missing."""
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch/libc10, which normkit._C links against)
+
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the normkit checkout"
 
 try:

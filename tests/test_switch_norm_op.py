@@ -1,0 +1,231 @@
+"""normkit.ops.switch_norm against the pure-PyTorch official formulation (OpTester style)."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from normkit.ops import switch_norm, switch_norm_reference
+from normkit.ops.switch_norm import num_mixture_weights
+
+# (has_instance, shape): SN2d/3d on 4D/5D, SN1d on (N, C) and (N, C, L); odd sizes on purpose.
+CASES = [(True, (3, 5, 4, 6)), (True, (2, 4, 3, 2, 5)), (True, (2, 3, 1, 1)), (False, (6, 5)), (False, (3, 4, 7))]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def sample_inputs(shape, has_instance, using_bn, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    k = num_mixture_weights(using_bn, has_instance)
+
+    def rand(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift).to(device)
+
+    return dict(input=rand(*shape, scale=2.0, shift=0.5).to(dtype), weight=rand(c, shift=1.0), bias=rand(c),
+                mean_weight=rand(k), var_weight=rand(k), running_mean=rand(c), running_var=rand(c).abs() + 0.5)
+
+
+def run(fn, inputs, training, using_bn, has_instance, requires_grad=(), momentum=0.1, moving=True, eps=1e-5):
+    args = {k: (v.clone().requires_grad_(k in requires_grad) if v is not None else None) for k, v in inputs.items()}
+    out = fn(args["input"], args["weight"], args["bias"], args["mean_weight"], args["var_weight"],
+             args["running_mean"], args["running_var"], training, momentum, eps, moving, using_bn, has_instance)
+    return out, args
+
+
+@pytest.mark.parametrize("has_instance,shape", CASES)
+@pytest.mark.parametrize("using_bn,training", [(True, True), (True, False), (False, True), (False, False)])
+def test_gradcheck_against_reference(has_instance, shape, using_bn, training):
+    inputs = sample_inputs(shape, has_instance, using_bn)
+    grads = ("input", "weight", "bias", "mean_weight", "var_weight")
+    out, args = run(switch_norm, inputs, training, using_bn, has_instance, grads)
+    ref, ref_args = run(switch_norm_reference, inputs, training, using_bn, has_instance, grads)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [args[k] for k in grads], g)
+    want = torch.autograd.grad(ref, [ref_args[k] for k in grads], g)
+    for name, a, b in zip(grads, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    torch.testing.assert_close(args["running_mean"], ref_args["running_mean"])
+    torch.testing.assert_close(args["running_var"], ref_args["running_var"])
+
+    def op(x, w, b, mw, vw):
+        return switch_norm(x, w, b, mw, vw, inputs["running_mean"].clone(), inputs["running_var"].clone(), training,
+                           0.1, 1e-5, True, using_bn, has_instance)
+
+    gc_inputs = [inputs[k].clone().requires_grad_() for k in grads]
+    assert torch.autograd.gradcheck(op, gc_inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("has_instance,shape", [(True, (4, 6, 9, 7)), (False, (5, 6, 8))])
+def test_low_precision_matches_float64_reference(device, dtype, has_instance, shape):
+    inputs = sample_inputs(shape, has_instance, True, dtype=dtype, device=device)
+    out, args = run(switch_norm, inputs, True, True, has_instance, ("input", "weight"))
+    ref_inputs = {k: v.double() for k, v in inputs.items()}
+    ref, ref_args = run(switch_norm_reference, ref_inputs, True, True, has_instance, ("input", "weight"))
+    assert out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    gx, gw = torch.autograd.grad(out, [args["input"], args["weight"]], g.to(dtype))
+    rgx, rgw = torch.autograd.grad(ref, [ref_args["input"], ref_args["weight"]], g)
+    torch.testing.assert_close(gx.double(), rgx, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(gw.double(), rgw, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim", [4, 5])
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_equals_planar(device, dim, training):
+    shape = (3, 5, 6, 7) if dim == 4 else (2, 5, 3, 4, 6)
+    fmt = torch.channels_last if dim == 4 else torch.channels_last_3d
+    inputs = sample_inputs(shape, True, True, dtype=torch.float32, device=device)
+    planar, pa = run(switch_norm, inputs, training, True, True, ("input", "weight", "mean_weight"))
+    cl_inputs = dict(inputs, input=inputs["input"].contiguous(memory_format=fmt))
+    cl, ca = run(switch_norm, cl_inputs, training, True, True, ("input", "weight", "mean_weight"))
+    assert cl.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(cl, planar, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(planar)
+    got = torch.autograd.grad(cl, [ca["input"], ca["weight"], ca["mean_weight"]], g.contiguous(memory_format=fmt))
+    want = torch.autograd.grad(planar, [pa["input"], pa["weight"], pa["mean_weight"]], g)
+    assert got[0].is_contiguous(memory_format=fmt)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_input():
+    inputs = sample_inputs((3, 4, 10, 12), True, True)
+    strided = dict(inputs, input=inputs["input"][:, :, ::2, 1::3])
+    out, _ = run(switch_norm, strided, True, True, True)
+    ref, _ = run(switch_norm_reference, strided, True, True, True)
+    torch.testing.assert_close(out, ref)
+
+
+def test_single_element_planes_are_finite():
+    # Official SN returns NaN for N x C x 1 x 1 (unbiased variance of one value); normkit returns finite output.
+    inputs = sample_inputs((4, 6, 1, 1), True, True, dtype=torch.float32)
+    out, args = run(switch_norm, inputs, True, True, True, ("input",))
+    assert torch.isfinite(out).all()
+    (grad,) = torch.autograd.grad(out.sum(), args["input"])
+    assert torch.isfinite(grad).all()
+
+
+def test_hand_computed_instance_only():
+    # With all mixture weight on IN (logits -inf elsewhere) SN is instance norm with the unbiased variance.
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]], dtype=torch.float64)  # mean 3, unbiased var 14/3
+    big = torch.tensor([50.0, -50.0, -50.0], dtype=torch.float64)
+    y = switch_norm(x, None, None, big, big, None, None, True)
+    expected = (x - 3.0) / (14.0 / 3.0 + 1e-5) ** 0.5
+    torch.testing.assert_close(y, expected)
+
+
+def test_eval_uses_running_stats_and_leaves_them():
+    inputs = sample_inputs((3, 4, 5, 5), True, True)
+    before = (inputs["running_mean"].clone(), inputs["running_var"].clone())
+    out, args = run(switch_norm, inputs, False, True, True)
+    torch.testing.assert_close(args["running_mean"], before[0])
+    # Changing the running stats changes the eval output through the BN component only.
+    inputs2 = dict(inputs, running_mean=inputs["running_mean"] + 1.0)
+    out2, _ = run(switch_norm, inputs2, False, True, True)
+    assert not torch.allclose(out, out2)
+
+
+def test_batch_average_mode_accumulates_sums():
+    inputs = sample_inputs((4, 3, 5, 5), True, True)
+    inputs["running_mean"].zero_()
+    inputs["running_var"].zero_()
+    _, args = run(switch_norm, inputs, True, True, True, moving=False)
+    x = inputs["input"].reshape(4, 3, -1)
+    mean_in, var_in = x.mean(-1), x.var(-1)
+    mean_bn = mean_in.mean(0)
+    var_bn = (var_in + mean_in ** 2).mean(0) - mean_bn ** 2
+    torch.testing.assert_close(args["running_mean"], mean_bn)
+    torch.testing.assert_close(args["running_var"], var_bn + mean_bn ** 2)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    y = switch_norm(x, torch.ones(4), torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(4), torch.ones(4), True)
+    assert y.shape == x.shape
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("has_instance,shape,using_bn,training",
+                         [(True, (2, 3, 4, 5), True, True), (True, (2, 3, 4, 5), True, False),
+                          (False, (4, 3), True, True), (True, (2, 3, 4, 5), False, True)])
+def test_opcheck(has_instance, shape, using_bn, training):
+    inputs = sample_inputs(shape, has_instance, using_bn)
+    args = (inputs["input"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["bias"],
+            inputs["mean_weight"].requires_grad_(), inputs["var_weight"], inputs["running_mean"],
+            inputs["running_var"], training, has_instance, 1e-5)
+    torch.library.opcheck(torch.ops.normkit.switch_norm.default, args)
+    n, c = shape[:2]
+    moments = torch.ops.normkit._switch_norm_moments(inputs["input"].detach())
+    torch.library.opcheck(torch.ops.normkit._switch_norm_moments.default, (inputs["input"].detach(),))
+    torch.library.opcheck(torch.ops.normkit._switch_norm_grad_moments.default,
+                          (torch.randn(shape, dtype=torch.float64), inputs["input"].detach()))
+    coef = torch.randn(n, c, 2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.normkit._switch_norm_affine.default, (inputs["input"].detach(), coef))
+    assert moments.shape == (n, c, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+def _call(**overrides):
+    inputs = sample_inputs((2, 4, 3, 3), True, True, dtype=torch.float32)
+    inputs.update(overrides)
+    return switch_norm(inputs["input"], inputs["weight"], inputs["bias"], inputs["mean_weight"],
+                       inputs["var_weight"], inputs["running_mean"], inputs["running_var"], True)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(input=torch.randn(4)), ValueError, "must be \\(N, C, \\*\\)"),
+    (dict(input=torch.ones(2, 4, 3, 3, dtype=torch.int64)), TypeError, "float16, bfloat16, float32 or float64"),
+    (dict(weight=torch.ones(5)), ValueError, "weight must have 4 elements"),
+    (dict(mean_weight=torch.ones(2)), ValueError, "mean_weight must have 3 elements"),
+    (dict(var_weight=torch.ones(4)), ValueError, "var_weight must have 3 elements"),
+    (dict(running_mean=torch.zeros(3)), ValueError, "running_mean must have 4 elements"),
+    (dict(running_var=None), ValueError, "both running_mean and running_var"),
+    (dict(weight=torch.ones(4, device="meta")), RuntimeError, "weight is on meta but input is on cpu"),
+])
+def test_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.slow
+def test_torch_compile_smoke():
+    inputs = sample_inputs((2, 4, 6, 6), True, True, dtype=torch.float32)
+    x = inputs["input"].requires_grad_()
+
+    def f(x):
+        return switch_norm(x, inputs["weight"], inputs["bias"], inputs["mean_weight"], inputs["var_weight"],
+                           None, None, True).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    (g1,) = torch.autograd.grad(compiled(x), x)
+    (g2,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("has_instance,shape", CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_matches_cpu(has_instance, shape, training):
+    for using_bn, layout in itertools.product([True, False], ["planar", "channels_last"]):
+        inputs = sample_inputs(shape, has_instance, using_bn)
+        if layout == "channels_last" and len(shape) == 4:
+            inputs["input"] = inputs["input"].contiguous(memory_format=torch.channels_last)
+        grads = ("input", "weight", "bias", "mean_weight", "var_weight")
+        cpu, ca = run(switch_norm, inputs, training, using_bn, has_instance, grads)
+        cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+        gpu, ga = run(switch_norm, cuda_inputs, training, using_bn, has_instance, grads)
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(cpu)
+        for a, b in zip(torch.autograd.grad(gpu, [ga[k] for k in grads], g.cuda()),
+                        torch.autograd.grad(cpu, [ca[k] for k in grads], g)):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(ga["running_var"].cpu(), ca["running_var"])
