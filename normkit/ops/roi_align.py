@@ -119,6 +119,12 @@ def _axis_weights(coords: Tensor, size: int) -> Tensor:
     return weights * valid[:, None].to(coords.dtype)
 
 
+def _support(weights: Tensor) -> tuple[int, int]:
+    """[first, last + 1) of the columns of `weights` that hold a nonzero entry ((0, 0) if none)."""
+    used = torch.nonzero(weights.ne(0).any(0)).flatten()
+    return (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 0)
+
+
 def _grid_size(roi_size: Tensor, pooled: int, sampling_ratio: int) -> int:
     if sampling_ratio > 0:
         return sampling_ratio
@@ -165,7 +171,10 @@ def roi_align_reference(input: Tensor, boxes: BoxesLike, output_size: int | tupl
             xs = (x1 + torch.arange(pooled_w, dtype=compute)[:, None] * bin_w + (ix + 0.5) * bin_w / grid_w).flatten()
             wy = _axis_weights(ys, height).to(input.device)
             wx = _axis_weights(xs, width).to(input.device)
-            samples = wy @ feats[int(rois[k, 0])] @ wx.T  # (C, pooled_h * grid_h, pooled_w * grid_w)
+            # Only the window of rows/columns with a nonzero weight matters: crop to it.
+            (y0, y1w), (x0, x1w) = _support(wy), _support(wx)
+            window = feats[int(rois[k, 0]), :, y0:y1w, x0:x1w]
+            samples = wy[:, y0:y1w] @ window @ wx[:, x0:x1w].T  # (C, pooled_h * grid_h, pooled_w * grid_w)
             out = samples.reshape(channels, pooled_h, grid_h, pooled_w, grid_w).sum((2, 4)) / max(grid_h * grid_w, 1)
         outputs.append(out)
     if not outputs:
