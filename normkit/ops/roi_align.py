@@ -102,9 +102,9 @@ if has_extension():
 
 # ---- pure-PyTorch reference ----
 
-def _axis_weights(coords: Tensor, size: int) -> Tensor:
-    """Linear-interpolation weights Tensor[P, size] of sample coordinates along one axis, by the definition:
-    a point outside [-1, size] (or NaN) weighs nothing; below 0 clamps to 0; at or past the last cell it sits on
+def _axis_neighbours(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Linear interpolation along one axis, by the definition: (low, high, weight_low, weight_high, valid).
+    A point outside [-1, size] (or NaN) is invalid; below 0 clamps to 0; at or past the last cell it sits on
     the last cell."""
     valid = (coords >= -1) & (coords <= size)
     c = torch.where(valid, coords, torch.zeros_like(coords)).clamp(min=0)
@@ -113,16 +113,7 @@ def _axis_weights(coords: Tensor, size: int) -> Tensor:
     low = torch.where(at_end, torch.full_like(low, size - 1), low)
     high = torch.where(at_end, low, low + 1)
     frac = torch.where(at_end, torch.zeros_like(c), c - low.to(c.dtype))
-    weights = torch.zeros(coords.shape[0], size, dtype=coords.dtype, device=coords.device)
-    weights.scatter_add_(1, low[:, None], (1 - frac)[:, None])
-    weights.scatter_add_(1, high[:, None], frac[:, None])
-    return weights * valid[:, None].to(coords.dtype)
-
-
-def _support(weights: Tensor) -> tuple[int, int]:
-    """[first, last + 1) of the columns of `weights` that hold a nonzero entry ((0, 0) if none)."""
-    used = torch.nonzero(weights.ne(0).any(0)).flatten()
-    return (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 0)
+    return low, high, 1 - frac, frac, valid
 
 
 def _grid_size(roi_size: Tensor, pooled: int, sampling_ratio: int) -> int:
@@ -136,10 +127,11 @@ def _grid_size(roi_size: Tensor, pooled: int, sampling_ratio: int) -> int:
 
 def roi_align_reference(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int],
                         spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """RoIAlign from the definition, one box at a time (slow). Differentiable with respect to `input`.
+    """RoIAlign from the definition (slow: sample geometry is built box by box in Python). Differentiable with
+    respect to `input`.
 
-    Bilinear sampling is separable, so each box's samples are `Wy @ feature @ Wx^T` with interpolation-weight
-    matrices Wy (samples x H) and Wx (samples x W); bin averages then sum over each bin's samples.
+    Every sample point of every box contributes its four bilinear neighbours; all of them are gathered from the
+    (N*H*W, C) feature table in one indexing op, then averaged per bin.
     """
     op = "roi_align_reference"
     check_feature_map(input, op)
@@ -148,35 +140,46 @@ def roi_align_reference(input: Tensor, boxes: BoxesLike, output_size: int | tupl
     check_batch_indices(rois, input.shape[0], op)
     batch, channels, height, width = input.shape
     compute = opmath_dtype(input.dtype)
-    feats = input.to(compute)
-    boxes_c = rois.to(compute)
+    boxes_c = rois.detach().cpu().to(compute)
     scale = torch.tensor(spatial_scale, dtype=compute)
     shift = 0.5 if aligned else 0.0
-    outputs = []
+    cells, weights, grids = [], [], []  # per box: (samples, 4) flat cell indices and weights, (grid_h, grid_w)
     for k in range(rois.shape[0]):
-        out = feats.new_zeros(channels, pooled_h, pooled_w)
-        x1, y1, x2, y2 = (boxes_c[k, i].cpu() * scale - shift for i in range(1, 5))
+        x1, y1, x2, y2 = (boxes_c[k, i] * scale - shift for i in range(1, 5))
         roi_w, roi_h = x2 - x1, y2 - y1
         if not aligned:
             roi_w = torch.where(roi_w < 1, torch.ones_like(roi_w), roi_w)
             roi_h = torch.where(roi_h < 1, torch.ones_like(roi_h), roi_h)
         grid_h = _grid_size(roi_h, pooled_h, sampling_ratio)
         grid_w = _grid_size(roi_w, pooled_w, sampling_ratio)
-        if grid_h > 0 and grid_w > 0 and height > 0 and width > 0:
-            bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
-            # Sample point i of bin p: start + p * bin + (i + 0.5) * bin / grid.
-            iy = torch.arange(grid_h, dtype=compute)
-            ix = torch.arange(grid_w, dtype=compute)
-            ys = (y1 + torch.arange(pooled_h, dtype=compute)[:, None] * bin_h + (iy + 0.5) * bin_h / grid_h).flatten()
-            xs = (x1 + torch.arange(pooled_w, dtype=compute)[:, None] * bin_w + (ix + 0.5) * bin_w / grid_w).flatten()
-            wy = _axis_weights(ys, height).to(input.device)
-            wx = _axis_weights(xs, width).to(input.device)
-            # Only the window of rows/columns with a nonzero weight matters: crop to it.
-            (y0, y1w), (x0, x1w) = _support(wy), _support(wx)
-            window = feats[int(rois[k, 0]), :, y0:y1w, x0:x1w]
-            samples = wy[:, y0:y1w] @ window @ wx[:, x0:x1w].T  # (C, pooled_h * grid_h, pooled_w * grid_w)
-            out = samples.reshape(channels, pooled_h, grid_h, pooled_w, grid_w).sum((2, 4)) / max(grid_h * grid_w, 1)
-        outputs.append(out)
-    if not outputs:
-        return input.new_zeros((0, channels, pooled_h, pooled_w))
-    return torch.stack(outputs).to(input.dtype)
+        if grid_h == 0 or grid_w == 0 or height == 0 or width == 0:
+            grids.append(None)
+            continue
+        bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+        # Sample i of bin p along an axis: start + p * bin + (i + 0.5) * bin / grid.
+        ys = (y1 + torch.arange(pooled_h, dtype=compute)[:, None] * bin_h
+              + (torch.arange(grid_h, dtype=compute) + 0.5) * bin_h / grid_h).flatten()
+        xs = (x1 + torch.arange(pooled_w, dtype=compute)[:, None] * bin_w
+              + (torch.arange(grid_w, dtype=compute) + 0.5) * bin_w / grid_w).flatten()
+        y_low, y_high, wy_low, wy_high, y_valid = _axis_neighbours(ys, height)
+        x_low, x_high, wx_low, wx_high, x_valid = _axis_neighbours(xs, width)
+        base = int(rois[k, 0]) * height * width
+        row = torch.stack([y_low, y_low, y_high, y_high], -1)[:, None, :]      # (ys, 1, 4)
+        col = torch.stack([x_low, x_high, x_low, x_high], -1)[None, :, :]      # (1, xs, 4)
+        wy = torch.stack([wy_low, wy_low, wy_high, wy_high], -1)[:, None, :]
+        wx = torch.stack([wx_low, wx_high, wx_low, wx_high], -1)[None, :, :]
+        valid = (y_valid[:, None] & x_valid[None, :])[..., None]
+        cells.append((base + row * width + col).reshape(-1, 4))
+        weights.append((wy * wx * valid / max(grid_h * grid_w, 1)).reshape(-1, 4))
+        grids.append((grid_h, grid_w))
+    output = input.new_zeros((rois.shape[0], channels, pooled_h, pooled_w), dtype=compute)
+    if cells:
+        table = input.to(compute).permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+        cell_index = torch.cat(cells).to(input.device)
+        samples = (table[cell_index] * torch.cat(weights).to(input.device)[..., None]).sum(1)  # (all samples, C)
+        sizes = [pooled_h * g[0] * pooled_w * g[1] for g in grids if g is not None]
+        pooled = [part.reshape(pooled_h, g[0], pooled_w, g[1], channels).sum((1, 3)).permute(2, 0, 1)
+                  for part, g in zip(samples.split(sizes), (g for g in grids if g is not None))]
+        used = torch.tensor([k for k, g in enumerate(grids) if g is not None], device=input.device)
+        output = output.index_copy(0, used, torch.stack(pooled))
+    return output.to(input.dtype)

@@ -5,8 +5,6 @@ csrc/common/roi_geometry.h. `roi_pool_reference` is a slow pure-PyTorch implemen
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -96,46 +94,67 @@ def _round_half_away(v: Tensor) -> int:
     return int(torch.sign(v) * torch.floor(v.abs() + 0.5))
 
 
+def _bin_ranges(start: int, bin_size: Tensor, pooled: int, limit: int) -> tuple[Tensor, Tensor]:
+    """[begin, end) cells of every bin along one axis: floor(p * bin) + start .. ceil((p + 1) * bin) + start,
+    clipped to [0, limit]."""
+    p = torch.arange(pooled, dtype=bin_size.dtype)
+    begin = (torch.floor(p * bin_size).long() + start).clamp(0, limit)
+    end = (torch.ceil((p + 1) * bin_size).long() + start).clamp(0, limit)
+    return begin, end
+
+
 def roi_pool_reference(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int],
                        spatial_scale: float = 1.0) -> Tensor:
-    """RoIPool from the definition, one bin at a time (slow). Differentiable with respect to `input`.
+    """RoIPool from the definition (slow: bin geometry is built box by box in Python). Differentiable with
+    respect to `input`.
 
-    Box corners are scaled and rounded; the box covers cells start..end inclusive (at least one); bin p spans
-    cells [floor(p * bin) + start, ceil((p + 1) * bin) + start) clipped to the map; the output is the bin's
-    maximum (the first one on ties), or 0 for an empty bin.
+    Box corners are scaled and rounded (half away from zero); the box covers cells start..end inclusive (at
+    least one); bin p spans cells [floor(p * bin) + start, ceil((p + 1) * bin) + start) clipped to the map; the
+    output is the bin's maximum (the first in row-major order on ties), or 0 for an empty bin. The cells of all
+    bins, padded to the largest bin, are gathered from the (N*H*W, C) feature table in one indexing op.
     """
     op = "roi_pool_reference"
     check_feature_map(input, op)
     rois = boxes_to_rois(boxes, input, op)
     pooled_h, pooled_w = output_size_pair(output_size, op)
     check_batch_indices(rois, input.shape[0], op)
-    _, channels, height, width = input.shape
+    batch, channels, height, width = input.shape
     compute = opmath_dtype(input.dtype)
-    scale = torch.tensor(spatial_scale, dtype=compute)
-    output = input.new_zeros((rois.shape[0], channels, pooled_h, pooled_w))
-    rows = []
+    corners_all = rois[:, 1:].detach().cpu().to(compute) * torch.tensor(spatial_scale, dtype=compute)
+    regions = []  # per box: (row begin/end per bin row, column begin/end per bin column, base cell) or None
     for k in range(rois.shape[0]):
-        corners = rois[k, 1:].cpu().to(compute) * scale
-        bins = []
-        if bool(torch.isfinite(corners).all()):
-            x1, y1, x2, y2 = (_round_half_away(c) for c in corners)
-            bin_h = torch.tensor(max(y2 - y1 + 1, 1), dtype=compute) / pooled_h
-            bin_w = torch.tensor(max(x2 - x1 + 1, 1), dtype=compute) / pooled_w
-            feature = input[int(rois[k, 0])]
-            for ph in range(pooled_h):
-                h0 = min(max(math.floor(float(ph * bin_h)) + y1, 0), height)
-                h1 = min(max(math.ceil(float((ph + 1) * bin_h)) + y1, 0), height)
-                for pw in range(pooled_w):
-                    w0 = min(max(math.floor(float(pw * bin_w)) + x1, 0), width)
-                    w1 = min(max(math.ceil(float((pw + 1) * bin_w)) + x1, 0), width)
-                    if h1 > h0 and w1 > w0:
-                        bins.append((ph, pw, feature[:, h0:h1, w0:w1].flatten(1).max(dim=1).values))
-        rows.append(bins)
-    if not any(rows):
+        corners = corners_all[k]
+        if not bool(torch.isfinite(corners).all()):
+            continue
+        x1, y1, x2, y2 = (_round_half_away(c) for c in corners)
+        bin_h = torch.tensor(max(y2 - y1 + 1, 1), dtype=compute) / pooled_h
+        bin_w = torch.tensor(max(x2 - x1 + 1, 1), dtype=compute) / pooled_w
+        regions.append((k, _bin_ranges(y1, bin_h, pooled_h, height), _bin_ranges(x1, bin_w, pooled_w, width),
+                        int(rois[k, 0]) * height * width))
+    output = input.new_zeros((rois.shape[0], channels, pooled_h, pooled_w))
+    if not regions or height == 0 or width == 0:
         return output
-    # Assemble with index_put so the result stays differentiable.
-    ks, phs, pws, values = zip(*((k, ph, pw, v) for k, bins in enumerate(rows) for ph, pw, v in bins))
-    return output.index_put((torch.tensor(ks, device=input.device)[:, None],
-                             torch.arange(channels, device=input.device)[None, :],
-                             torch.tensor(phs, device=input.device)[:, None],
-                             torch.tensor(pws, device=input.device)[:, None]), torch.stack(values))
+    # Pad every bin to the largest bin size; padded cells are masked out of the maximum.
+    max_h = max(int((r[1][1] - r[1][0]).max()) for r in regions)
+    max_w = max(int((r[2][1] - r[2][0]).max()) for r in regions)
+    if max_h <= 0 or max_w <= 0:
+        return output
+    di = torch.arange(max_h)[:, None]
+    dj = torch.arange(max_w)[None, :]
+    cells, masks = [], []
+    for _, (h0, h1), (w0, w1), base in regions:
+        rows = h0[:, None, None, None] + di                                  # (PH, 1, max_h, 1)
+        cols = w0[None, :, None, None] + dj                                  # (1, PW, 1, max_w)
+        inside = (rows < h1[:, None, None, None]) & (cols < w1[None, :, None, None])
+        cells.append((base + rows.clamp(max=height - 1) * width + cols.clamp(max=width - 1)).reshape(
+            pooled_h, pooled_w, -1))
+        masks.append(inside.reshape(pooled_h, pooled_w, -1))
+    table = input.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    mask = torch.stack(masks).to(input.device)                               # (R, PH, PW, cells)
+    values = table[torch.stack(cells).to(input.device)]                      # (R, PH, PW, cells, C)
+    values = values.masked_fill(~mask[..., None], float("-inf"))
+    best = values.max(dim=3).values                                          # first maximum, NaN propagates
+    nonempty = mask.any(-1)[..., None]
+    pooled = torch.where(nonempty, best, torch.zeros_like(best)).permute(0, 3, 1, 2)
+    used = torch.tensor([r[0] for r in regions], device=input.device)
+    return output.index_copy(0, used, pooled)
