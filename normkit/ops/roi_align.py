@@ -130,8 +130,8 @@ def roi_align_reference(input: Tensor, boxes: BoxesLike, output_size: int | tupl
     """RoIAlign from the definition (slow: sample geometry is built box by box in Python). Differentiable with
     respect to `input`.
 
-    Every sample point of every box contributes its four bilinear neighbours; all of them are gathered from the
-    (N*H*W, C) feature table in one indexing op, then averaged per bin.
+    Every sample point of every box contributes its four bilinear neighbours; each neighbour slot is gathered from
+    the (N*H*W, C) feature table in one indexing op over all boxes, then the samples are averaged per bin.
     """
     op = "roi_align_reference"
     check_feature_map(input, op)
@@ -176,7 +176,8 @@ def roi_align_reference(input: Tensor, boxes: BoxesLike, output_size: int | tupl
     if cells:
         table = input.to(compute).permute(0, 2, 3, 1).reshape(batch * height * width, channels)
         cell_index = torch.cat(cells).to(input.device)
-        samples = (table[cell_index] * torch.cat(weights).to(input.device)[..., None]).sum(1)  # (all samples, C)
+        cell_weight = torch.cat(weights).to(input.device)
+        samples = sum(table[cell_index[:, j]] * cell_weight[:, j, None] for j in range(4))  # (all samples, C)
         sizes = [pooled_h * g[0] * pooled_w * g[1] for g in grids if g is not None]
         pooled = [part.reshape(pooled_h, g[0], pooled_w, g[1], channels).sum((1, 3)).permute(2, 0, 1)
                   for part, g in zip(samples.split(sizes), (g for g in grids if g is not None))]
