@@ -52,4 +52,15 @@ TORCH_LIBRARY(normkit, m) {
   m.def("nms(Tensor dets, Tensor scores, float iou_threshold, int offset=0) -> Tensor");
 
   // ---- Conditional classifier (csrc/cpu/cond_classifier.cpp, csrc/cuda/cond_classifier.cu) ----
+  // guidance: (B, K, H, W) class logits; features: (B, C, H, W). Embedding (B, K, C):
+  // E[b, k] = mean over pixels of softmax_k(guidance)[b, k, i] * features[b, :, i].
+  m.def("class_embedding(Tensor guidance, Tensor features) -> Tensor");
+  // Recomputes the class softmax instead of saving it, so autograd keeps only guidance and features.
+  m.def("_class_embedding_backward(Tensor grad_embedding, Tensor guidance, Tensor features) "
+        "-> (Tensor grad_guidance, Tensor grad_features)");
+  // Per-sample 1x1 classification: out[b, k, i] = sum_c weight[b, k, c] * features[b, c, i] + bias[b, k].
+  m.def("dynamic_classify(Tensor features, Tensor weight, Tensor? bias) -> Tensor");
+  // grad_bias is (B, K) zeros when has_bias is false.
+  m.def("_dynamic_classify_backward(Tensor grad_output, Tensor features, Tensor weight, bool has_bias) "
+        "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_bias)");
 }

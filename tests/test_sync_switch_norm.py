@@ -90,6 +90,8 @@ def _ddp_worker(rank, world, port, out_dir):
             loss.backward()
             opt.step()
         torch.save(model.state_dict(), os.path.join(out_dir, f"ddp{rank}.pt"))
+        del ddp, opt  # release DDP's reducer (it holds the process group) before tearing the group down
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

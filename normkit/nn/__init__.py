@@ -9,4 +9,6 @@ from normkit.nn.norm import FrozenBatchNorm2d, build_norm, recompute_batch_stats
 from normkit.nn.roi_ops import MultiScaleRoIAlign, RoIAlign, RoIPool, assign_boxes_to_levels  # noqa: F401
 
 # -- Conditional classifier --
+from normkit.nn.cond_classifier import ConditionalClassifier  # noqa: F401
+from normkit.nn.losses import DiceLoss, dice_loss  # noqa: F401
 

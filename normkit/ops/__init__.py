@@ -9,4 +9,6 @@ from normkit.ops.roi_align import roi_align, roi_align_reference  # noqa: F401
 from normkit.ops.roi_pool import roi_pool, roi_pool_reference  # noqa: F401
 
 # -- Conditional classifier --
+from normkit.ops.cond_classifier import (  # noqa: F401
+    class_embedding, class_embedding_reference, dynamic_classify, dynamic_classify_reference)
 

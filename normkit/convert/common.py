@@ -1,0 +1,103 @@
+"""Shared machinery of the checkpoint converters: safe reading, explicit logged renames, atomic writes."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Dict, Iterable, Mapping, Sequence, Tuple
+
+import torch
+
+__all__ = ["StateDict", "IGNORED_SOURCE_BUFFERS", "read_source", "rename_keys", "flatten_official_sn",
+           "save_state_dict"]
+
+logger = logging.getLogger("normkit.convert")
+
+StateDict = Dict[str, torch.Tensor]
+# CSAIL's SynchronizedBatchNorm2d bookkeeping: not part of the model's math, dropped by every converter.
+IGNORED_SOURCE_BUFFERS = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
+Rule = Tuple[str, str]  # (regex matched against the whole key, replacement template)
+
+
+def read_source(path: str | os.PathLike, containers: Sequence[str] = ("state_dict", "model")) -> StateDict:
+    """Read a published checkpoint with ``torch.load(weights_only=True)``, unwrap the first of
+    ``containers`` present, and check that every entry is a tensor."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"cannot read {os.fspath(path)!r} as plain tensors (torch.load weights_only=True): "
+                           f"{exc}") from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{os.fspath(path)}: expected a dict of tensors, got {type(obj).__name__}")
+    for key in containers:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{os.fspath(path)}: entries are not tensors: {bad[:10]} (wrong file or format?)")
+    return dict(obj)
+
+
+def rename_keys(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], *, source: str) -> StateDict:
+    """Rename every key by the first rule whose regex matches it entirely; log each rename.
+
+    Keys no rule matches are an error (listed), unless they end in one of
+    :data:`IGNORED_SOURCE_BUFFERS`. Two keys renamed to one target are an error (the mapping must be
+    one-to-one).
+    """
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+    out: StateDict = {}
+    origin: Dict[str, str] = {}
+    unmatched, ignored = [], []
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] in IGNORED_SOURCE_BUFFERS:
+            ignored.append(key)
+            continue
+        for pattern, repl in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                new_key = match.expand(repl)
+                break
+        else:
+            unmatched.append(key)
+            continue
+        if new_key in out:
+            raise RuntimeError(f"{source}: keys {origin[new_key]!r} and {key!r} both map to {new_key!r}")
+        out[new_key] = value
+        origin[new_key] = key
+        if new_key != key:
+            logger.info("%s: %s -> %s", source, key, new_key)
+    if ignored:
+        logger.info("%s: ignored %d SyncBN bookkeeping buffers", source, len(ignored))
+    if unmatched:
+        raise RuntimeError(f"{source}: {len(unmatched)} unexpected keys no rename rule covers: "
+                           f"{', '.join(unmatched[:20])}" + (" ..." if len(unmatched) > 20 else ""))
+    return out
+
+
+def flatten_official_sn(state: StateDict) -> StateDict:
+    """Official SN stores weight/bias as (1, C, 1, 1) and running stats as (1, C, 1); normkit stores (C,).
+
+    Only modules that have ``mean_weight`` (i.e. SN layers) are touched, so a 1-output conv is never
+    mistaken for one.
+    """
+    sn_prefixes = {k[: -len("mean_weight")] for k in state if k.endswith("mean_weight")}
+    out = dict(state)
+    for prefix in sn_prefixes:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            key = prefix + name
+            if key in out and out[key].dim() > 1:
+                out[key] = out[key].reshape(-1)
+    return out
+
+
+def save_state_dict(state: StateDict, path: str | os.PathLike) -> None:
+    """Write atomically: a partial file never replaces a good one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,253 @@
+"""ResNet 18/34/50/101 backbones with pluggable stems, dilation rules and norms.
+
+Parameter names follow torchvision's layout (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.bn1``,
+``layerK.0.downsample.0/1``, ``fc``) so checkpoints of every published layout map onto it by renaming
+only; the norm modules are called ``bn*`` whatever norm they hold. The deep stems use CSAIL's names
+``conv1/bn1/conv2/bn2/conv3/bn3``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from normkit.nn import build_norm
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ARCH_SETTINGS", "STEMS", "DILATION_RULES",
+           "stage_dilations"]
+
+STEMS = ("v1", "deep", "v1c")
+DILATION_RULES = ("csail", "deeplab", "mmseg")
+
+# Stage strides and dilations that give each output stride (layers 1..4).
+_STAGE_SETTINGS = {
+    32: ((1, 2, 2, 2), (1, 1, 1, 1)),
+    16: ((1, 2, 2, 1), (1, 1, 1, 2)),
+    8: ((1, 2, 1, 1), (1, 1, 2, 4)),
+}
+
+
+def _conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    # 'same' padding for odd kernels: dilation * (k - 1) / 2.
+    return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=dilation * (kernel_size - 1) // 2,
+                     dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs. ``dilations`` gives the dilation of conv1 and conv2."""
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, dilations: Tuple[int, int] = (1, 1),
+                 downsample: Optional[nn.Module] = None, norm="bn", norm_kwargs=None,
+                 stride_in_1x1: bool = False):
+        super().__init__()
+        del stride_in_1x1  # a basic block has no 1x1 conv; accepted so both blocks share one signature
+        norm_kwargs = norm_kwargs or {}
+        self.conv1 = _conv(inplanes, planes, 3, stride, dilations[0])
+        self.bn1 = build_norm(norm, planes, **norm_kwargs)
+        self.conv2 = _conv(planes, planes, 3, 1, dilations[1])
+        self.bn2 = build_norm(norm, planes, **norm_kwargs)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (x4). The stride sits on the 3x3 conv ("pytorch" style) unless
+    ``stride_in_1x1`` (Caffe/MSRA style, used by the DeepLab v2 port). ``dilations[0]`` is the 3x3's
+    dilation; ``dilations[1]`` is unused (kept so both block types share the rule tables)."""
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, dilations: Tuple[int, int] = (1, 1),
+                 downsample: Optional[nn.Module] = None, norm="bn", norm_kwargs=None,
+                 stride_in_1x1: bool = False):
+        super().__init__()
+        norm_kwargs = norm_kwargs or {}
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = _conv(inplanes, planes, 1, stride_1x1)
+        self.bn1 = build_norm(norm, planes, **norm_kwargs)
+        self.conv2 = _conv(planes, planes, 3, stride_3x3, dilations[0])
+        self.bn2 = build_norm(norm, planes, **norm_kwargs)
+        self.conv3 = _conv(planes, planes * self.expansion, 1)
+        self.bn3 = build_norm(norm, planes * self.expansion, **norm_kwargs)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+ARCH_SETTINGS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def stage_dilations(rule: str, block: type, num_blocks: int, dilation: int, nominal_stride: int,
+                    stride_in_1x1: bool) -> List[Tuple[int, int]]:
+    """Per-block (first 3x3, second 3x3) dilations of one stage dilated by ``dilation``.
+
+    ``nominal_stride`` is the stride the stage has in the undilated network (2 for layers 2-4).
+
+    - ``csail`` (CSAIL ``_nostride_dilate``): every conv of the stage loses its stride; a 3x3 conv that
+      carried the stride gets ``dilation // 2``, every other 3x3 conv gets ``dilation``.
+    - ``deeplab`` (DeepLab v2): every 3x3 conv of the stage gets ``dilation``.
+    - ``mmseg`` (``contract_dilation=True``): the first block's first 3x3 gets ``dilation // 2``, later
+      blocks ``dilation``; mmseg's BasicBlock never dilates its second conv.
+    """
+    if rule not in DILATION_RULES:
+        raise ValueError(f"unknown dilation rule {rule!r}; choose one of {', '.join(DILATION_RULES)}")
+    if dilation == 1:
+        return [(1, 1)] * num_blocks
+    if rule == "deeplab":
+        return [(dilation, dilation)] * num_blocks
+    if rule == "mmseg":
+        second = (lambda d: 1) if block is BasicBlock else (lambda d: d)
+        first_block = (max(dilation // 2, 1), second(dilation))
+        return [first_block] + [(dilation, second(dilation))] * (num_blocks - 1)
+    # csail: which 3x3 carried the stride in block 0? (conv1 of a BasicBlock, conv2 of a pytorch-style
+    # Bottleneck, none when the Bottleneck strides in its 1x1 conv)
+    strided_3x3 = nominal_stride != 1 and not (block is Bottleneck and stride_in_1x1)
+    first_block = (dilation // 2 if strided_3x3 else dilation, dilation)
+    return [first_block] + [(dilation, dilation)] * (num_blocks - 1)
+
+
+class ResNet(nn.Module):
+    """ResNet backbone returning the four stage features ``[C2, C3, C4, C5]``.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        stem: ``"v1"`` (7x7 conv, 64 ch), ``"deep"`` (CSAIL: three 3x3 convs 64/64/128) or ``"v1c"``
+            (mmseg: 32/32/64); each followed by a 3x3 stride-2 max-pool.
+        output_stride: 32, 16 or 8; stages after the requested stride are dilated.
+        dilation_rule: ``"csail"``, ``"deeplab"`` or ``"mmseg"`` (see :func:`stage_dilations`).
+        norm, norm_kwargs: any :func:`normkit.nn.build_norm` choice and its keyword arguments.
+        last_gamma: initialise the weight of the last norm of each residual block to 0 (SN recipe).
+        stride_in_1x1: put a Bottleneck's stride on its first 1x1 conv (DeepLab v2 / Caffe ResNets).
+        ceil_mode: ceil mode of the stem max-pool (DeepLab v2).
+        num_classes: when given, adds global average pooling and an ``fc`` layer; ``forward`` then
+            returns class logits Tensor[N, num_classes] instead of the features.
+
+    Attributes ``out_channels`` and ``out_strides`` give the channels and strides of the four features.
+    """
+
+    def __init__(self, depth: int = 50, *, stem: str = "v1", output_stride: int = 32,
+                 dilation_rule: str = "csail", norm="bn", norm_kwargs: Optional[dict] = None,
+                 last_gamma: bool = False, stride_in_1x1: bool = False, ceil_mode: bool = False,
+                 num_classes: Optional[int] = None):
+        super().__init__()
+        if depth not in ARCH_SETTINGS:
+            raise ValueError(f"unsupported ResNet depth {depth}; choose one of {sorted(ARCH_SETTINGS)}")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+        if output_stride not in _STAGE_SETTINGS:
+            raise ValueError(f"output_stride must be one of {sorted(_STAGE_SETTINGS)}, got {output_stride}")
+        if dilation_rule not in DILATION_RULES:
+            raise ValueError(f"unknown dilation rule {dilation_rule!r}; choose one of {', '.join(DILATION_RULES)}")
+        norm_kwargs = dict(norm_kwargs or {})
+        if "last_gamma" in norm_kwargs:
+            raise ValueError("pass last_gamma to the backbone (backbone.last_gamma), not in norm_kwargs: "
+                             "it applies only to the last norm of each residual block")
+        block, layers = ARCH_SETTINGS[depth]
+        self.depth, self.stem, self.output_stride = depth, stem, output_stride
+
+        stem_channels = {"v1": (64,), "deep": (64, 64, 128), "v1c": (32, 32, 64)}[stem]
+        if stem == "v1":
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = build_norm(norm, 64, **norm_kwargs)
+        else:
+            in_ch = 3
+            for i, out_ch in enumerate(stem_channels, start=1):
+                setattr(self, f"conv{i}", _conv(in_ch, out_ch, 3, stride=2 if i == 1 else 1))
+                setattr(self, f"bn{i}", build_norm(norm, out_ch, **norm_kwargs))
+                in_ch = out_ch
+        self._num_stem_convs = len(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=ceil_mode)
+
+        strides, dilations = _STAGE_SETTINGS[output_stride]
+        inplanes = stem_channels[-1]
+        out_channels, out_strides, total_stride = [], [], 4
+        for index, (planes, num_blocks, stride, dilation) in enumerate(
+                zip((64, 128, 256, 512), layers, strides, dilations), start=1):
+            nominal_stride = 1 if index == 1 else 2
+            block_dilations = stage_dilations(dilation_rule, block, num_blocks, dilation, nominal_stride,
+                                              stride_in_1x1)
+            downsample = None
+            if stride != 1 or inplanes != planes * block.expansion:
+                downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                    build_norm(norm, planes * block.expansion, **norm_kwargs))
+            blocks = []
+            for i, block_dilation in enumerate(block_dilations):
+                blocks.append(block(inplanes, planes, stride=stride if i == 0 else 1, dilations=block_dilation,
+                                    downsample=downsample if i == 0 else None, norm=norm,
+                                    norm_kwargs=norm_kwargs, stride_in_1x1=stride_in_1x1))
+                inplanes = planes * block.expansion
+            setattr(self, f"layer{index}", nn.Sequential(*blocks))
+            total_stride *= stride
+            out_channels.append(inplanes)
+            out_strides.append(total_stride)
+        self.out_channels: Tuple[int, ...] = tuple(out_channels)
+        self.out_strides: Tuple[int, ...] = tuple(out_strides)
+
+        if num_classes is not None:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(inplanes, num_classes)
+        else:
+            self.fc = None
+
+        self._init_weights()
+        if last_gamma:
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                for blk in layer:
+                    weight = getattr(blk.last_norm(), "weight", None)
+                    if weight is not None:
+                        with torch.no_grad():
+                            weight.zero_()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Tensor[N, 3, H, W] -> the four stage features (strides ``out_strides``)."""
+        for i in range(1, self._num_stem_convs + 1):
+            x = self.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        x = self.maxpool(x)
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"ResNet expects images Tensor[N, 3, H, W], got {list(x.shape)}")
+        features = self.forward_features(x)
+        if self.fc is None:
+            return features
+        return self.fc(torch.flatten(self.avgpool(features[-1]), 1))
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, stem={self.stem!r}, output_stride={self.output_stride}"
+

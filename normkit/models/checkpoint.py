@@ -1,0 +1,89 @@
+"""Strict, safe checkpoint loading for normkit models."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["IGNORABLE_BUFFERS", "read_state_dict", "load_state_dict_strict"]
+
+# Buffers a checkpoint may lack or carry without it being a mismatch: BatchNorm's step counter (absent
+# in PyTorch 0.4-era and DeepLab checkpoints; meaningless to FrozenBatchNorm2d) and the CSAIL SyncBN
+# bookkeeping buffers.
+IGNORABLE_BUFFERS = ("num_batches_tracked", "_tmp_running_mean", "_tmp_running_var", "_running_iter")
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def _is_ignorable(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in IGNORABLE_BUFFERS
+
+
+def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> StateDict:
+    """Read a state dict from a file (``torch.load(weights_only=True)``) or take one given as a mapping.
+
+    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` containers and a DataParallel ``module.`` prefix.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"checkpoint file not found: {os.fspath(source)}")
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt files and pickles with non-tensor objects
+            raise RuntimeError(f"cannot read checkpoint {os.fspath(source)!r} as plain tensors "
+                               f"(torch.load weights_only=True): {exc}") from exc
+    if not isinstance(source, Mapping):
+        raise ValueError(f"a checkpoint must hold a dict of tensors, got {type(source).__name__}")
+    for container in ("model", "state_dict"):
+        if isinstance(source.get(container), Mapping):
+            source = source[container]
+            break
+    non_tensors = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise ValueError(f"checkpoint entries are not tensors: {non_tensors[:10]}")
+    if source and all(k.startswith("module.") for k in source):
+        source = {k[len("module."):]: v for k, v in source.items()}
+    return dict(source)
+
+
+def load_state_dict_strict(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
+                           ignore_prefixes: Sequence[str] = ()) -> None:
+    """Load ``source`` into ``model``; every parameter and buffer must be present with a matching shape.
+
+    Raises RuntimeError listing the missing keys, the unexpected keys and the shape mismatches. Keys of
+    :data:`IGNORABLE_BUFFERS` and checkpoint keys starting with one of ``ignore_prefixes`` are exempt.
+    Tensors that differ from the model's only by size-1 dimensions (official SN weights shaped
+    (1, C, 1, 1), running stats (1, C, 1)) are reshaped.
+    """
+    state = {k: v for k, v in read_state_dict(source).items()
+             if not any(k.startswith(p) for p in ignore_prefixes)}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not _is_ignorable(k)]
+    unexpected = [k for k in state if k not in expected and not _is_ignorable(k)]
+    mismatched, to_load = [], {}
+    for key, value in state.items():
+        if key not in expected:
+            continue
+        target = expected[key]
+        if value.shape != target.shape:
+            if value.numel() == target.numel() and [s for s in value.shape if s != 1] == \
+                    [s for s in target.shape if s != 1]:
+                value = value.reshape(target.shape)
+            else:
+                mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target.shape)}")
+                continue
+        to_load[key] = value
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}"
+                         + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                         + (" ..." if len(unexpected) > 20 else ""))
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+        raise RuntimeError(f"checkpoint does not match {type(model).__name__}: " + " | ".join(parts))
+    model.load_state_dict(to_load, strict=False)

@@ -1,0 +1,161 @@
+"""Segmentation heads and models: output shapes, deep supervision, losses, DeepLab v2 multi-scale fusion."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normkit.models.backbones.resnet import ResNet
+from normkit.models.segmentation import (C1, C1DeepSup, PPM, PPMDeepSup, UPerNet, ASPPSumHead, DeepLabV2,
+                                         SegmentationModel)
+
+K = 5
+R18 = (64, 128, 256, 512)
+
+
+def _features(channels=R18, size=64, strides=(4, 8, 8, 8), batch=2):
+    return [torch.randn(batch, c, size // s, size // s) for c, s in zip(channels, strides)]
+
+
+@pytest.mark.parametrize("cls,deepsup", [(C1, False), (C1DeepSup, True), (PPM, False), (PPMDeepSup, True)])
+def test_csail_heads_output_at_decoder_stride(cls, deepsup):
+    head = cls(R18, K).train()
+    out = head(_features())
+    assert out["logits"].shape == (2, K, 8, 8)
+    assert ("deepsup_logits" in out) == deepsup
+    if deepsup:
+        assert out["deepsup_logits"].shape == (2, K, 8, 8)
+    head.eval()
+    assert set(head(_features())) == {"logits"}  # deep supervision is a training-only branch
+
+
+@pytest.mark.parametrize("fpn_dim", [512, 256])
+def test_upernet_output_at_stride_4(fpn_dim):
+    head = UPerNet(R18, K, fpn_dim=fpn_dim)
+    out = head(_features(strides=(4, 8, 16, 32)))
+    assert out["logits"].shape == (2, K, 16, 16)
+    assert head.conv_last[1].in_channels == fpn_dim and head.ppm_last_conv[0].out_channels == fpn_dim
+
+
+def test_csail_structure_and_init():
+    head = PPMDeepSup((256, 512, 1024, 2048), K)
+    assert head.conv_last[0].in_channels == 2048 + 4 * 512
+    assert head.cbr_deepsup[0].in_channels == 1024 and head.cbr_deepsup[0].out_channels == 512
+    assert isinstance(head.conv_last[3], torch.nn.Dropout2d) and head.conv_last[3].p == 0.1
+    assert torch.all(head.conv_last[1].weight == 1) and torch.allclose(head.conv_last[1].bias,
+                                                                      torch.full((512,), 1e-4))
+    c1 = C1DeepSup((256, 512, 1024, 2048), K)
+    assert c1.cbr[0].out_channels == 512 and c1.cbr_deepsup[0].in_channels == 1024
+
+
+def _seg_model(head_cls=C1DeepSup, loss_mode="downsample_labels", norm="bn"):
+    backbone = ResNet(18, stem="deep", output_stride=8, norm=norm)
+    return SegmentationModel(backbone, head_cls(backbone.out_channels, K, norm=norm), num_classes=K,
+                             loss_mode=loss_mode)
+
+
+def _labels(batch=2, size=64):
+    labels = torch.randint(0, K, (batch, size, size))
+    labels[:, :5] = 255
+    return labels
+
+
+def test_csail_loss_at_decoder_stride_with_deep_supervision():
+    torch.manual_seed(0)
+    model = _seg_model().train()
+    images, labels = torch.randn(2, 3, 32, 32), _labels(size=32)
+    torch.manual_seed(1)
+    losses = model(images, labels)
+    assert set(losses) == {"decode_loss", "deepsup_loss", "pixel_acc"}
+    # reference: recompute both heads' outputs with the same BN batch and compare the CE terms
+    torch.manual_seed(1)
+    out = model.decode_head(model.backbone(images))
+    small = labels[:, ::8, ::8]  # nearest downsampling by 8 picks every 8th pixel
+    ce = F.cross_entropy(out["logits"], small, ignore_index=255)
+    ce_ds = F.cross_entropy(out["deepsup_logits"], small, ignore_index=255)
+    torch.testing.assert_close(losses["decode_loss"], ce)
+    torch.testing.assert_close(losses["deepsup_loss"], 0.4 * ce_ds)
+    valid = small != 255
+    acc = ((out["logits"].argmax(1) == small) & valid).sum() / valid.sum()
+    torch.testing.assert_close(losses["pixel_acc"], acc.float())
+    sum(v for k, v in losses.items() if k.endswith("loss")).backward()
+    assert model.decode_head.conv_last_deepsup.weight.grad is not None
+
+
+def test_mmseg_loss_upsamples_logits():
+    model = _seg_model(C1, loss_mode="upsample_logits").eval()
+    images, labels = torch.randn(2, 3, 32, 32), _labels(size=32)
+    losses = model(images, labels)
+    logits = F.interpolate(model.decode_head(model.backbone(images))["logits"], size=(32, 32),
+                           mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses["decode_loss"], F.cross_entropy(logits, labels, ignore_index=255))
+
+
+def test_eval_returns_logits_at_input_resolution():
+    model = _seg_model(PPMDeepSup).eval()
+    images = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        logits = model(images)
+        small = model.decode_head(model.backbone(images))["logits"]
+    assert logits.shape == (2, K, 40, 24)
+    torch.testing.assert_close(logits, F.interpolate(small, size=(40, 24), mode="bilinear", align_corners=False))
+
+
+def test_all_ignored_labels_give_zero_loss():
+    model = _seg_model(C1).train()
+    losses = model(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255, dtype=torch.long))
+    assert losses["decode_loss"].item() == 0 and losses["pixel_acc"].item() == 0
+
+
+def test_bad_inputs():
+    model = _seg_model(C1).train()
+    with pytest.raises(ValueError, match="labels must be in"):
+        model(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), K, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"Tensor\[B, 3, H, W\]"):
+        model(torch.randn(3, 32, 32))
+
+
+def _deeplab():
+    backbone = ResNet(18, stem="v1", output_stride=8, dilation_rule="deeplab",
+                      ceil_mode=True, norm="frozenbn")
+    return DeepLabV2(backbone, ASPPSumHead(backbone.out_channels, K), num_classes=K)
+
+
+def test_aspp_sum_head():
+    head = ASPPSumHead(R18, K)
+    assert [c.dilation[0] for c in head.conv2d_list] == [6, 12, 18, 24]
+    assert all(c.bias is not None for c in head.conv2d_list)
+    assert 0.005 < head.conv2d_list[0].weight.std().item() < 0.015
+    x = _features()
+    expected = sum(F.conv2d(x[-1], c.weight, c.bias, padding=c.dilation, dilation=c.dilation)
+                   for c in head.conv2d_list)
+    torch.testing.assert_close(head(x)["logits"], expected)
+
+
+def test_deeplab_v2_multiscale_sizes_and_max_fusion():
+    model = _deeplab().eval()
+    images = torch.randn(1, 3, 49, 49)
+    with torch.no_grad():
+        outputs = model.forward_scales(images)
+        # reference from the definition: inputs at int(49*s)+1, outputs resized (align_corners=True)
+        # to the scale-1 output size, element-wise max
+        run = lambda x: model.decode_head(model.backbone(x))["logits"]  # noqa: E731
+        ref1 = run(images)
+        size = ref1.shape[-2:]
+        refs = [ref1] + [F.interpolate(run(F.interpolate(images, size=(n, n), mode="bilinear", align_corners=True)),
+                                       size=size, mode="bilinear", align_corners=True) for n in (37, 25)]
+    assert len(outputs) == 4 and size == (7, 7)
+    for out, ref in zip(outputs, refs):
+        torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(outputs[3], torch.max(torch.max(refs[0], refs[1]), refs[2]))
+    with torch.no_grad():
+        assert model(images).shape == (1, K, 49, 49)
+
+
+def test_deeplab_v2_training_sums_four_losses():
+    model = _deeplab().train()
+    losses = model(torch.randn(1, 3, 49, 49), _labels(1, 49))
+    assert set(losses) == {"scale1_loss", "scale0.75_loss", "scale0.5_loss", "fused_loss", "pixel_acc"}
+    sum(v for k, v in losses.items() if k.endswith("loss")).backward()
+    assert model.decode_head.conv2d_list[3].weight.grad is not None
+    assert not any(p.requires_grad for p in model.backbone.bn1.parameters())  # frozen BN has no parameters
