@@ -60,7 +60,7 @@ def timed(fns: dict, device, repeats: int) -> dict:
     return time_interleaved(fns, device=device, repeats=repeats, warmup=1)
 
 
-def roi_align_rows(label, levels, rois_per_level, output, impls, device, repeats):
+def roi_op_rows(label, levels, rois_per_level, output, impls, device, repeats):
     """Times an ROI op (RoIAlign or RoIPool) over all levels, forward and forward+backward, for every
     implementation `fn(feature, rois, output_size, spatial_scale)`."""
     def run(fn, backward):
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for output in (7, 14):
             label = f"FPN RoIAlign {num_rois} RoIs, {fpn_channels} ch, {output}x{output}"
             print(label, flush=True)
-            rows += roi_align_rows(label, levels, per_level, output, align_impls(num_rois), device, repeats)
+            rows += roi_op_rows(label, levels, per_level, output, align_impls(num_rois), device, repeats)
     del levels
 
     # C4 / DC5 head: one stride-16 map.
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     rois = [(make_rois(c4_rois, 2, generator).to(device=device, dtype=dtype), 1 / 16)]
     label = f"C4/DC5 RoIAlign {c4_rois} RoIs, {c4_channels} ch, 14x14"
     print(label, flush=True)
-    rows += roi_align_rows(label, c4, rois, 14, align_impls(c4_rois), device, repeats)
+    rows += roi_op_rows(label, c4, rois, 14, align_impls(c4_rois), device, repeats)
     pool_impls = {"normkit": lambda f, r, o, s: roi_pool(f, r, o, s)}
     if tv is not None:
         pool_impls["torchvision"] = lambda f, r, o, s: tv.roi_pool(f, r, o, s)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         pool_impls["reference"] = lambda f, r, o, s: roi_pool_reference(f, r, o, s)
     label = f"C4/DC5 RoIPool {c4_rois} RoIs, {c4_channels} ch, 14x14"
     print(label, flush=True)
-    rows += roi_align_rows(label, c4, rois, 14, pool_impls, device, repeats)
+    rows += roi_op_rows(label, c4, rois, 14, pool_impls, device, repeats)
 
     # NMS on RPN-like proposals (clustered, so suppression does real work).
     for num_boxes in (1000, 4000):

@@ -12,8 +12,8 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, tor
 
 
 def feature_map(scale, batch=2, channels=3, dtype=torch.float32, device="cpu"):
-    # A map covering the image at this stride; a ceil'ed extra cell as real backbones produce.
-    h, w = -(-int(IMAGE_H * scale) // 1), -(-int(IMAGE_W * scale) // 1)
+    # A map covering the image at this stride, plus one cell as backbones with padding produce.
+    h, w = int(IMAGE_H * scale), int(IMAGE_W * scale)
     return torch.randn(batch, channels, max(h, 1) + 1, max(w, 1) + 1, dtype=dtype, device=device)
 
 
