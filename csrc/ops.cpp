@@ -34,6 +34,22 @@ TORCH_LIBRARY(normkit, m) {
   m.def("_switch_norm_affine_backward(Tensor grad_output, Tensor input, Tensor coefficients) -> Tensor");
 
   // ---- ROI ops (csrc/cpu/roi_align.cpp, roi_pool.cpp, nms.cpp and their CUDA twins) ----
+  // rois: Tensor[K, 5] rows (batch_index, x1, y1, x2, y2) in image coordinates, same dtype as input.
+  // Outputs keep a channels_last input's layout. `deterministic` does not change the forward: it selects the
+  // backward kernel (CUDA: ordered gather instead of atomics); the Python front end sets it from
+  // torch.are_deterministic_algorithms_enabled() or the caller's explicit flag.
+  m.def("roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+        "int sampling_ratio, bool aligned, bool deterministic=False) -> Tensor");
+  m.def("_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+        "bool aligned, bool deterministic) -> Tensor");
+  // argmax: int64 spatial index (y * W + x) of each output's source cell, -1 for empty bins.
+  m.def("roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
+        "-> (Tensor output, Tensor argmax)");
+  m.def("_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor");
+  // Indices (int64) of the kept boxes in decreasing score order. offset=1: Detectron legacy (+1 areas, IoU >=).
+  m.def("nms(Tensor dets, Tensor scores, float iou_threshold, int offset=0) -> Tensor");
 
   // ---- Conditional classifier (csrc/cpu/cond_classifier.cpp, csrc/cuda/cond_classifier.cu) ----
   // guidance: (B, K, H, W) class logits; features: (B, C, H, W). Embedding (B, K, C):

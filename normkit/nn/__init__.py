@@ -6,6 +6,7 @@ from normkit.nn.switch_norm import (  # noqa: F401
 from normkit.nn.norm import FrozenBatchNorm2d, build_norm, recompute_batch_stats, NORM_NAMES  # noqa: F401
 
 # -- ROI ops --
+from normkit.nn.roi_ops import MultiScaleRoIAlign, RoIAlign, RoIPool, assign_boxes_to_levels  # noqa: F401
 
 # -- Conditional classifier --
 from normkit.nn.cond_classifier import ConditionalClassifier  # noqa: F401

@@ -4,6 +4,9 @@
 from normkit.ops.switch_norm import switch_norm, switch_norm_reference  # noqa: F401
 
 # -- ROI ops --
+from normkit.ops.nms import batched_nms, nms, nms_reference  # noqa: F401
+from normkit.ops.roi_align import roi_align, roi_align_reference  # noqa: F401
+from normkit.ops.roi_pool import roi_pool, roi_pool_reference  # noqa: F401
 
 # -- Conditional classifier --
 from normkit.ops.cond_classifier import (  # noqa: F401

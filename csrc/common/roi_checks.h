@@ -1,0 +1,67 @@
+// Host-side argument checks and layout choices shared by the CPU and CUDA ROI kernels. The Python front
+// end (normkit/ops) checks the same things with friendlier messages; these keep direct torch.ops calls safe.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace normkit {
+namespace roi {
+
+inline void check_rois(const at::Tensor& input, const at::Tensor& rois, const char* op) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be Tensor[N, C, H, W], got ", input.dim(), " dims");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be Tensor[K, 5], got ", rois.sizes());
+  TORCH_CHECK(input.device() == rois.device(), op, ": input and rois must be on the same device, got ",
+              input.device(), " and ", rois.device());
+  TORCH_CHECK(input.scalar_type() == rois.scalar_type(), op, ": input and rois must have the same dtype, got ",
+              input.scalar_type(), " and ", rois.scalar_type());
+}
+
+inline void check_roi_grad(const at::Tensor& grad, const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w,
+                           int64_t channels, const char* op) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be Tensor[K, 5], got ", rois.sizes());
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+                  grad.size(2) == pooled_h && grad.size(3) == pooled_w,
+              op, ": grad must be Tensor[", rois.size(0), ", ", channels, ", ", pooled_h, ", ", pooled_w, "], got ",
+              grad.sizes());
+  TORCH_CHECK(grad.device() == rois.device() && grad.scalar_type() == rois.scalar_type(), op,
+              ": grad and rois must share device and dtype, got ", grad.device(), "/", grad.scalar_type(), " and ",
+              rois.device(), "/", rois.scalar_type());
+}
+
+inline void check_nms_inputs(const at::Tensor& dets, const at::Tensor& scores, int64_t offset) {
+  TORCH_CHECK(dets.dim() == 2 && dets.size(1) == 4, "nms: boxes must be Tensor[N, 4], got ", dets.sizes());
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == dets.size(0), "nms: scores must be Tensor[", dets.size(0),
+              "], got ", scores.sizes());
+  TORCH_CHECK(dets.device() == scores.device(), "nms: boxes and scores must be on the same device, got ",
+              dets.device(), " and ", scores.device());
+  TORCH_CHECK(dets.scalar_type() == scores.scalar_type(), "nms: boxes and scores must have the same dtype, got ",
+              dets.scalar_type(), " and ", scores.scalar_type());
+  TORCH_CHECK(offset == 0 || offset == 1, "nms: offset must be 0 or 1, got ", offset);
+}
+
+inline void check_pooled_size(int64_t pooled_h, int64_t pooled_w, const char* op) {
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output size must be positive, got (", pooled_h, ", ", pooled_w,
+              ")");
+}
+
+// Batch indices must be integers in [0, batch); the CPU kernels check before reading (CUDA kernels instead
+// give a RoI with an invalid index an all-zero output, as they cannot check without a device sync).
+inline void check_batch_indices(const at::Tensor& rois, int64_t batch, const char* op) {
+  if (rois.size(0) == 0) return;
+  const at::Tensor idx = rois.select(1, 0);
+  const bool ok = ((idx >= 0) & (idx < batch) & (idx == idx.floor())).all().item<bool>();
+  TORCH_CHECK(ok, op, ": rois[:, 0] must hold integer batch indices in [0, ", batch, ")");
+}
+
+// Spatial kernels keep a channels_last input channels_last (and write channels_last outputs); every other
+// layout is made NCHW-contiguous. Mirrored by normkit.ops._roi_common.is_channels_last.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat kernel_memory_format(const at::Tensor& t) {
+  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace roi
+}  // namespace normkit

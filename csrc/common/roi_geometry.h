@@ -1,0 +1,190 @@
+// RoIAlign / RoIPool / NMS geometry shared by the CPU and CUDA kernels (DESIGN.md §4).
+//
+// Everything here is per-RoI or per-sample arithmetic with no knowledge of memory layout or launch
+// structure, so the CPU tests exercise exactly the arithmetic the GPU runs. `T` is the accumulation type
+// (float for half/bfloat16 inputs, otherwise the input type).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <math.h>
+
+namespace normkit {
+namespace roi {
+
+// Caps the adaptive RoIAlign sample grid (per bin and axis): far beyond any real feature map, it only
+// keeps absurd finite box sizes from overflowing the int conversion.
+constexpr int kMaxAdaptiveGrid = 1 << 16;
+// RoIPool rounds coordinates to int; values are clamped to this magnitude first for the same reason.
+constexpr float kMaxPoolCoordinate = float(1 << 24);
+
+template <typename T>
+C10_HOST_DEVICE inline T min_of(T a, T b) { return b < a ? b : a; }
+
+template <typename T>
+C10_HOST_DEVICE inline T max_of(T a, T b) { return a < b ? b : a; }
+
+// False for NaN and +-inf (inf - inf and NaN - NaN are NaN); does not depend on <cmath> overloads on device.
+template <typename T>
+C10_HOST_DEVICE inline bool is_finite(T v) { return v - v == T(0); }
+
+// ---- RoIAlign ----
+
+// One RoI in feature-map coordinates, as RoIAlign samples it.
+template <typename T>
+struct AlignRegion {
+  T start_h, start_w;  // top-left corner
+  T bin_h, bin_w;      // bin size
+  int grid_h, grid_w;  // samples per bin along each axis
+  T count;             // divisor of the bin average: max(grid_h * grid_w, 1)
+};
+
+// Samples per bin along one axis: `sampling_ratio` when positive, else ceil(roi_size / pooled).
+// A non-finite size takes no samples, so NaN/inf boxes pool to 0 instead of overflowing the int conversion;
+// a negative size (possible with aligned=true) takes none either, as the sample loop of the definition
+// would not run.
+template <typename T>
+C10_HOST_DEVICE inline int align_grid_size(T roi_size, int pooled, int sampling_ratio) {
+  if (sampling_ratio > 0) return sampling_ratio;
+  if (!is_finite(roi_size)) return 0;
+  const T grid = ceil(roi_size / T(pooled));
+  if (!(grid > T(0))) return 0;
+  return grid < T(kMaxAdaptiveGrid) ? int(grid) : kMaxAdaptiveGrid;
+}
+
+// `box` points at (x1, y1, x2, y2) in image coordinates.
+template <typename T>
+C10_HOST_DEVICE inline AlignRegion<T> align_region(const T* box, T spatial_scale, int pooled_h, int pooled_w,
+                                                   int sampling_ratio, bool aligned) {
+  // aligned=true shifts by half a pixel so that pixel centres, not corners, sit on integer coordinates.
+  const T shift = aligned ? T(0.5) : T(0);
+  AlignRegion<T> r;
+  r.start_w = box[0] * spatial_scale - shift;
+  r.start_h = box[1] * spatial_scale - shift;
+  T roi_w = box[2] * spatial_scale - shift - r.start_w;
+  T roi_h = box[3] * spatial_scale - shift - r.start_h;
+  if (!aligned) {  // legacy behaviour: tiny or inverted boxes are forced to 1x1
+    roi_w = roi_w < T(1) ? T(1) : roi_w;  // NaN stays NaN (the comparison is false)
+    roi_h = roi_h < T(1) ? T(1) : roi_h;
+  }
+  r.bin_h = roi_h / T(pooled_h);
+  r.bin_w = roi_w / T(pooled_w);
+  r.grid_h = align_grid_size(roi_h, pooled_h, sampling_ratio);
+  r.grid_w = align_grid_size(roi_w, pooled_w, sampling_ratio);
+  r.count = max_of(T(r.grid_h) * T(r.grid_w), T(1));
+  return r;
+}
+
+// Sample point `i` (of `grid` samples) of bin `p` along one axis. Not rounded: the grid stays continuous.
+template <typename T>
+C10_HOST_DEVICE inline T align_sample_coordinate(T start, T bin, int p, int i, int grid) {
+  return start + T(p) * bin + (T(i) + T(0.5)) * bin / T(grid);
+}
+
+// The four neighbours of a bilinear sample and their weights; `spatial index = y * width + x`.
+template <typename T>
+struct BilinearSample {
+  int y_low, y_high, x_low, x_high;
+  T w_ll, w_lh, w_hl, w_hh;  // weights of (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high)
+};
+
+// Returns false (the sample contributes 0) for a point outside [-1, height] x [-1, width], a NaN point, or an
+// empty map. Inside, coordinates below 0 clamp to 0 and the last row/column clamps to height-1/width-1.
+template <typename T>
+C10_HOST_DEVICE inline bool bilinear_sample(T y, T x, int height, int width, BilinearSample<T>& s) {
+  if (height <= 0 || width <= 0) return false;
+  if (!(y >= T(-1) && y <= T(height) && x >= T(-1) && x <= T(width))) return false;
+  y = max_of(y, T(0));
+  x = max_of(x, T(0));
+  s.y_low = int(y);
+  s.x_low = int(x);
+  if (s.y_low >= height - 1) {
+    s.y_low = s.y_high = height - 1;
+    y = T(s.y_low);
+  } else {
+    s.y_high = s.y_low + 1;
+  }
+  if (s.x_low >= width - 1) {
+    s.x_low = s.x_high = width - 1;
+    x = T(s.x_low);
+  } else {
+    s.x_high = s.x_low + 1;
+  }
+  const T ly = y - T(s.y_low), lx = x - T(s.x_low);
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  s.w_ll = hy * hx;
+  s.w_lh = hy * lx;
+  s.w_hl = ly * hx;
+  s.w_hh = ly * lx;
+  return true;
+}
+
+// ---- RoIPool ----
+
+// One RoI in feature-map cells as RoIPool sees it: rounded corners, size at least 1x1.
+template <typename T>
+struct PoolRegion {
+  int start_h, start_w;
+  T bin_h, bin_w;
+  bool valid;  // false for non-finite coordinates: every bin is then empty
+};
+
+// Rounds half away from zero (C `round`), after clamping so the int conversion cannot overflow.
+template <typename T>
+C10_HOST_DEVICE inline int round_coordinate(T v) {
+  const T limit = T(kMaxPoolCoordinate);
+  return int(round(min_of(max_of(v, -limit), limit)));
+}
+
+template <typename T>
+C10_HOST_DEVICE inline PoolRegion<T> pool_region(const T* box, T spatial_scale, int pooled_h, int pooled_w) {
+  PoolRegion<T> r;
+  r.valid = is_finite(box[0] * spatial_scale) && is_finite(box[1] * spatial_scale) &&
+            is_finite(box[2] * spatial_scale) && is_finite(box[3] * spatial_scale);
+  if (!r.valid) {
+    r.start_h = r.start_w = 0;
+    r.bin_h = r.bin_w = T(0);
+    return r;
+  }
+  r.start_w = round_coordinate(box[0] * spatial_scale);
+  r.start_h = round_coordinate(box[1] * spatial_scale);
+  const int end_w = round_coordinate(box[2] * spatial_scale);
+  const int end_h = round_coordinate(box[3] * spatial_scale);
+  // Inclusive end: a box whose corners round to the same cell still covers that cell.
+  r.bin_w = T(max_of(end_w - r.start_w + 1, 1)) / T(pooled_w);
+  r.bin_h = T(max_of(end_h - r.start_h + 1, 1)) / T(pooled_h);
+  return r;
+}
+
+// Cell range [begin, end) of bin `p` along one axis, clipped to [0, size).
+template <typename T>
+C10_HOST_DEVICE inline void pool_bin_range(int start, T bin, int p, int size, int& begin, int& end) {
+  begin = min_of(max_of(int(floor(T(p) * bin)) + start, 0), size);
+  end = min_of(max_of(int(ceil(T(p + 1) * bin)) + start, 0), size);
+}
+
+// ---- NMS ----
+
+// `offset` is 0 (torchvision: areas without +1) or 1 (Detectron legacy: inclusive pixel boxes).
+template <typename T>
+C10_HOST_DEVICE inline T box_area(const T* b, T offset) {
+  return (b[2] - b[0] + offset) * (b[3] - b[1] + offset);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T box_iou(const T* a, T area_a, const T* b, T area_b, T offset) {
+  const T w = max_of(min_of(a[2], b[2]) - max_of(a[0], b[0]) + offset, T(0));
+  const T h = max_of(min_of(a[3], b[3]) - max_of(a[1], b[1]) + offset, T(0));
+  const T inter = w * h;
+  return inter / (area_a + area_b - inter);
+}
+
+// torchvision suppresses IoU > threshold; the Detectron legacy NMS (offset 1) suppresses IoU >= threshold.
+// A NaN IoU (two empty boxes) never suppresses.
+template <typename T>
+C10_HOST_DEVICE inline bool nms_suppresses(T iou, T threshold, int offset) {
+  return offset == 1 ? iou >= threshold : iou > threshold;
+}
+
+}  // namespace roi
+}  // namespace normkit

@@ -1,0 +1,127 @@
+// RoIPool forward and backward on CPU (DESIGN.md §4). Geometry: csrc/common/roi_geometry.h.
+// The input is read as NCHW (a channels_last input is made contiguous first); outputs are NCHW.
+// Forward runs in parallel over RoIs, backward over channels (no two threads add into one cell).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/roi_checks.h"
+#include "common/roi_geometry.h"
+
+namespace normkit {
+namespace {
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* input, const scalar_t* rois, int64_t num_rois, int64_t channels, int64_t height,
+                    int64_t width, int64_t pooled_h, int64_t pooled_w, double spatial_scale, scalar_t* output,
+                    int64_t* argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bins = pooled_h * pooled_w, plane = height * width;
+  at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const scalar_t* roi = rois + k * 5;
+      const int64_t n = int64_t(roi[0]);
+      const acc_t box[4] = {acc_t(roi[1]), acc_t(roi[2]), acc_t(roi[3]), acc_t(roi[4])};
+      const auto r = roi::pool_region<acc_t>(box, acc_t(spatial_scale), int(pooled_h), int(pooled_w));
+      for (int ph = 0; ph < pooled_h; ++ph) {
+        int h0 = 0, h1 = 0;
+        roi::pool_bin_range(r.start_h, r.bin_h, ph, int(height), h0, h1);
+        for (int pw = 0; pw < pooled_w; ++pw) {
+          int w0 = 0, w1 = 0;
+          roi::pool_bin_range(r.start_w, r.bin_w, pw, int(width), w0, w1);
+          const bool empty = !r.valid || h1 <= h0 || w1 <= w0;
+          for (int64_t c = 0; c < channels; ++c) {
+            const int64_t out = (k * channels + c) * bins + ph * pooled_w + pw;
+            if (empty) {
+              output[out] = scalar_t(0);
+              argmax[out] = -1;
+              continue;
+            }
+            const scalar_t* src = input + (n * channels + c) * plane;
+            // First maximum wins; a NaN propagates (first NaN wins), as torch.max does.
+            int64_t best = int64_t(h0) * width + w0;
+            acc_t best_val = acc_t(src[best]);
+            for (int h = h0; h < h1; ++h) {
+              for (int w = w0; w < w1; ++w) {
+                const int64_t idx = int64_t(h) * width + w;
+                const acc_t v = acc_t(src[idx]);
+                if (v > best_val || (v != v && best_val == best_val)) {
+                  best_val = v;
+                  best = idx;
+                }
+              }
+            }
+            output[out] = scalar_t(best_val);
+            argmax[out] = best;
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
+                                                         double spatial_scale, int64_t pooled_h, int64_t pooled_w) {
+  roi::check_rois(input, rois, "roi_pool");
+  roi::check_pooled_size(pooled_h, pooled_w, "roi_pool");
+  const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options());
+  at::Tensor argmax = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(at::kLong));
+  if (output.numel() == 0) return {output, argmax};
+  roi::check_batch_indices(rois, input.size(0), "roi_pool");
+  const at::Tensor in = input.contiguous();
+  const at::Tensor boxes = rois.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cpu", [&] {
+    forward_kernel<scalar_t>(in.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, C, H, W, pooled_h, pooled_w,
+                             spatial_scale, output.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>());
+  });
+  return {output, argmax};
+}
+
+at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
+                                 double /*spatial_scale*/, int64_t pooled_h, int64_t pooled_w, int64_t batch_size,
+                                 int64_t channels, int64_t height, int64_t width) {
+  roi::check_roi_grad(grad, rois, pooled_h, pooled_w, channels, "_roi_pool_backward");
+  TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kLong,
+              "_roi_pool_backward: argmax must be an int64 tensor shaped like grad ", grad.sizes(), ", got ",
+              argmax.scalar_type(), argmax.sizes());
+  at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
+                                    grad.options().dtype(at::toOpMathType(grad.scalar_type())));
+  if (grad.numel() > 0 && grad_input.numel() > 0) {
+    roi::check_batch_indices(rois, batch_size, "_roi_pool_backward");
+    const at::Tensor g = grad.contiguous(), arg = argmax.contiguous(), boxes = rois.contiguous();
+    const int64_t K = rois.size(0), bins = pooled_h * pooled_w, plane = height * width;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+      const scalar_t* roi_ptr = boxes.data_ptr<scalar_t>();
+      const int64_t* arg_ptr = arg.data_ptr<int64_t>();
+      acc_t* out = grad_input.data_ptr<acc_t>();
+      at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t n = int64_t(roi_ptr[k * 5]);
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const int64_t row = (k * channels + c) * bins;
+            acc_t* dst = out + (n * channels + c) * plane;
+            for (int64_t b = 0; b < bins; ++b) {
+              const int64_t a = arg_ptr[row + b];
+              if (a >= 0 && a < plane) dst[a] += acc_t(g_ptr[row + b]);
+            }
+          }
+        }
+      });
+    });
+  }
+  return grad_input.to(grad.scalar_type());
+}
+
+}  // namespace
+}  // namespace normkit
+
+TORCH_LIBRARY_IMPL(normkit, CPU, m) {
+  m.impl("roi_pool", &normkit::roi_pool_forward_cpu);
+  m.impl("_roi_pool_backward", &normkit::roi_pool_backward_cpu);
+}

@@ -1,0 +1,101 @@
+"""Argument handling shared by the ROI ops: box formats, output sizes, layouts and batch-index checks."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+BoxesLike = Tensor | Sequence[Tensor]
+
+
+def describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor{list(x.shape)} ({x.dtype}, {x.device})"
+    return type(x).__name__
+
+
+def output_size_pair(output_size, op: str) -> tuple[int, int]:
+    """`int` or `(height, width)` -> (height, width), both positive ints."""
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise ValueError(f"{op}: output_size must be an int or a pair of ints (height, width), got {output_size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"{op}: output_size must be positive, got {output_size!r}")
+    return size
+
+
+def check_spatial_scale(spatial_scale, op: str) -> float:
+    scale = float(spatial_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: spatial_scale must be a positive finite number (feature size / image size, "
+                         f"e.g. 1/16), got {spatial_scale!r}")
+    return scale
+
+
+def check_feature_map(input, op: str) -> None:
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError(f"{op}: input must be Tensor[N, C, H, W], got {describe(input)}")
+    if not input.is_floating_point():
+        raise ValueError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
+
+
+def autocast_active(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type)
+
+
+def check_same_device_and_dtype(name: str, t: Tensor, ref: Tensor, ref_name: str, op: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+    # Under autocast the registered autocast kernel casts both to float32, so the dtypes may differ.
+    if t.dtype != ref.dtype and not autocast_active(ref.device):
+        raise ValueError(f"{op}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def boxes_to_rois(boxes: BoxesLike, input: Tensor, op: str) -> Tensor:
+    """Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list with one Tensor[L_i, 4] per image -> Tensor[K, 5]."""
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"{op}: boxes must be Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
+                             f"Tensor[L, 4] (one per image), got Tensor{list(boxes.shape)}")
+        check_same_device_and_dtype("boxes", boxes, input, "input", op)
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError(f"{op}: boxes must be Tensor[K, 5] or a list of Tensor[L, 4], got {describe(boxes)}")
+    if len(boxes) > input.shape[0]:
+        raise ValueError(f"{op}: got a list of {len(boxes)} box tensors for an input batch of {input.shape[0]} images")
+    for i, b in enumerate(boxes):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"{op}: boxes[{i}] must be Tensor[L, 4] (x1, y1, x2, y2), got {describe(b)}")
+        check_same_device_and_dtype(f"boxes[{i}]", b, input, "input", op)
+    if not boxes:
+        return input.new_zeros((0, 5))
+    dtype = boxes[0].dtype
+    index = torch.cat([torch.full((len(b), 1), i, dtype=dtype, device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat([index, torch.cat([b.to(dtype) for b in boxes])], dim=1)
+
+
+def check_batch_indices(rois: Tensor, batch: int, op: str) -> None:
+    """Batch indices must be integers in [0, batch). Costs one device sync on GPU; skipped while compiling."""
+    if rois.shape[0] == 0 or torch.compiler.is_compiling():
+        return
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < batch) & (index == index.floor()))  # NaN fails every comparison
+    if bool(bad.any()):
+        raise ValueError(f"{op}: boxes[:, 0] must hold integer batch indices in [0, {batch}) for an input batch of "
+                         f"{batch}, got {index[bad][0].item()}")
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """The kernels' layout rule (csrc/common/roi_checks.h is_channels_last), mirrored for the fake kernels."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def kernel_memory_format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: float32 for half/bfloat16, otherwise the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,88 @@
+"""MultiScaleRoIAlign: FPN level assignment from the formula, per-level pooling, scale inference, modules."""
+import math
+
+import pytest
+import torch
+
+from normkit.nn import MultiScaleRoIAlign, RoIAlign, RoIPool, assign_boxes_to_levels
+from normkit.ops import roi_align_reference, roi_pool_reference
+
+IMAGE_H, IMAGE_W = 800, 1216
+STRIDES = (4, 8, 16, 32)
+
+
+def fpn_features(batch=2, channels=3):
+    return {f"p{int(math.log2(s))}": torch.randn(batch, channels, IMAGE_H // s, IMAGE_W // s) for s in STRIDES}
+
+
+def square(cx, cy, side):
+    return [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]
+
+
+def test_level_assignment_hand_computed():
+    # sqrt(area) = 224 -> level 4; halving/doubling the side moves one level; clamped to [2, 5].
+    boxes = torch.tensor([square(400, 400, s) for s in (224, 112, 448, 56, 10, 2000, 223.9, 0)])
+    expected = torch.tensor([4, 3, 5, 2, 2, 5, 3, 2]) - 2
+    assert torch.equal(assign_boxes_to_levels(boxes, 2, 5), expected)
+    inverted_and_nan = torch.tensor([[10.0, 10, 0, 30], [float("nan"), 0, 5, 5]])
+    assert assign_boxes_to_levels(inverted_and_nan, 2, 5).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_matches_per_level_reference(aligned):
+    features = fpn_features()
+    sides = [20, 60, 100, 150, 230, 300, 500, 700, 900]
+    boxes = [torch.tensor([square(300 + 40 * i, 350, s) for i, s in enumerate(sides)]),
+             torch.tensor([square(600, 200 + 30 * i, s) for i, s in enumerate(sides[::-1])])]
+    pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 5, 2, aligned=aligned)
+    out = pooler({**features, "pool": torch.randn(2, 3, 13, 19)}, boxes, [(IMAGE_H, IMAGE_W), (780, 1200)])
+    assert out.shape == (18, 3, 5, 5)
+    for row, (image, box) in enumerate((i, b) for i in range(2) for b in boxes[i]):
+        side = math.sqrt(float((box[2] - box[0]) * (box[3] - box[1])))
+        level = min(max(math.floor(4 + math.log2(side / 224) + 1e-6), 2), 5)
+        roi = torch.cat([torch.tensor([float(image)]), box])[None]
+        expected = roi_align_reference(features[f"p{level}"], roi, 5, 2.0 ** -level, 2, aligned)
+        torch.testing.assert_close(out[row:row + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_list_features_and_backward():
+    features = fpn_features()
+    levels = [features[k].requires_grad_(True) for k in ("p2", "p3", "p4", "p5")]
+    boxes = [torch.tensor([square(400, 400, 100), square(500, 300, 600)]), torch.zeros(0, 4)]
+    pooler = MultiScaleRoIAlign(4, (7, 7), 2)
+    out = pooler(levels, boxes, [(IMAGE_H, IMAGE_W)] * 2)
+    assert out.shape == (2, 3, 7, 7)
+    out.sum().backward()
+    # Side 100 -> floor(4 + log2(100 / 224)) = 2, side 600 -> 5: only those levels receive gradient.
+    assert levels[0].grad.abs().sum() > 0 and levels[3].grad.abs().sum() > 0
+    assert levels[1].grad is None and levels[2].grad is None
+    empty = pooler(levels, [torch.zeros(0, 4), torch.zeros(0, 4)], [(IMAGE_H, IMAGE_W)] * 2)
+    assert empty.shape == (0, 3, 7, 7)
+
+
+def test_bad_input():
+    features = fpn_features()
+    boxes = [torch.tensor([square(400, 400, 100)])]
+    shapes = [(IMAGE_H, IMAGE_W)]
+    with pytest.raises(ValueError, match=r"lack levels \['p6'\]"):
+        MultiScaleRoIAlign(["p5", "p6"], 7, 2)(features, boxes, shapes)
+    with pytest.raises(ValueError, match="consecutive powers of two"):
+        MultiScaleRoIAlign(["p2", "p4"], 7, 2)(features, boxes, shapes)
+    with pytest.raises(ValueError, match="cannot infer one power-of-two scale"):
+        MultiScaleRoIAlign(1, 7, 2)([torch.randn(1, 3, 200, 38)], boxes, shapes)
+    with pytest.raises(ValueError, match="expected 4 feature levels, got 2"):
+        MultiScaleRoIAlign(4, 7, 2)([features["p2"], features["p3"]], boxes, shapes)
+    with pytest.raises(ValueError, match=r"Tensor\[L, 4\]"):
+        MultiScaleRoIAlign(["p2"], 7, 2)(features, [torch.zeros(3, 5)], shapes)
+
+
+def test_modules():
+    x = torch.randn(2, 3, 20, 24)
+    rois = torch.tensor([[0, 2.0, 3.0, 30.0, 40.0], [1, 10.0, 0.0, 50.0, 60.0]])
+    align = RoIAlign((3, 4), 0.5, 2, aligned=True)
+    assert repr(align) == "RoIAlign(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=2, aligned=True)"
+    torch.testing.assert_close(align(x, rois), roi_align_reference(x, rois, (3, 4), 0.5, 2, True))
+    pool = RoIPool(3, 0.5)
+    assert repr(pool) == "RoIPool(output_size=(3, 3), spatial_scale=0.5)"
+    torch.testing.assert_close(pool(x, rois), roi_pool_reference(x, rois, 3, 0.5))
+    assert "canonical_scale=224" in repr(MultiScaleRoIAlign(["p2"], 7, 2))

@@ -1,0 +1,142 @@
+"""NMS and batched NMS against the definition (normkit.ops.nms_reference) and hand-built threshold cases."""
+import pytest
+import torch
+
+from conftest import DEVICES
+from normkit.ops import batched_nms, nms, nms_reference
+
+
+def random_boxes(n, device="cpu", dtype=torch.float32, spread=100.0):
+    xy = torch.rand(n, 2, dtype=torch.float64) * spread
+    wh = torch.rand(n, 2, dtype=torch.float64) * spread * 0.3 + 1
+    return torch.cat([xy, xy + wh], 1).to(dtype=dtype, device=device)
+
+
+def pair_with_iou(iou: float, offset: int) -> torch.Tensor:
+    """Two boxes of equal height h whose IoU is `iou`: (0, 0, w - o, h - o) and (s, 0, s + w - o, h - o) with
+    o = offset, overlap (w - s) / (w + s) = iou -> s = w (1 - iou) / (1 + iou)."""
+    w, h = 48.0, 10.0  # iou = 0.5 gives s = 16: exactly representable
+    s = w * (1 - iou) / (1 + iou)
+    return torch.tensor([[0.0, 0.0, w - offset, h - offset], [s, 0.0, s + w - offset, h - offset]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_matches_reference(device, offset, threshold):
+    boxes = random_boxes(300, device)
+    scores = torch.rand(300, device=device)
+    keep = nms(boxes, scores, threshold, offset)
+    assert keep.dtype == torch.long
+    assert torch.equal(keep, nms_reference(boxes, scores, threshold, offset))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(device, offset, dtype):
+    boxes = random_boxes(200, device, dtype)
+    scores = torch.rand(200, device=device).to(dtype)
+    assert torch.equal(nms(boxes, scores, 0.5, offset), nms_reference(boxes, scores, 0.5, offset))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_just_above_and_below_threshold(device, offset):
+    threshold = 0.5
+    for iou, suppressed in ((threshold + 1e-3, True), (threshold - 1e-3, False)):
+        boxes = pair_with_iou(iou, offset).float().to(device)
+        keep = nms(boxes, torch.tensor([0.9, 0.8], device=device), threshold, offset).tolist()
+        assert keep == ([0] if suppressed else [0, 1]), (iou, offset)
+        assert keep == nms_reference(boxes, torch.tensor([0.9, 0.8], device=device), threshold, offset).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_threshold_suppressed_only_by_legacy(device):
+    # IoU exactly 0.5 in both conventions: torchvision keeps (IoU > t), Detectron legacy suppresses (IoU >= t).
+    for offset, expected in ((0, [0, 1]), (1, [0])):
+        boxes = pair_with_iou(0.5, offset).to(device)
+        assert nms(boxes, torch.tensor([0.9, 0.8], dtype=torch.float64, device=device), 0.5, offset).tolist() == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_changes_iou(device):
+    # (0, 0, 1, 1) vs (1, 0, 2, 1): touching (IoU 0) without the +1; with it each is 2x2 and they share a
+    # 1x2 column, IoU 2 / 6 = 1/3.
+    boxes = torch.tensor([[0.0, 0, 1, 1], [1.0, 0, 2, 1]], device=device)
+    scores = torch.tensor([0.9, 0.8], device=device)
+    assert nms(boxes, scores, 0.3, 0).tolist() == [0, 1]
+    assert nms(boxes, scores, 0.3, 1).tolist() == [0]
+    assert nms(boxes, scores, 0.34, 1).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_keep_input_order(device):
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10.5, 10], [50.0, 50, 60, 60], [0.2, 0, 10.2, 10]], device=device)
+    scores = torch.tensor([0.5, 0.7, 0.7, 0.7], device=device)
+    # Among the 0.7s input order decides: box 1 is kept and suppresses 3 and 0; box 2 is disjoint.
+    assert nms(boxes, scores, 0.5).tolist() == [1, 2]
+    assert nms_reference(boxes, scores, 0.5).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_degenerate(device):
+    empty = torch.zeros(0, 4, device=device)
+    assert nms(empty, torch.zeros(0, device=device), 0.5).shape == (0,)
+    assert batched_nms(empty, torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device),
+                       0.5).shape == (0,)
+    # Zero-area boxes have IoU 0/0 = NaN, which never suppresses.
+    points = torch.tensor([[1.0, 1, 1, 1], [1.0, 1, 1, 1]], device=device)
+    assert nms(points, torch.tensor([0.9, 0.8], device=device), 0.5).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_batched_nms_equals_per_class_nms(device, offset):
+    boxes = random_boxes(400, device, spread=60.0)
+    boxes[:50] -= 80  # negative coordinates must not let classes overlap
+    scores = torch.rand(400, device=device)
+    idxs = torch.randint(0, 5, (400,), device=device)
+    expected = torch.cat([torch.nonzero(idxs == c).flatten()[nms_reference(boxes[idxs == c], scores[idxs == c], 0.5,
+                                                                         offset)] for c in range(5)])
+    expected = expected[torch.sort(scores[expected], descending=True, stable=True).indices]
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5, offset), expected)
+
+
+def test_opcheck_and_compile():
+    boxes, scores = random_boxes(40), torch.rand(40)
+    torch.library.opcheck(torch.ops.normkit.nms.default, (boxes, scores, 0.5, 0),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    compiled = torch.compile(lambda b, s: nms(b, s, 0.5) * 2)
+    assert torch.equal(compiled(boxes, scores), nms_reference(boxes, scores, 0.5) * 2)
+
+
+def test_autocast_runs_in_float32():
+    boxes, scores = random_boxes(50), torch.rand(50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keep = nms(boxes, scores.bfloat16(), 0.5)
+    assert torch.equal(keep, nms_reference(boxes, scores.bfloat16().float(), 0.5))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: nms(torch.zeros(3, 5), torch.zeros(3), 0.5), r"boxes must be Tensor\[N, 4\].*Tensor\[3, 5\]"),
+    (lambda: nms(torch.zeros(3, 4), torch.zeros(2), 0.5), r"scores must be Tensor\[3\]"),
+    (lambda: nms(torch.zeros(3, 4), torch.zeros(3, dtype=torch.float64), 0.5), r"same dtype as boxes"),
+    (lambda: nms(torch.zeros(3, 4), torch.zeros(3, device="meta"), 0.5), r"same device as boxes"),
+    (lambda: nms(torch.zeros(3, 4), torch.zeros(3), 0.5, offset=2), r"offset must be 0 .* or 1"),
+    (lambda: nms(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), 0.5), r"floating-point"),
+    (lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5), r"integer Tensor\[3\]"),
+])
+def test_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 3000])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_equals_cpu(n, offset):
+    boxes, scores = random_boxes(n, spread=30.0), torch.rand(n)
+    expected = nms(boxes, scores, 0.5, offset)
+    assert torch.equal(nms(boxes.cuda(), scores.cuda(), 0.5, offset).cpu(), expected)

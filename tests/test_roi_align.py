@@ -1,0 +1,261 @@
+"""RoIAlign against the definition (normkit.ops.roi_align_reference), hand-computed values and torch.library checks."""
+import pytest
+import torch
+
+from conftest import DEVICES
+from normkit.ops import roi_align, roi_align_reference
+from roi_helpers import edge_case_rois, random_rois, rois_to_list
+
+IMAGE_H, IMAGE_W = 96, 128
+SCALES = [1.0, 1 / 4, 1 / 8, 1 / 16, 1 / 32]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def feature_map(scale, batch=2, channels=3, dtype=torch.float32, device="cpu"):
+    # A map covering the image at this stride, plus one cell as backbones with padding produce.
+    h, w = int(IMAGE_H * scale), int(IMAGE_W * scale)
+    return torch.randn(batch, channels, max(h, 1) + 1, max(w, 1) + 1, dtype=dtype, device=device)
+
+
+def sample_rois(batch=2, dtype=torch.float32, device="cpu"):
+    return torch.cat([random_rois(8, batch, IMAGE_H, IMAGE_W), edge_case_rois(batch, IMAGE_H, IMAGE_W)]).to(
+        dtype=dtype, device=device)
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, equal_nan=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
+@pytest.mark.parametrize("scale", SCALES)
+def test_matches_reference(device, aligned, sampling_ratio, scale):
+    x = feature_map(scale, device=device)
+    rois = sample_rois(device=device)
+    out = roi_align(x, rois, (3, 4), scale, sampling_ratio, aligned)
+    expected = roi_align_reference(x, rois, (3, 4), scale, sampling_ratio, aligned)
+    assert out.shape == (rois.shape[0], 3, 3, 4)
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.float32)
+
+
+def test_linear_map_gives_bin_centre_values():
+    # Bilinear interpolation reproduces a linear function exactly, and the samples of a bin are symmetric
+    # about its centre, so each output is f(bin centre). Hand-computed: aligned box (1.5, 2.5)-(5.5, 6.5) starts
+    # at (x, y) = (1, 2) and spans 4x4 cells; 2x2 bins have centres y in {3, 5}, x in {2, 4}.
+    ys, xs = torch.meshgrid(torch.arange(10.0), torch.arange(12.0), indexing="ij")
+    x = (2 * ys + 3 * xs)[None, None]
+    out = roi_align(x, torch.tensor([[0, 1.5, 2.5, 5.5, 6.5]]), 2, 1.0, 2, aligned=True)
+    expected = torch.tensor([[2 * 3 + 3 * 2, 2 * 3 + 3 * 4], [2 * 5 + 3 * 2, 2 * 5 + 3 * 4]])
+    torch.testing.assert_close(out[0, 0], expected.float())
+    # Not aligned: the same box starts half a cell later, at (1.5, 2.5).
+    out = roi_align(x, torch.tensor([[0, 1.5, 2.5, 5.5, 6.5]]), 2, 1.0, 2, aligned=False)
+    torch.testing.assert_close(out[0, 0], expected.float() + 2 * 0.5 + 3 * 0.5)
+
+
+def test_sample_outside_map_counts_as_zero_and_border_clamps():
+    x = torch.full((1, 1, 4, 4), 8.0)
+    # One sample per bin: at y = 3.5 (between the last row and the border) it clamps to row 3 -> 8;
+    # at y = 4.5 (> H) it is outside -> 0. A 1x2 output over x in [0, 4) samples x = 1 and 3.
+    rois = torch.tensor([[0, 0.0, 3.0, 4.0, 4.0], [0, 0.0, 4.0, 4.0, 5.0]])
+    out = roi_align(x, rois, (1, 2), 1.0, 1, aligned=False)
+    torch.testing.assert_close(out.flatten(), torch.tensor([8.0, 8.0, 0.0, 0.0]))
+
+
+def test_nan_and_inf_boxes_give_zero():
+    x = torch.randn(1, 2, 8, 8)
+    nan, inf = float("nan"), float("inf")
+    rois = torch.tensor([[0, nan, 1, 4, 4], [0, 1, nan, 4, 4], [0, 1, 1, inf, 4], [0, -inf, 1, 4, inf],
+                         [0, nan, nan, nan, nan]])
+    for sampling_ratio in (-1, 2):
+        for aligned in (False, True):
+            out = roi_align(x, rois, 3, 1.0, sampling_ratio, aligned)
+            assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    x = torch.randn(2, 3, 8, 8, device=device)
+    no_rois = torch.zeros(0, 5, device=device)
+    assert roi_align(x, no_rois, (2, 3)).shape == (0, 3, 2, 3)
+    assert roi_align(x, [torch.zeros(0, 4, device=device)] * 2, 2).shape == (0, 3, 2, 2)
+    rois = torch.tensor([[1, 0.0, 0.0, 4.0, 4.0]], device=device)
+    for empty_map in (torch.randn(2, 3, 0, 8, device=device), torch.randn(2, 3, 8, 0, device=device)):
+        out = roi_align(empty_map, rois, 2)
+        assert out.shape == (1, 3, 2, 2) and torch.equal(out, torch.zeros_like(out))
+    assert roi_align(torch.randn(2, 0, 8, 8, device=device), rois, 2).shape == (1, 0, 2, 2)
+    # Backward through empties gives correctly shaped zero gradients.
+    x.requires_grad_(True)
+    roi_align(x, no_rois, 2).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_channels_last_and_non_contiguous(device, aligned):
+    x = feature_map(1 / 8, channels=5, device=device)
+    rois = sample_rois(device=device)
+    expected = roi_align_reference(x, rois, 3, 1 / 8, -1, aligned)
+    out = roi_align(x.to(memory_format=torch.channels_last), rois, 3, 1 / 8, -1, aligned)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected, torch.float32)
+    wide = torch.randn(2, 10, x.shape[2], x.shape[3] * 2, device=device)
+    strided = wide[:, ::2, :, ::2]  # non-contiguous in C and W
+    assert_close(roi_align(strided, rois, 3, 1 / 8, -1, aligned),
+                 roi_align_reference(strided.contiguous(), rois, 3, 1 / 8, -1, aligned), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(device, dtype):
+    x = feature_map(1 / 4, device=device)
+    rois = sample_rois(device=device)
+    out = roi_align(x.to(dtype), rois.to(dtype), 3, 1 / 4, 2, True)
+    assert out.dtype == dtype
+    # Low-precision outputs are compared with the float32 result of the same low-precision values.
+    expected = roi_align_reference(x.to(dtype).double(), rois.to(dtype).double(), 3, 1 / 4, 2, True)
+    assert_close(out.double(), expected, dtype)
+
+
+def test_list_of_boxes_equals_tensor_form():
+    x = torch.randn(3, 2, 12, 16)
+    rois = random_rois(9, 3, 48, 64)
+    per_image, order = rois_to_list(rois, 3)
+    torch.testing.assert_close(roi_align(x, per_image, 2, 0.25, 2), roi_align(x, rois[order], 2, 0.25, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_matches_reference(device, channels_last):
+    x = feature_map(1 / 4, channels=4, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rois = sample_rois(device=device)
+    grad = torch.randn(rois.shape[0], 4, 3, 3, device=device)
+    if channels_last:  # as autograd usually delivers it: laid out like the (channels_last) output
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    for aligned, sampling_ratio in ((False, -1), (True, 2)):
+        a = x.detach().clone().requires_grad_(True)
+        roi_align(a, rois, 3, 1 / 4, sampling_ratio, aligned).backward(grad)
+        b = x.detach().clone().requires_grad_(True)
+        roi_align_reference(b, rois, 3, 1 / 4, sampling_ratio, aligned).backward(grad)
+        assert_close(a.grad, b.grad, torch.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_gradcheck(seed, aligned):
+    torch.manual_seed(seed)
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    rois = torch.cat([random_rois(4, 2, 12, 14, dtype=torch.float64),
+                      torch.tensor([[1, -3.0, -2.0, 5.0, 20.0]], dtype=torch.float64)])
+    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 0.5, 0, aligned), (x,))
+    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 0.5, 2, aligned), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_equals_default(device):
+    x = feature_map(1 / 8, channels=6, device=device).requires_grad_(True)
+    rois = torch.cat([sample_rois(device=device)] * 4)  # repeated boxes add into the same cells
+    grad = torch.randn(rois.shape[0], 6, 7, 7, device=device)
+    grads = []
+    for deterministic in (False, True, True):
+        x.grad = None
+        roi_align(x, rois, 7, 1 / 8, -1, True, deterministic=deterministic).backward(grad)
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(grads[1], grads[2])  # bitwise reproducible
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x.grad = None
+        roi_align(x, rois, 7, 1 / 8, -1, True).backward(grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(x.grad, grads[1])
+
+
+def test_autocast_runs_in_float32():
+    x = torch.randn(2, 3, 12, 16)
+    rois = random_rois(5, 2, 48, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(x.bfloat16(), rois, 2, 0.25, 2)
+    assert out.dtype == torch.float32
+    assert_close(out, roi_align_reference(x.bfloat16().float(), rois, 2, 0.25, 2), torch.float32)
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(5, 2, 20, 24, dtype=torch.float64)
+    for args in ((x, rois, 0.5, 2, 3, 2, True, False), (x.to(memory_format=torch.channels_last), rois, 0.25, 3, 3, -1,
+                                                         False, True)):
+        torch.library.opcheck(torch.ops.normkit.roi_align.default, args)
+
+
+def test_torch_compile_smoke():
+    x = torch.randn(2, 3, 10, 12, requires_grad=True)
+    rois = random_rois(6, 2, 20, 24)
+    compiled = torch.compile(lambda t, r: roi_align(t, r, 2, 0.5, 2, True).sum(), fullgraph=True)
+    compiled(x, rois).backward()
+    expected = x.detach().clone().requires_grad_(True)
+    roi_align_reference(expected, rois, 2, 0.5, 2, True).sum().backward()
+    assert_close(x.grad, expected.grad, torch.float32)
+
+
+@pytest.mark.parametrize("boxes, message", [
+    (torch.zeros(3, 4), r"Tensor\[K, 5\].*got Tensor\[3, 4\]"),
+    (torch.zeros(3, 5, 1), r"Tensor\[K, 5\]"),
+    ([torch.zeros(2, 5)], r"boxes\[0\] must be Tensor\[L, 4\]"),
+    (torch.tensor([[2.0, 0, 0, 1, 1]]), r"batch indices in \[0, 2\).*got 2"),
+    (torch.tensor([[-1.0, 0, 0, 1, 1]]), r"batch indices in \[0, 2\)"),
+    (torch.tensor([[0.5, 0, 0, 1, 1]]), r"integer batch indices"),
+    (torch.zeros(1, 5, dtype=torch.float64), r"same dtype as input \(torch.float32\), got torch.float64"),
+    (torch.zeros(1, 5, device="meta"), r"same device as input"),
+    ([torch.zeros(1, 4)] * 3, r"3 box tensors for an input batch of 2"),
+    ("boxes", r"Tensor\[K, 5\] or a list"),
+])
+def test_bad_boxes(boxes, message):
+    with pytest.raises(ValueError, match=message):
+        roi_align(torch.randn(2, 3, 8, 8), boxes, 2)
+
+
+def test_bad_arguments():
+    x, rois = torch.randn(2, 3, 8, 8), torch.zeros(1, 5)
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        roi_align(x, rois, (0, 2))
+    with pytest.raises(ValueError, match="output_size must be an int or a pair"):
+        roi_align(x, rois, (2, 2, 2))
+    with pytest.raises(ValueError, match="spatial_scale must be a positive finite"):
+        roi_align(x, rois, 2, spatial_scale=0.0)
+    with pytest.raises(ValueError, match=r"input must be Tensor\[N, C, H, W\]"):
+        roi_align(torch.randn(3, 8, 8), rois, 2)
+    with pytest.raises(ValueError, match="floating-point"):
+        roi_align(torch.zeros(2, 3, 8, 8, dtype=torch.long), rois.long(), 2)
+    # The raw op checks too (no Python front end in between).
+    with pytest.raises(RuntimeError, match=r"rois must be Tensor\[K, 5\]"):
+        torch.ops.normkit.roi_align(x, torch.zeros(1, 4), 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match=r"batch indices in \[0, 2\)"):
+        torch.ops.normkit.roi_align(x, torch.tensor([[7.0, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_equals_cpu(dtype, channels_last):
+    x = feature_map(1 / 8, channels=16, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rois = sample_rois(dtype=dtype)
+    grad = torch.randn(rois.shape[0], 16, 7, 7, dtype=dtype)
+    outs, grads = [], []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).detach().requires_grad_(True)
+        out = roi_align(xd, rois.to(device), 7, 1 / 8, -1, True)
+        out.backward(grad.to(device))
+        outs.append(out.cpu().double())
+        grads.append(xd.grad.cpu().double())
+    assert_close(outs[1], outs[0], dtype)
+    assert_close(grads[1], grads[0], dtype)
