@@ -28,6 +28,10 @@ cuda-check: $(DEPS)
 	@if command -v nvcc >/dev/null 2>&1; then $(PY) tools/check_cuda_compile.py; \
 	else echo "nvcc not found: skipping the CUDA compile check"; fi
 
+# Idle OpenMP workers sleep instead of spinning: on small shared machines spinning workers of one op starve
+# the next (tools/train.py sets the same default). The environment's own value wins.
+test test-all: export OMP_WAIT_POLICY ?= PASSIVE
+
 test: build cuda-check
 	$(PY) -m pytest -q
 

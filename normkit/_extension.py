@@ -1,15 +1,32 @@
 """Loads the compiled operator library `normkit._C` and reports clearly when it is missing."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch  # noqa: F401  (loads libtorch/libc10, which normkit._C links against)
 
-BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the normkit checkout"
+BUILD_COMMAND = "`pip install --no-build-isolation -e .` (or `make build`) in the normkit checkout"
 
 try:
     from normkit import _C  # noqa: F401  (registers the torch.ops.normkit operators)
     LOAD_ERROR: Exception | None = None
 except ImportError as exc:  # the package stays importable; ops raise on use
     LOAD_ERROR = exc
+
+
+def register_ops(register: Callable[[], None]) -> None:
+    """Runs an ops module's dispatcher registrations (autograd, fake kernels) if the library loaded.
+
+    A library built from older sources lacks the newer schemas; that gets an error saying to rebuild.
+    """
+    if LOAD_ERROR is not None:
+        return
+    try:
+        register()
+    except RuntimeError as exc:
+        if "does not exist" in str(exc):
+            raise RuntimeError(f"normkit._C is out of date ({exc}); rebuild it with {BUILD_COMMAND}") from exc
+        raise
 
 
 def has_extension() -> bool:
@@ -19,4 +36,4 @@ def has_extension() -> bool:
 def require_extension(op_name: str) -> None:
     if LOAD_ERROR is not None:
         raise RuntimeError(f"normkit.ops.{op_name} needs the compiled library normkit._C, which failed to load "
-                           f"({LOAD_ERROR}); {BUILD_HINT}")
+                           f"({LOAD_ERROR}); build it with {BUILD_COMMAND}")

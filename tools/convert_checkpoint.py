@@ -11,8 +11,11 @@ before it is written, so missing/unexpected keys and shape mismatches are report
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from normkit.convert import CONVERTERS, convert, save_state_dict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from normkit.convert import CONVERTERS, convert, save_state_dict  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normkit._extension import has_extension, require_extension
+from normkit._extension import register_ops, require_extension
 
 __all__ = ["class_embedding", "dynamic_classify", "class_embedding_reference", "dynamic_classify_reference"]
 
@@ -194,5 +194,4 @@ def _register() -> None:
                                     setup_context=dynamic_classify_setup)
 
 
-if has_extension():
-    _register()
+register_ops(_register)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit._extension import has_extension, require_extension
+from normkit._extension import register_ops, require_extension
 from normkit.ops._roi_common import check_same_device_and_dtype, describe, opmath_dtype
 
 __all__ = ["nms", "batched_nms", "nms_reference"]
@@ -78,10 +78,13 @@ def _fake_nms(dets, scores, iou_threshold, offset=0):
     return dets.new_empty((kept,), dtype=torch.long)
 
 
-if has_extension():
+def _register() -> None:
     torch.library.register_fake("normkit::nms")(_fake_nms)
     for _device_type in ("cpu", "cuda"):
         torch.library.register_autocast("normkit::nms", _device_type, torch.float32)
+
+
+register_ops(_register)
 
 
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: int = 0) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit._extension import has_extension, require_extension
+from normkit._extension import register_ops, require_extension
 from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_feature_map,
                                      check_spatial_scale, kernel_memory_format, opmath_dtype, output_size_pair)
 
@@ -91,13 +91,16 @@ def _fake_roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_wi
                        memory_format=kernel_memory_format(grad))
 
 
-if has_extension():
+def _register() -> None:
     torch.library.register_fake("normkit::roi_align")(_fake_roi_align)
     torch.library.register_fake("normkit::_roi_align_backward")(_fake_roi_align_backward)
     torch.library.register_autograd("normkit::roi_align", _backward, setup_context=_setup_context)
     # fp16/bf16 features meet fp32 boxes under autocast: run in fp32 (the result stays fp32).
     for _device_type in ("cpu", "cuda"):
         torch.library.register_autocast("normkit::roi_align", _device_type, torch.float32)
+
+
+register_ops(_register)
 
 
 # ---- pure-PyTorch reference ----

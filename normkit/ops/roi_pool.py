@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit._extension import has_extension, require_extension
+from normkit._extension import register_ops, require_extension
 from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_feature_map,
                                      check_spatial_scale, opmath_dtype, output_size_pair)
 
@@ -76,12 +76,15 @@ def _fake_roi_pool_backward(grad, rois, argmax, spatial_scale, pooled_height, po
     return grad.new_empty((batch_size, channels, height, width))
 
 
-if has_extension():
+def _register() -> None:
     torch.library.register_fake("normkit::roi_pool")(_fake_roi_pool)
     torch.library.register_fake("normkit::_roi_pool_backward")(_fake_roi_pool_backward)
     torch.library.register_autograd("normkit::roi_pool", _backward, setup_context=_setup_context)
     for _device_type in ("cpu", "cuda"):
         torch.library.register_autocast("normkit::roi_pool", _device_type, torch.float32)
+
+
+register_ops(_register)
 
 
 # ---- pure-PyTorch reference ----

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from normkit._extension import has_extension, require_extension
+from normkit._extension import register_ops, require_extension
 
 __all__ = ["switch_norm", "switch_norm_reference", "num_mixture_weights"]
 
@@ -230,8 +230,7 @@ def _register() -> None:
 
 
 _LIBRARIES: list = []
-if has_extension():
-    _register()
+register_ops(_register)
 
 
 # ---------------------------------------------------------------------------------------------------------------
