@@ -41,6 +41,30 @@ def check_feature_map(input, op: str) -> None:
         raise ValueError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
 
 
+_AUTOCAST_LIBRARIES: list = []  # a Library deregisters its kernels when garbage-collected
+
+
+def register_float32_autocast(qualname: str) -> None:
+    """Under autocast (CPU and CUDA) run the op in float32 and cast its floating outputs back to the dtype of the
+    feature map (the first argument), as torchvision's ROI ops do, so they stay drop-in under mixed precision."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    lib = torch.library.Library(namespace, "IMPL")
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+        def kernel(_keyset, *args, excluded=excluded):
+            dtype = args[0].dtype
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                out = op(*(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args))
+            cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+            return tuple(cast(t) for t in out) if isinstance(out, tuple) else cast(out)
+
+        lib.impl(name, kernel, key_name, with_keyset=True)
+    _AUTOCAST_LIBRARIES.append(lib)
+
+
 def autocast_active(device: torch.device) -> bool:
     return torch.is_autocast_enabled(device.type)
 

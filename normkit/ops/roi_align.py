@@ -11,7 +11,8 @@ from torch import Tensor
 
 from normkit._extension import register_ops, require_extension
 from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_feature_map,
-                                     check_spatial_scale, kernel_memory_format, opmath_dtype, output_size_pair)
+                                     check_spatial_scale, kernel_memory_format, opmath_dtype, output_size_pair,
+                                     register_float32_autocast)
 
 __all__ = ["roi_align", "roi_align_reference"]
 
@@ -95,9 +96,8 @@ def _register() -> None:
     torch.library.register_fake("normkit::roi_align")(_fake_roi_align)
     torch.library.register_fake("normkit::_roi_align_backward")(_fake_roi_align_backward)
     torch.library.register_autograd("normkit::roi_align", _backward, setup_context=_setup_context)
-    # fp16/bf16 features meet fp32 boxes under autocast: run in fp32 (the result stays fp32).
-    for _device_type in ("cpu", "cuda"):
-        torch.library.register_autocast("normkit::roi_align", _device_type, torch.float32)
+    # fp16/bf16 features meet fp32 boxes under autocast: compute in fp32, return the features' dtype.
+    register_float32_autocast("normkit::roi_align")
 
 
 register_ops(_register)

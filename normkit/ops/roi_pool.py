@@ -10,7 +10,7 @@ from torch import Tensor
 
 from normkit._extension import register_ops, require_extension
 from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_feature_map,
-                                     check_spatial_scale, opmath_dtype, output_size_pair)
+                                     check_spatial_scale, opmath_dtype, output_size_pair, register_float32_autocast)
 
 __all__ = ["roi_pool", "roi_pool_reference"]
 
@@ -80,8 +80,7 @@ def _register() -> None:
     torch.library.register_fake("normkit::roi_pool")(_fake_roi_pool)
     torch.library.register_fake("normkit::_roi_pool_backward")(_fake_roi_pool_backward)
     torch.library.register_autograd("normkit::roi_pool", _backward, setup_context=_setup_context)
-    for _device_type in ("cpu", "cuda"):
-        torch.library.register_autocast("normkit::roi_pool", _device_type, torch.float32)
+    register_float32_autocast("normkit::roi_pool")
 
 
 register_ops(_register)
