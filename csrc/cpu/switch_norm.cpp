@@ -49,8 +49,6 @@ inline void parallel_channel_blocks(const NCLayout& lay, const F& body) {
   });
 }
 
-at::ScalarType acc_type_of(const at::Tensor& x) { return at::toOpMathType(x.scalar_type()); }
-
 // ---------------------------------------------------------------------------------------------------------------
 // Streaming passes
 
@@ -103,10 +101,9 @@ void moments_kernel(const at::Tensor& x, const NCLayout& lay, at::Tensor& out) {
 }
 
 at::Tensor moments_cpu(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "switch_norm: input must be (N, C, *), got ", input.sizes());
+  at::Tensor out = plane_stats_like(input);
   const at::Tensor x = to_nc_layout(input);
   const NCLayout lay = nc_layout(x);
-  at::Tensor out = at::zeros({lay.N, lay.C, 2}, x.options().dtype(acc_type_of(x)));
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "switch_norm_moments_cpu",
                                   [&] { moments_kernel<scalar_t>(x, lay, out); });
@@ -167,12 +164,11 @@ void grad_moments_kernel(const at::Tensor& dy, const at::Tensor& x, const NCLayo
 }
 
 at::Tensor grad_moments_cpu(const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "switch_norm backward: grad_output ", grad_output.sizes(),
-              " does not match input ", input.sizes());
+  check_grad_output(grad_output, input);
+  at::Tensor out = plane_stats_like(input);
   const at::Tensor x = to_nc_layout(input);
   const at::Tensor dy = match_nc_layout(grad_output, x);
   const NCLayout lay = nc_layout(x);
-  at::Tensor out = at::zeros({lay.N, lay.C, 2}, x.options().dtype(acc_type_of(x)));
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "switch_norm_grad_moments_cpu",
                                   [&] { grad_moments_kernel<scalar_t>(dy, x, lay, out); });
@@ -224,18 +220,13 @@ void per_plane_affine_kernel(const at::Tensor& a, const at::Tensor& b, const at:
 }
 
 template <int kCoef>
-at::Tensor per_plane_affine_cpu(const at::Tensor& a_in, const at::Tensor* b_in, const at::Tensor& coefficients) {
-  const at::Tensor a = to_nc_layout(a_in);
-  const at::Tensor b = b_in ? match_nc_layout(*b_in, a) : at::Tensor();
-  const NCLayout lay = nc_layout(a);
-  TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == lay.N && coefficients.size(1) == lay.C &&
-                  coefficients.size(2) == kCoef,
-              "switch_norm: coefficients must be (", lay.N, ", ", lay.C, ", ", kCoef, "), got ", coefficients.sizes());
-  at::Tensor out = at::empty_like(a);
-  if (a.numel() == 0) return out;
-  const at::Tensor coef = coefficients.to(acc_type_of(a)).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "switch_norm_affine_cpu",
-                                  [&] { per_plane_affine_kernel<scalar_t, kCoef>(a, b, coef, lay, out); });
+at::Tensor per_plane_affine_cpu(const at::Tensor& a, const at::Tensor* b, const at::Tensor& coefficients) {
+  const PlaneAffineArgs args(a, b, coefficients, kCoef);
+  if (args.a.numel() == 0) return args.out;
+  at::Tensor out = args.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.a.scalar_type(), "switch_norm_affine_cpu", [&] {
+    per_plane_affine_kernel<scalar_t, kCoef>(args.a, args.b, args.coefficients, args.layout, out);
+  });
   return out;
 }
 
@@ -244,8 +235,7 @@ at::Tensor affine_cpu(const at::Tensor& input, const at::Tensor& coefficients) {
 }
 
 at::Tensor affine_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& coefficients) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "switch_norm backward: grad_output ", grad_output.sizes(),
-              " does not match input ", input.sizes());
+  check_grad_output(grad_output, input);
   // Written in the layout of `input` (the saved activation), so dx matches x's memory format.
   const at::Tensor x = to_nc_layout(input);
   return per_plane_affine_cpu<3>(match_nc_layout(grad_output, x), &x, coefficients);
@@ -275,23 +265,18 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
     const at::Tensor& moments, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& mean_weight, const at::Tensor& var_weight, const c10::optional<at::Tensor>& bn_stats,
     int64_t count, bool has_instance, double eps) {
-  check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
-  const at::Tensor mom_t = moments.contiguous();
+  ForwardCoefficientArgs args(moments, weight, bias, mean_weight, var_weight, bn_stats, has_instance);
+  const at::Tensor& mom_t = args.moments;
+  const Params& params = args.params;
   const int64_t N = mom_t.size(0), C = mom_t.size(1);
-  const Params params(mom_t, weight, bias, mean_weight, var_weight);
-  at::Tensor coef = at::empty({N, C, 2}, mom_t.options());
-  const at::Tensor bn_given = optional_as(bn_stats, mom_t);
-  at::Tensor bn_used = bn_given.defined() ? bn_given.clone() : at::zeros({3, C}, mom_t.options());
-  TORCH_CHECK(bn_used.dim() == 2 && bn_used.size(0) == 3 && bn_used.size(1) == C, "switch_norm: bn_stats must be (3, ",
-              C, "), got ", bn_used.sizes());
   AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_forward_coefficients_cpu", [&] {
     const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
     const GroupForm<scalar_t> form(has_instance, count);
     const Mixture<scalar_t> mix(params.mean_logits.const_data_ptr<scalar_t>(),
                                 params.var_logits.const_data_ptr<scalar_t>(), params.K, has_instance);
     const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
-    scalar_t* bn = bn_used.mutable_data_ptr<scalar_t>();
-    if (mix.has_bn() && !bn_given.defined()) {
+    scalar_t* bn = args.bn_used.mutable_data_ptr<scalar_t>();
+    if (mix.has_bn() && !args.bn_given) {
       for (int64_t c = 0; c < C; ++c) {
         scalar_t s = 0;
         for (int64_t n = 0; n < N; ++n) s += mom[2 * (n * C + c)];
@@ -305,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
     }
     const scalar_t* gamma = params.gamma.const_data_ptr<scalar_t>();
     const scalar_t* beta = params.beta.const_data_ptr<scalar_t>();
-    scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+    scalar_t* cp = args.coefficients.mutable_data_ptr<scalar_t>();
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t p = n * C + c;
@@ -315,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
       }
     }
   });
-  return {coef, bn_used};
+  return {args.coefficients, args.bn_used};
 }
 
 // Normalizer and gradient of every (n, c) plane, shared by the two backward steps.
@@ -342,13 +327,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& grad_moments, const at::Tensor& moments, const at::Tensor& bn_stats,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight, const at::Tensor& var_weight,
     int64_t count, bool has_instance, double eps) {
-  check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
-  const at::Tensor mom_t = moments.contiguous();
-  const int64_t N = mom_t.size(0), C = mom_t.size(1);
+  const BackwardArgs args(grad_moments, moments, bn_stats, c10::nullopt, weight, mean_weight, var_weight, has_instance);
+  const at::Tensor &mom_t = args.moments, &bn_t = args.bn_stats, &gm_t = args.grad_moments;
+  const Params& params = args.params;
+  const int64_t N = args.N(), C = args.C();
   const auto opts = mom_t.options();
-  const Params params(mom_t, weight, c10::nullopt, mean_weight, var_weight);
-  const at::Tensor bn_t = bn_stats.to(opts).contiguous();
-  const at::Tensor gm_t = grad_moments.to(opts).contiguous();
   at::Tensor grad_weight = at::zeros({C}, opts), grad_bias = at::zeros({C}, opts);
   at::Tensor grad_mean_weight = at::empty({params.K}, opts), grad_var_weight = at::empty({params.K}, opts);
   at::Tensor bn_grad = at::zeros({2, C}, opts);
@@ -388,15 +371,11 @@ at::Tensor backward_coefficients_cpu(const at::Tensor& grad_moments, const at::T
                                      const at::Tensor& bn_stats, const c10::optional<at::Tensor>& bn_grad,
                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight,
                                      const at::Tensor& var_weight, int64_t count, bool has_instance, double eps) {
-  check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
-  const at::Tensor mom_t = moments.contiguous();
-  const int64_t N = mom_t.size(0), C = mom_t.size(1);
-  const auto opts = mom_t.options();
-  const Params params(mom_t, weight, c10::nullopt, mean_weight, var_weight);
-  const at::Tensor bn_t = bn_stats.to(opts).contiguous();
-  const at::Tensor gm_t = grad_moments.to(opts).contiguous();
-  const at::Tensor bg_t = optional_as(bn_grad, mom_t);
-  at::Tensor coef = at::empty({N, C, 3}, opts);
+  const BackwardArgs args(grad_moments, moments, bn_stats, bn_grad, weight, mean_weight, var_weight, has_instance);
+  const at::Tensor &mom_t = args.moments, &bn_t = args.bn_stats, &gm_t = args.grad_moments, &bg_t = args.bn_grad;
+  const Params& params = args.params;
+  const int64_t N = args.N(), C = args.C();
+  at::Tensor coef = at::empty({N, C, 3}, mom_t.options());
   AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_backward_coefficients_cpu", [&] {
     const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
     const scalar_t* bn = bn_t.const_data_ptr<scalar_t>();

@@ -209,11 +209,10 @@ void launch_nc_reduce(const Loader& load, const at::Tensor& like, const NCLayout
 }
 
 at::Tensor moments_cuda(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "switch_norm: input must be (N, C, *), got ", input.sizes());
   const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = plane_stats_like(input);
   const at::Tensor x = to_nc_layout(input);
   const NCLayout lay = nc_layout(x);
-  at::Tensor out = at::zeros({lay.N, lay.C, 2}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "switch_norm_moments_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -223,13 +222,12 @@ at::Tensor moments_cuda(const at::Tensor& input) {
 }
 
 at::Tensor grad_moments_cuda(const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "switch_norm backward: grad_output ", grad_output.sizes(),
-              " does not match input ", input.sizes());
+  check_grad_output(grad_output, input);
   const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = plane_stats_like(input);
   const at::Tensor x = to_nc_layout(input);
   const at::Tensor dy = match_nc_layout(grad_output, x);
   const NCLayout lay = nc_layout(x);
-  at::Tensor out = at::zeros({lay.N, lay.C, 2}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "switch_norm_grad_moments_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -263,16 +261,12 @@ __global__ void per_plane_affine_kernel(const scalar_t* __restrict__ a, const sc
 template <int kCoef>
 at::Tensor per_plane_affine_cuda(const at::Tensor& a_in, const at::Tensor* b_in, const at::Tensor& coefficients) {
   const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = to_nc_layout(a_in);
-  const at::Tensor b = b_in ? match_nc_layout(*b_in, a) : at::Tensor();
-  const NCLayout lay = nc_layout(a);
-  TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == lay.N && coefficients.size(1) == lay.C &&
-                  coefficients.size(2) == kCoef,
-              "switch_norm: coefficients must be (", lay.N, ", ", lay.C, ", ", kCoef, "), got ", coefficients.sizes());
-  at::Tensor out = at::empty_like(a);
+  const PlaneAffineArgs args(a_in, b_in, coefficients, kCoef);
+  const at::Tensor &a = args.a, &b = args.b, &coef = args.coefficients;
+  const NCLayout& lay = args.layout;
+  at::Tensor out = args.out;
   const int64_t numel = a.numel();
   if (numel == 0) return out;
-  const at::Tensor coef = coefficients.to(at::toOpMathType(a.scalar_type())).contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>((numel + kElementThreads - 1) / kElementThreads,
                                            int64_t(multiprocessor_count(a)) * 32);
@@ -298,8 +292,7 @@ at::Tensor affine_cuda(const at::Tensor& input, const at::Tensor& coefficients) 
 }
 
 at::Tensor affine_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& coefficients) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "switch_norm backward: grad_output ", grad_output.sizes(),
-              " does not match input ", input.sizes());
+  check_grad_output(grad_output, input);
   const at::Tensor x = to_nc_layout(input);
   return per_plane_affine_cuda<3>(match_nc_layout(grad_output, x), &x, coefficients);
 }
@@ -476,48 +469,38 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cuda(
     const at::Tensor& moments, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& mean_weight, const at::Tensor& var_weight, const c10::optional<at::Tensor>& bn_stats,
     int64_t count, bool has_instance, double eps) {
-  check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
   const c10::cuda::CUDAGuard guard(moments.device());
-  const at::Tensor mom = moments.contiguous();
-  const int64_t N = mom.size(0), C = mom.size(1);
-  const Params params(mom, weight, bias, mean_weight, var_weight);
-  const at::Tensor bn_given = optional_as(bn_stats, mom);
-  at::Tensor bn_used = bn_given.defined() ? bn_given.clone() : at::zeros({3, C}, mom.options());
-  TORCH_CHECK(bn_used.dim() == 2 && bn_used.size(0) == 3 && bn_used.size(1) == C, "switch_norm: bn_stats must be (3, ",
-              C, "), got ", bn_used.sizes());
-  at::Tensor coef = at::empty({N, C, 2}, mom.options());
-  if (N * C == 0) return {coef, bn_used};
-  const at::Tensor scratch = at::empty({N, 4}, mom.options());
+  ForwardCoefficientArgs args(moments, weight, bias, mean_weight, var_weight, bn_stats, has_instance);
+  const at::Tensor& mom = args.moments;
+  if (mom.numel() == 0) return {args.coefficients, args.bn_used};
+  const at::Tensor scratch = at::empty({mom.size(0), 4}, mom.options());
   AT_DISPATCH_FLOATING_TYPES(mom.scalar_type(), "switch_norm_forward_coefficients_cuda", [&] {
     forward_coefficients_kernel<scalar_t><<<1, kCoefThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        coef_args<scalar_t>(mom, params, scratch, count, has_instance, eps), bn_given.defined(),
-        bn_used.mutable_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>());
+        coef_args<scalar_t>(mom, args.params, scratch, count, has_instance, eps), args.bn_given,
+        args.bn_used.mutable_data_ptr<scalar_t>(), args.coefficients.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {coef, bn_used};
+  return {args.coefficients, args.bn_used};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_reduce_cuda(
     const at::Tensor& grad_moments, const at::Tensor& moments, const at::Tensor& bn_stats,
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight, const at::Tensor& var_weight,
     int64_t count, bool has_instance, double eps) {
-  check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
   const c10::cuda::CUDAGuard guard(moments.device());
-  const at::Tensor mom = moments.contiguous();
-  const int64_t N = mom.size(0), C = mom.size(1);
-  const auto opts = mom.options();
-  const Params params(mom, weight, c10::nullopt, mean_weight, var_weight);
-  const at::Tensor bn = bn_stats.to(opts).contiguous();
-  const at::Tensor gm = grad_moments.to(opts).contiguous();
+  const BackwardArgs args(grad_moments, moments, bn_stats, c10::nullopt, weight, mean_weight, var_weight, has_instance);
+  const auto opts = args.moments.options();
+  const int64_t N = args.N(), C = args.C();
   at::Tensor grad_weight = at::zeros({C}, opts), grad_bias = at::zeros({C}, opts);
-  at::Tensor grad_mean_weight = at::zeros({params.K}, opts), grad_var_weight = at::zeros({params.K}, opts);
+  at::Tensor grad_mean_weight = at::zeros({args.params.K}, opts), grad_var_weight = at::zeros({args.params.K}, opts);
   at::Tensor bn_grad = at::zeros({2, C}, opts);
   if (N * C == 0) return {grad_weight, grad_bias, grad_mean_weight, grad_var_weight, bn_grad};
   const at::Tensor scratch = at::empty({N, 4}, opts);
-  AT_DISPATCH_FLOATING_TYPES(mom.scalar_type(), "switch_norm_backward_reduce_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(args.moments.scalar_type(), "switch_norm_backward_reduce_cuda", [&] {
     backward_reduce_kernel<scalar_t><<<1, kCoefThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        coef_args<scalar_t>(mom, params, scratch, count, has_instance, eps), bn.const_data_ptr<scalar_t>(),
-        gm.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
+        coef_args<scalar_t>(args.moments, args.params, scratch, count, has_instance, eps),
+        args.bn_stats.const_data_ptr<scalar_t>(), args.grad_moments.const_data_ptr<scalar_t>(),
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
         bn_grad.mutable_data_ptr<scalar_t>(), grad_mean_weight.mutable_data_ptr<scalar_t>(),
         grad_var_weight.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -529,23 +512,17 @@ at::Tensor backward_coefficients_cuda(const at::Tensor& grad_moments, const at::
                                       const at::Tensor& bn_stats, const c10::optional<at::Tensor>& bn_grad,
                                       const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight,
                                       const at::Tensor& var_weight, int64_t count, bool has_instance, double eps) {
-  check_coefficient_inputs(moments, mean_weight, var_weight, has_instance);
   const c10::cuda::CUDAGuard guard(moments.device());
-  const at::Tensor mom = moments.contiguous();
-  const int64_t N = mom.size(0), C = mom.size(1);
-  const auto opts = mom.options();
-  const Params params(mom, weight, c10::nullopt, mean_weight, var_weight);
-  const at::Tensor bn = bn_stats.to(opts).contiguous();
-  const at::Tensor gm = grad_moments.to(opts).contiguous();
-  const at::Tensor bg = optional_as(bn_grad, mom);
-  at::Tensor coef = at::empty({N, C, 3}, opts);
+  const BackwardArgs args(grad_moments, moments, bn_stats, bn_grad, weight, mean_weight, var_weight, has_instance);
+  const int64_t N = args.N(), C = args.C();
+  at::Tensor coef = at::empty({N, C, 3}, args.moments.options());
   if (N * C == 0) return coef;
-  const at::Tensor scratch = at::empty({N, 4}, opts);
-  AT_DISPATCH_FLOATING_TYPES(mom.scalar_type(), "switch_norm_backward_coefficients_cuda", [&] {
+  const at::Tensor scratch = at::empty({N, 4}, args.moments.options());
+  AT_DISPATCH_FLOATING_TYPES(args.moments.scalar_type(), "switch_norm_backward_coefficients_cuda", [&] {
     backward_coefficients_kernel<scalar_t><<<1, kCoefThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        coef_args<scalar_t>(mom, params, scratch, count, has_instance, eps), bn.const_data_ptr<scalar_t>(),
-        gm.const_data_ptr<scalar_t>(), bg.defined() ? bg.const_data_ptr<scalar_t>() : nullptr,
-        coef.mutable_data_ptr<scalar_t>());
+        coef_args<scalar_t>(args.moments, args.params, scratch, count, has_instance, eps),
+        args.bn_stats.const_data_ptr<scalar_t>(), args.grad_moments.const_data_ptr<scalar_t>(),
+        args.bn_grad.defined() ? args.bn_grad.const_data_ptr<scalar_t>() : nullptr, coef.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return coef;
