@@ -166,6 +166,26 @@ C10_HOST_DEVICE inline void pool_bin_range(int start, T bin, int p, int size, in
 // ---- NMS ----
 
 // `offset` is 0 (torchvision: areas without +1) or 1 (Detectron legacy: inclusive pixel boxes).
+// Max over the bin [h0, h1) x [w0, w1) of a (height x width) plane: returns the flat index of the first maximum
+// and stores its value; a NaN propagates (the first NaN wins), as torch.max does.
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline int64_t bin_argmax(const scalar_t* plane, int width, int h0, int h1, int w0, int w1,
+                                          acc_t& best_val) {
+  int64_t best = int64_t(h0) * width + w0;
+  best_val = acc_t(plane[best]);
+  for (int h = h0; h < h1; ++h) {
+    for (int w = w0; w < w1; ++w) {
+      const int64_t idx = int64_t(h) * width + w;
+      const acc_t v = acc_t(plane[idx]);
+      if (v > best_val || (v != v && best_val == best_val)) {
+        best_val = v;
+        best = idx;
+      }
+    }
+  }
+  return best;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T box_area(const T* b, T offset) {
   return (b[2] - b[0] + offset) * (b[3] - b[1] + offset);

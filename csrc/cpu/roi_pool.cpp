@@ -41,21 +41,9 @@ void forward_kernel(const scalar_t* input, const scalar_t* rois, int64_t num_roi
               continue;
             }
             const scalar_t* src = input + (n * channels + c) * plane;
-            // First maximum wins; a NaN propagates (first NaN wins), as torch.max does.
-            int64_t best = int64_t(h0) * width + w0;
-            acc_t best_val = acc_t(src[best]);
-            for (int h = h0; h < h1; ++h) {
-              for (int w = w0; w < w1; ++w) {
-                const int64_t idx = int64_t(h) * width + w;
-                const acc_t v = acc_t(src[idx]);
-                if (v > best_val || (v != v && best_val == best_val)) {
-                  best_val = v;
-                  best = idx;
-                }
-              }
-            }
+            acc_t best_val;
+            argmax[out] = roi::bin_argmax(src, int(width), h0, h1, w0, w1, best_val);
             output[out] = scalar_t(best_val);
-            argmax[out] = best;
           }
         }
       }

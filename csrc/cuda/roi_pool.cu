@@ -45,21 +45,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
       continue;
     }
     const scalar_t* src = input + (int64_t(batch_index) * channels + c) * height * width;
-    // First maximum wins; a NaN propagates (first NaN wins), as on CPU and in torch.max.
-    int64_t best = int64_t(h0) * width + w0;
-    acc_t best_val = acc_t(src[best]);
-    for (int h = h0; h < h1; ++h) {
-      for (int w = w0; w < w1; ++w) {
-        const int64_t i = int64_t(h) * width + w;
-        const acc_t v = acc_t(src[i]);
-        if (v > best_val || (v != v && best_val == best_val)) {
-          best_val = v;
-          best = i;
-        }
-      }
-    }
+    acc_t best_val;
+    argmax[index] = roi::bin_argmax(src, width, h0, h1, w0, w1, best_val);
     output[index] = scalar_t(best_val);
-    argmax[index] = best;
   }
 }
 
