@@ -28,6 +28,12 @@ inline void check_roi_grad(const at::Tensor& grad, const at::Tensor& rois, int64
               rois.device(), "/", rois.scalar_type());
 }
 
+inline void check_roi_pool_argmax(const at::Tensor& argmax, const at::Tensor& grad) {
+  TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kLong,
+              "_roi_pool_backward: argmax must be an int64 tensor shaped like grad ", grad.sizes(), ", got ",
+              argmax.scalar_type(), argmax.sizes());
+}
+
 inline void check_nms_inputs(const at::Tensor& dets, const at::Tensor& scores, int64_t offset) {
   TORCH_CHECK(dets.dim() == 2 && dets.size(1) == 4, "nms: boxes must be Tensor[N, 4], got ", dets.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == dets.size(0), "nms: scores must be Tensor[", dets.size(0),

@@ -94,9 +94,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
                                   double /*spatial_scale*/, int64_t pooled_h, int64_t pooled_w, int64_t batch_size,
                                   int64_t channels, int64_t height, int64_t width) {
   roi::check_roi_grad(grad, rois, pooled_h, pooled_w, channels, "_roi_pool_backward");
-  TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kLong,
-              "_roi_pool_backward: argmax must be an int64 tensor shaped like grad ", grad.sizes(), ", got ",
-              argmax.scalar_type(), argmax.sizes());
+  roi::check_roi_pool_argmax(argmax, grad);
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
                                     grad.options().dtype(at::toOpMathType(grad.scalar_type())));
