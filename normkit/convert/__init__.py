@@ -1,4 +1,4 @@
 """Checkpoint converters for the published CSAIL, SN ImageNet, mmseg/CondNet and DeepLab-v2 formats."""
-from normkit.convert.common import flatten_official_sn, read_source, rename_keys, save_state_dict  # noqa: F401
+from normkit.convert.common import flatten_official_sn, rename_keys, save_state_dict  # noqa: F401
 from normkit.convert.formats import (CONVERTERS, convert, convert_csail, convert_deeplab_v2,  # noqa: F401
                                      convert_mmseg, convert_sn_imagenet)

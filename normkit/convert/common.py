@@ -1,14 +1,17 @@
-"""Shared machinery of the checkpoint converters: safe reading, explicit logged renames, atomic writes."""
+"""Shared machinery of the checkpoint converters: explicit logged renames, SN reshaping, atomic writes.
+
+Sources are read with :func:`normkit.models.checkpoint.read_tensor_dict` (``torch.load(weights_only=True)``).
+"""
 from __future__ import annotations
 
 import logging
 import os
 import re
-from typing import Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Tuple
 
 import torch
 
-__all__ = ["StateDict", "IGNORED_SOURCE_BUFFERS", "read_source", "rename_keys", "flatten_official_sn",
+__all__ = ["StateDict", "IGNORED_SOURCE_BUFFERS", "rename_keys", "flatten_official_sn",
            "save_state_dict"]
 
 logger = logging.getLogger("normkit.convert")
@@ -17,28 +20,6 @@ StateDict = Dict[str, torch.Tensor]
 # CSAIL's SynchronizedBatchNorm2d bookkeeping: not part of the model's math, dropped by every converter.
 IGNORED_SOURCE_BUFFERS = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
 Rule = Tuple[str, str]  # (regex matched against the whole key, replacement template)
-
-
-def read_source(path: str | os.PathLike, containers: Sequence[str] = ("state_dict", "model")) -> StateDict:
-    """Read a published checkpoint with ``torch.load(weights_only=True)``, unwrap the first of
-    ``containers`` present, and check that every entry is a tensor."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"cannot read {os.fspath(path)!r} as plain tensors (torch.load weights_only=True): "
-                           f"{exc}") from exc
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{os.fspath(path)}: expected a dict of tensors, got {type(obj).__name__}")
-    for key in containers:
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{os.fspath(path)}: entries are not tensors: {bad[:10]} (wrong file or format?)")
-    return dict(obj)
 
 
 def rename_keys(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], *, source: str) -> StateDict:

@@ -9,9 +9,14 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, List, Sequence
 
-from normkit.convert.common import StateDict, flatten_official_sn, read_source, rename_keys
+from normkit.convert.common import StateDict, flatten_official_sn, rename_keys
+from normkit.models.checkpoint import read_tensor_dict
 
 __all__ = ["convert", "convert_csail", "convert_sn_imagenet", "convert_mmseg", "convert_deeplab_v2", "CONVERTERS"]
+
+# Published files keep the weights under "state_dict" (official SN, mmseg, with "meta"/"optimizer" beside it) or
+# "model" (Detectron); CSAIL and DeepLab files are the bare state dict.
+SOURCE_CONTAINERS = ("state_dict", "model")
 
 
 def _resnet_rules(src: str, dst: str) -> List[tuple]:
@@ -38,8 +43,8 @@ _CSAIL_DECODER_MODULES = ("cbr", "cbr_deepsup", "conv_last", "conv_last_deepsup"
 def convert_csail(encoder_path, decoder_path) -> StateDict:
     """CSAIL ``encoder_epoch_N.pth`` + ``decoder_epoch_N.pth`` (also the SN-segmentation fork's, whose
     encoder norms are ``snK``) -> an ``encoder_decoder`` state dict (``backbone.*``, ``decode_head.*``)."""
-    encoder = flatten_official_sn(read_source(encoder_path))
-    decoder = flatten_official_sn(read_source(decoder_path))
+    encoder = flatten_official_sn(read_tensor_dict(encoder_path, SOURCE_CONTAINERS))
+    decoder = flatten_official_sn(read_tensor_dict(decoder_path, SOURCE_CONTAINERS))
     if not any(k.startswith("layer1.") for k in encoder):
         raise ValueError(f"{encoder_path} has no layer1.* keys: pass the encoder checkpoint first, then the decoder")
     decoder_rules = [(rf"({'|'.join(_CSAIL_DECODER_MODULES)})\.(.+)", r"decode_head.\1.\2")]
@@ -52,7 +57,7 @@ def convert_sn_imagenet(path) -> StateDict:
     """Official SN ImageNet ResNetV1SN ``{'state_dict': {'module.conv1.weight', 'module.sn1.*', ...}}`` ->
     a normkit ResNet state dict (``conv1``, ``bn1``, ..., ``fc``) with SN tensors flattened to (C,).
     Load it with ``model: {name: resnet, backbone: {..., norm: sn}}`` or as ``backbone.pretrained``."""
-    state = read_source(path)
+    state = read_tensor_dict(path, SOURCE_CONTAINERS)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     rules = _resnet_rules("", "") + [(r"fc\.(weight|bias)", r"fc.\1")]
     return rename_keys(flatten_official_sn(state), rules, source="sn-imagenet")
@@ -74,7 +79,7 @@ def convert_mmseg(path) -> StateDict:
          r"decode_head.\1.\2"),
         (r"auxiliary_head\.(convs|conv_seg)\.(.+)", r"auxiliary_head.\1.\2"),
     ]
-    return rename_keys(read_source(path), rules, source="mmseg")
+    return rename_keys(read_tensor_dict(path, SOURCE_CONTAINERS), rules, source="mmseg")
 
 
 def convert_deeplab_v2(path) -> StateDict:
@@ -82,7 +87,7 @@ def convert_deeplab_v2(path) -> StateDict:
     a ``deeplab_v2`` state dict (``backbone.*``, ``decode_head.conv2d_list.*``)."""
     rules = [(r"Scale\.layer5\.conv2d_list\.([0-3])\.(weight|bias)", r"decode_head.conv2d_list.\1.\2")]
     rules += _resnet_rules("Scale.", "backbone.")
-    return rename_keys(read_source(path), rules, source="deeplab-v2")
+    return rename_keys(read_tensor_dict(path, SOURCE_CONTAINERS), rules, source="deeplab-v2")
 
 
 # name -> (converter, number of input files)

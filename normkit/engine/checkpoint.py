@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from normkit.models.checkpoint import load_checkpoint
+
 __all__ = ["atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state", "Checkpointer"]
 
 logger = logging.getLogger(__name__)
@@ -45,21 +47,6 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Reads a checkpoint with `weights_only=True`; clear errors for missing, truncated or unsafe files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated zips and forbidden globals
-        raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or holding objects that "
-                           f"weights_only loading refuses): {exc}") from exc
-    if not isinstance(state, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
-    return state
 
 
 def capture_rng_state() -> dict:

@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["IGNORABLE_BUFFERS", "read_state_dict", "load_state_dict_strict"]
+__all__ = ["IGNORABLE_BUFFERS", "load_checkpoint", "read_tensor_dict", "read_state_dict", "load_state_dict_strict"]
 
 # Buffers a checkpoint may lack or carry without it being a mismatch: BatchNorm's step counter (absent
 # in PyTorch 0.4-era and DeepLab checkpoints; meaningless to FrozenBatchNorm2d) and the CSAIL SyncBN
@@ -21,31 +21,52 @@ def _is_ignorable(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in IGNORABLE_BUFFERS
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> StateDict:
-    """Read a state dict from a file (``torch.load(weights_only=True)``) or take one given as a mapping.
+def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> dict:
+    """Reads a checkpoint with `torch.load(weights_only=True)`, so loading never runs code from the file.
 
-    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` containers and a DataParallel ``module.`` prefix.
+    Clear errors for a missing, truncated or unsafe file, and for one that does not hold a dict.
     """
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint file not found: {os.fspath(source)}")
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt files and pickles with non-tensor objects
-            raise RuntimeError(f"cannot read checkpoint {os.fspath(source)!r} as plain tensors "
-                               f"(torch.load weights_only=True): {exc}") from exc
-    if not isinstance(source, Mapping):
-        raise ValueError(f"a checkpoint must hold a dict of tensors, got {type(source).__name__}")
-    for container in ("model", "state_dict"):
-        if isinstance(source.get(container), Mapping):
-            source = source[container]
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated zips and forbidden globals
+        raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or holding objects that "
+                           f"weights_only loading refuses): {exc}") from exc
+    if not isinstance(state, dict):
+        raise RuntimeError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def read_tensor_dict(source: Union[str, os.PathLike, Mapping],
+                     containers: Sequence[str] = ("model", "state_dict")) -> StateDict:
+    """A dict of tensors from a checkpoint file (read by :func:`load_checkpoint`) or a mapping.
+
+    Unwraps the first of ``containers`` present (``{"model": ...}``, ``{"state_dict": ...}``); every entry must be
+    a tensor.
+    """
+    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    state = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{origin}: expected a dict of tensors, got {type(state).__name__}")
+    for container in containers:
+        if isinstance(state.get(container), Mapping):
+            state = state[container]
             break
-    non_tensors = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
-        raise ValueError(f"checkpoint entries are not tensors: {non_tensors[:10]}")
-    if source and all(k.startswith("module.") for k in source):
-        source = {k[len("module."):]: v for k, v in source.items()}
-    return dict(source)
+        raise ValueError(f"{origin}: entries are not tensors: {non_tensors[:10]} (wrong file or format?)")
+    return dict(state)
+
+
+def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> StateDict:
+    """A model state dict from a checkpoint file or mapping (see :func:`read_tensor_dict`), without a
+    DataParallel ``module.`` prefix."""
+    state = read_tensor_dict(source)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def load_state_dict_strict(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
