@@ -8,20 +8,16 @@ from pathlib import Path
 
 import yaml
 
+from normkit.models.build import load_config as read_config
+
 __all__ = ["load_config", "apply_overrides", "parse_value", "SECTIONS"]
 
 SECTIONS = ("model", "data", "train", "evaluation")
 
 
 def load_config(path: str | Path) -> dict:
-    """Parses the YAML file (safe loader) and checks its top level."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config {path} must be a mapping with keys {', '.join(SECTIONS)}; got {type(cfg).__name__}")
+    """Parses the YAML file (safe loader) and checks its top level: the sections, each present afterwards."""
+    cfg = read_config(path)
     unknown = set(cfg) - set(SECTIONS)
     if unknown:
         raise ValueError(f"config {path} has unknown top-level keys {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")

@@ -37,7 +37,7 @@ def load_config(config: Union[str, os.PathLike, Mapping]) -> dict:
     """A config dict from a YAML path or a mapping."""
     if isinstance(config, (str, os.PathLike)):
         if not os.path.isfile(config):
-            raise FileNotFoundError(f"config file not found: {os.fspath(config)}")
+            raise FileNotFoundError(f"config file {os.fspath(config)} does not exist")
         with open(config, encoding="utf-8") as f:
             config = yaml.safe_load(f)
     if not isinstance(config, Mapping):
