@@ -114,7 +114,7 @@ def test_evaluate_on_known_predictions():
 
 
 def test_evaluate_short_sides_and_show_dir(tmp_path):
-    from normkit.evaluation.evaluator import image_scales
+    from normkit.evaluation.sem_seg import image_scales
     assert image_scales({"short_sides": [150, 300], "max_long_side": 1000}, 100, 400) == [1.5, 2.5]
     batches = [{"images": image_with_red([1, -1, 1, -1]), "labels": torch.tensor([[[0, 1, 0, 1], [0, 1, 0, 1]]]),
                 "meta": {"names": ["scene"]}}]

@@ -7,7 +7,7 @@
     python tools/test.py --config CFG --watch WORK_DIR [--poll 30] [--idle-timeout 3600]
     torchrun --nproc_per_node N tools/test.py ...          (each rank evaluates a shard; counts are summed)
 
-Command-line options override the config's `evaluation:` section (see normkit.evaluation.evaluator).
+Command-line options override the config's `evaluation:` section (see normkit.evaluation.sem_seg).
 `--watch` evaluates every `iter_*.pth` in WORK_DIR once, oldest first, then keeps polling for new ones
 (until --idle-timeout seconds pass without one, or Ctrl-C); results are appended to WORK_DIR/eval_watch.jsonl,
 which also tells a restarted watcher what it has already done.

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
+__all__ = ["DistInfo", "move_to_device", "init_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
            "convert_sync_norm", "wrap_ddp", "unwrap_model", "all_gather_objects", "mean_over_ranks", "seed_all",
            "setup_logging", "destroy_distributed"]
 
@@ -135,6 +135,19 @@ def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool =
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=find_unused_parameters)
+
+
+def move_to_device(batch, device: torch.device | str):
+    """`batch` with every tensor moved to `device` (non-blocking), through nested dicts, lists and tuples;
+    anything else is returned as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [move_to_device(value, device) for value in batch]
+        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    return batch
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,82 +1,84 @@
-"""`evaluate(model, loader, eval_cfg)`: run inference over a (sharded) validation loader and return metrics.
+"""The evaluator interface and the one inference loop every task uses.
 
-eval_cfg (the `evaluation:` config section; all keys optional)::
+An evaluator sees every batch of a (possibly sharded) loader together with the model's outputs for it and
+turns them into a results dict:
 
-    scales: [1.0]          # image size multipliers, probabilities averaged (CSAIL/mmseg multi-scale test)
-    short_sides: null      # alternatively CSAIL-style target short sides, e.g. [300, 375, 450, 525, 600] ...
-    max_long_side: 1000    # ... each capped so the long side stays <= max_long_side
-    flip: false            # also average the horizontally mirrored prediction
-    mode: whole            # whole | slide
-    crop_size: null        # slide window [h, w] (int for square)
-    stride: null           # slide stride [h, w]
-    show_dir: null         # write image | prediction | label PNGs here
+    evaluator.reset()
+    for batch in loader:
+        evaluator.process(batch, model(batch))
+    results = evaluator.evaluate()
 
-In a torch.distributed run every rank evaluates its shard (build_val_loader(rank=..., world_size=...)) and
-the counts are summed over ranks before `compute`, so every rank returns the dataset-wide metrics.
+`evaluate()` is collective under torch.distributed: each rank processes its shard, the evaluator combines the
+shards (summed counts for segmentation, gathered predictions for COCO) and every rank returns the same
+dataset-wide results.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import torch
+from torch import nn
 
-from PIL import Image
+from normkit.engine.distributed import move_to_device
 
-from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from normkit.evaluation.inference import inference
-from normkit.evaluation.metrics import SegmentationMetric
-from normkit.evaluation.visualize import denormalize, side_by_side
-
-EVAL_KEYS = ("scales", "short_sides", "max_long_side", "flip", "mode", "crop_size", "stride", "show_dir")
+__all__ = ["DatasetEvaluator", "DatasetEvaluators", "inference_on_dataset"]
 
 
-def image_scales(eval_cfg: dict, height: int, width: int) -> list[float]:
-    """The scales of one image: `short_sides` converted to multipliers when given, else `scales`."""
-    if eval_cfg.get("short_sides"):
-        max_long = eval_cfg.get("max_long_side", 1000)
-        return [min(s / min(height, width), max_long / max(height, width)) for s in eval_cfg["short_sides"]]
-    return list(eval_cfg.get("scales") or [1.0])
+class DatasetEvaluator:
+    """Base class: accumulate in `process`, combine ranks and compute in `evaluate`."""
+
+    def reset(self) -> None:
+        """Forgets everything processed so far (called before a pass over the dataset)."""
+
+    def process(self, inputs, outputs) -> None:
+        """`inputs`: one batch as the loader yields it (on the model's device); `outputs`: `model(inputs)` in
+        eval mode."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        """Results over everything processed, on every rank."""
+        raise NotImplementedError
 
 
-def evaluate(model, loader, eval_cfg: dict | None = None, num_classes: int | None = None) -> dict:
-    """Metrics of `model` on `loader` (batches {"images", "labels", "meta"}): the dict of
-    SegmentationMetric.compute() plus "class_names" when the loader's dataset has them.
-    `num_classes` defaults to the dataset's."""
-    eval_cfg = dict(eval_cfg or {})
-    unknown = set(eval_cfg) - set(EVAL_KEYS)
-    if unknown:
-        raise ValueError(f"unknown evaluation option(s) {sorted(unknown)}; known: {', '.join(EVAL_KEYS)}")
-    samples = getattr(loader, "dataset", None)  # build_val_loader's per-rank view: has mean, std, dataset
-    base = getattr(samples, "dataset", None)
-    num_classes = num_classes or getattr(base, "num_classes", None)
-    if num_classes is None:
-        raise ValueError("evaluate needs num_classes when the loader's dataset does not state it")
-    metric = SegmentationMetric(num_classes)
-    device = next(model.parameters()).device
-    show_dir = Path(eval_cfg["show_dir"]) if eval_cfg.get("show_dir") else None
-    if show_dir is not None:
-        show_dir.mkdir(parents=True, exist_ok=True)
+class DatasetEvaluators(DatasetEvaluator):
+    """Several evaluators fed from one pass; their result dicts are merged (keys must not clash)."""
+
+    def __init__(self, evaluators):
+        self.evaluators = list(evaluators)
+
+    def reset(self) -> None:
+        for evaluator in self.evaluators:
+            evaluator.reset()
+
+    def process(self, inputs, outputs) -> None:
+        for evaluator in self.evaluators:
+            evaluator.process(inputs, outputs)
+
+    def evaluate(self) -> dict:
+        results: dict = {}
+        for evaluator in self.evaluators:
+            for key, value in evaluator.evaluate().items():
+                if key in results:
+                    raise KeyError(f"two evaluators report {key!r}")
+                results[key] = value
+        return results
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def inference_on_dataset(model: nn.Module, loader, evaluator: DatasetEvaluator) -> dict:
+    """Runs `model` in eval mode over `loader` (batches moved to the model's device), feeds `evaluator` and
+    returns `evaluator.evaluate()`. The model's train/eval mode is restored afterwards."""
+    device = _device_of(model)
     was_training = model.training
     model.eval()
+    evaluator.reset()
     try:
         for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            probs = inference(model, images, image_scales(eval_cfg, *images.shape[-2:]),
-                              flip=bool(eval_cfg.get("flip", False)), mode=eval_cfg.get("mode", "whole"),
-                              crop_size=eval_cfg.get("crop_size"), stride=eval_cfg.get("stride"),
-                              out_size=labels.shape[-2:])
-            pred = probs.argmax(dim=1)
-            metric.update(pred, labels)
-            if show_dir is not None:
-                mean = getattr(samples, "mean", IMAGENET_MEAN)
-                std = getattr(samples, "std", IMAGENET_STD)
-                for i, name in enumerate(batch["meta"]["names"]):
-                    panel = side_by_side(denormalize(images[i], mean, std), pred[i].cpu().numpy(),
-                                         labels[i].cpu().numpy())
-                    Image.fromarray(panel).save(show_dir / f"{name}.png")
+            batch = move_to_device(batch, device)
+            evaluator.process(batch, model(batch))
     finally:
         model.train(was_training)
-    metric.all_reduce()
-    results = metric.compute()
-    if base is not None and getattr(base, "class_names", None):
-        results["class_names"] = list(base.class_names)
-    return results
+    return evaluator.evaluate()
