@@ -10,7 +10,7 @@ import re
 from typing import Callable, Dict, List, Sequence
 
 from normkit.convert.common import StateDict, flatten_official_sn, rename_keys
-from normkit.models.checkpoint import read_tensor_dict
+from normkit.io import read_tensor_dict
 
 __all__ = ["convert", "convert_csail", "convert_sn_imagenet", "convert_mmseg", "convert_deeplab_v2", "CONVERTERS"]
 
