@@ -1,4 +1,4 @@
-"""Converters from the published checkpoint layouts (DESIGN §8) to normkit state dicts.
+"""Converters from the published checkpoint layouts (docs/design.md, "Checkpoint formats") to normkit state dicts.
 
 Each converter is a table of explicit rename rules applied by :func:`normkit.convert.common.rename_keys`
 (every rename logged, one-to-one, unknown keys reported). The results load strictly with
