@@ -1,12 +1,17 @@
 """COCOEvaluator: ground truth scores AP 1.0, results files round-trip, crowd regions ignored, edge cases."""
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from pycocotools.cocoeval import COCOeval
 
 import normkit.evaluation.coco as coco_eval
+from normkit.data.detection import build_coco_val_loader
+from normkit.engine.distributed import destroy_distributed, init_distributed
 from normkit.evaluation.coco import COCO_METRICS, COCOEvaluator
 from normkit.evaluation.det_visualize import draw_detections
 
@@ -150,19 +155,43 @@ def test_bad_predictions_and_misuse_give_clear_errors(root):
         COCOEvaluator(ds, tasks=("keypoints",))
 
 
-def test_shards_are_gathered(root, monkeypatch):
-    """Each rank processes its shard; evaluate() scores the union of what all_gather_objects returns."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world_size: int, port: int, root: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed("cpu")
     ds = val_dataset(root)
-    shards = []
-    for rank in range(2):  # rank 0 finds everything on its images, rank 1 nothing on its images
-        ev = COCOEvaluator(ds, tasks=("bbox",))
-        for i in range(rank, len(ds), 2):
-            ev.process(batch_of(ds, [i]), [gt_prediction(ds, i) if rank == 0 else empty_prediction(ds, i)])
-        shards.append((ev._image_ids, ev._results))
-    monkeypatch.setattr(coco_eval, "all_gather_objects", lambda obj: [shards[0], obj])
-    assert 0.2 < ev.evaluate()["bbox/AR100"] < 0.8  # rank 1's images count as misses
-    monkeypatch.setattr(coco_eval, "all_gather_objects", lambda obj: [shards[0]])
-    assert ev.evaluate()["bbox/AR100"] == pytest.approx(1.0)  # rank 0's images alone
+    loader = build_coco_val_loader({"root": root, "mask_on": True, "val": {"short_side": 96, "max_size": 200}},
+                                   rank=rank, world_size=world_size, dataset=ds)
+    index = {r["image_id"]: i for i, r in enumerate(ds.records)}
+    ev = COCOEvaluator(ds, tasks=("bbox",), output_dir=out_dir)
+    results = {}
+    for scenario in ("all", "rank0"):  # every rank finds its ground truth / only rank 0 does
+        ev.reset()
+        for batch in loader:
+            i = index[int(batch["image_ids"][0])]
+            ev.process(batch, [gt_prediction(ds, i) if scenario == "all" or rank == 0 else empty_prediction(ds, i)])
+        results[scenario] = ev.evaluate()
+    destroy_distributed()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_distributed_evaluation_gathers_the_shards(root, tmp_path):
+    """Two gloo processes each evaluate their shard; both return the dataset-wide numbers."""
+    mp.spawn(_gloo_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["all"]["bbox/AP"] == pytest.approx(1.0)
+    assert 0.2 < ranks[0]["rank0"]["bbox/AR100"] < 0.8  # rank 1's images count as misses
+    written = json.loads((tmp_path / "bbox_instances_val2017_results.json").read_text())
+    assert {d["image_id"] for d in written} < {r["image_id"] for r in val_dataset(root).records}  # last: rank 0 only
 
 
 def test_draw_detections(root):

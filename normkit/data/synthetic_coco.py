@@ -10,7 +10,7 @@
 
 Scenes are small (short side `size`, landscape, square or portrait) with a low-saturation textured, noisy
 background and 0-4 non-overlapping objects of four shape classes, each with its own colour family:
-rectangle (red), ellipse (blue), triangle (green) and cross (yellow), rotated, with sizes from about 12% to
+rectangle (red), ellipse (blue), triangle (green) and cross (yellow), rotated, with sizes from about 16% to
 50% of the short side and aspect ratios from 1:2 to 2:1, so COCO's small and medium size ranges both occur.
 Colour, shading and noise are jittered per instance and per image.
 
@@ -120,7 +120,7 @@ def render_coco_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     for _ in range(num_objects):
         kind = MINI_COCO_CLASSES[rng.integers(len(MINI_COCO_CLASSES))]
         for _attempt in range(20):
-            extent = short * rng.uniform(0.12, 0.5) / 2
+            extent = short * rng.uniform(0.16, 0.5) / 2
             ratio = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
             sw, sh = extent * np.sqrt(ratio), extent / np.sqrt(ratio)
             cx, cy = rng.uniform(sw, w - sw), rng.uniform(sh, h - sh)

@@ -7,7 +7,8 @@ mask models, "masks" uint8 [N, H, W] at the original image size. It
 - maps labels back to COCO category ids through the dataset (`contiguous_to_cat_id`);
 - writes boxes as x, y, w, h with w = x2 - x1 + 1 under the legacy (Detectron-1) convention and
   w = x2 - x1 otherwise; masks as compressed RLE;
-- in a torch.distributed run gathers every rank's results (each rank evaluates its shard);
+- in a torch.distributed run gathers every rank's results (each rank evaluates its shard); the main
+  process runs COCOeval and every rank returns its numbers;
 - writes `bbox_<name>_results.json` and `segmentations_<name>_results.json` (Detectron-1's names) to
   `output_dir` when given;
 - runs COCOeval on the images processed (a subset of the annotation file is evaluated as that subset),
@@ -136,19 +137,20 @@ class COCOEvaluator(DatasetEvaluator):
         results = [r for _, res in gathered for r in res]
         if not image_ids:
             raise RuntimeError("COCOEvaluator.evaluate: no image was processed (is the val loader empty?)")
-        if self.output_dir is not None and is_main_process():
-            self._write(results)
-        metrics, tables = {}, []
-        for task in self.tasks:
-            stats, table = self._evaluate_task(task, results, image_ids)
-            tables.append(table)
-            for key, value in zip(COCO_METRICS, stats):
-                metrics[f"{task}/{key}"] = float("nan") if value < 0 else float(value)
-        if is_main_process():
+        metrics = None
+        if is_main_process():  # one COCOeval run; the other ranks receive its numbers
+            if self.output_dir is not None:
+                self._write(results)
+            metrics, tables = {}, []
+            for task in self.tasks:
+                stats, table = self._evaluate_task(task, results, image_ids)
+                tables.append(table)
+                for key, value in zip(COCO_METRICS, stats):
+                    metrics[f"{task}/{key}"] = float("nan") if value < 0 else float(value)
             text = "\n".join(tables)
             logger.info("COCO evaluation on %d images of %s:\n%s", len(image_ids), self.name, text)
             print(text, flush=True)
-        return metrics
+        return all_gather_objects(metrics)[0]
 
     def _write(self, results: list[dict]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
