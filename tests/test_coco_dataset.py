@@ -187,7 +187,8 @@ def test_json_that_is_not_coco(tmp_path, content, message):
 
 
 def test_rle_size_must_match_the_image(tmp_path):
-    root = small_set(tmp_path, [{"bbox": [2, 2, 6, 6], "area": 20.0, "segmentation": {"counts": [0, 4], "size": [2, 2]}}])
+    rle = {"counts": [0, 4], "size": [2, 2]}
+    root = small_set(tmp_path, [{"bbox": [2, 2, 6, 6], "area": 20.0, "segmentation": rle}])
     with pytest.raises(ValueError, match=r"RLE size \[2, 2\] differs from the image size \[20, 30\]"):
         COCODetection(root, "val2017", mask_on=True)
 

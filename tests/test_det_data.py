@@ -34,7 +34,8 @@ def scene(legacy):
              [tri_box[0], tri_box[1], tri_box[0] + tri_box[2] - off, tri_box[1] + tri_box[3] - off],
              [disc_box[0], disc_box[1], disc_box[0] + disc_box[2] - off, disc_box[1] + disc_box[3] - off]]
     return {"image": image, "image_id": 3, "boxes": np.asarray(boxes, np.float32),
-            "labels": np.array([0, 1, 2]), "iscrowd": np.zeros(3, bool), "segmentations": [[[20.0, 10.0, 50.0, 10.0, 50.0, 30.0, 20.0, 30.0]], [tri], rle]}
+            "labels": np.array([0, 1, 2]), "iscrowd": np.zeros(3, bool),
+            "segmentations": [[[20.0, 10.0, 50.0, 10.0, 50.0, 30.0, 20.0, 30.0]], [tri], rle]}
 
 
 def colour_mask(pixels, channel):

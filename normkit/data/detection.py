@@ -66,11 +66,12 @@ from pycocotools import mask as mask_util
 from torch.utils.data import DataLoader, Dataset
 
 from normkit.data.coco import COCODetection
-from normkit.data.samplers import SampleKey, TrainBatchSampler, global_batches, sample_rng, shard_indices
+from normkit.data.samplers import SampleKey, global_batches, sample_rng, shard_indices
 
-__all__ = ["CAFFE_BGR_MEAN", "DetectionBatchSampler", "DetectionCollate", "DetectionMapper", "PixelNormalizer",
-           "build_coco_dataset", "build_coco_train_loader", "build_coco_val_loader", "compute_scale",
-           "pad_images", "resize_scale_info"]
+__all__ = ["CAFFE_BGR_MEAN", "IMAGENET_RGB_MEAN", "IMAGENET_RGB_STD", "DetectionBatchSampler", "DetectionCollate",
+           "DetectionMapper", "PixelNormalizer", "build_coco_dataset", "build_coco_train_loader",
+           "build_coco_val_loader", "compute_scale", "flip_boxes", "pad_images", "pixel_normalizer",
+           "resize_scale_info", "sorted_block_batches"]
 
 CAFFE_BGR_MEAN = (102.9801, 115.9465, 122.7717)
 IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
@@ -256,13 +257,14 @@ def sorted_block_batches(ratios, global_batch: int, seed: int):
         epoch += 1
 
 
-class DetectionBatchSampler(TrainBatchSampler):
+class DetectionBatchSampler:
     """This rank's `SampleKey`s for iterations start_iter, start_iter + 1, ... forever, grouped by aspect.
 
     `aspect_ratios`: w / h per sample. grouping "orientation": every global batch holds only w >= h or only
     w < h images (epochs shuffled by (seed, epoch)); "sorted": Detectron-1's sorted blocks; "none": plain
     shuffling. Rank r takes the r-th slice of each global batch, so N processes together see the batch one
-    process with N x batch_size sees, and the stream depends only on (seed, iteration, rank).
+    process with N x batch_size sees, and the stream depends only on (seed, iteration, rank). Skipping to
+    `start_iter` walks the index stream only (no image is decoded).
     """
 
     def __init__(self, aspect_ratios, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -270,17 +272,21 @@ class DetectionBatchSampler(TrainBatchSampler):
         if grouping not in GROUPINGS:
             raise ValueError(f"unknown grouping '{grouping}' (data.train.grouping); choose one of "
                              f"{', '.join(GROUPINGS)}")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_iter < 0:
+            raise ValueError(f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size and start_iter >= 0; "
+                             f"got batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+                             f"start_iter={start_iter}")
         self.aspect_ratios = np.asarray(aspect_ratios, np.float64)
-        self.grouping = grouping
-        landscape = self.aspect_ratios >= 1.0 if grouping == "orientation" else None
-        super().__init__(len(self.aspect_ratios), batch_size, rank=rank, world_size=world_size, seed=seed,
-                         start_iter=start_iter, landscape=landscape)
+        self.num_samples = len(self.aspect_ratios)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.start_iter, self.grouping = seed, start_iter, grouping
 
     def _stream(self):
         global_batch = self.batch_size * self.world_size
         if self.grouping == "sorted":
             return sorted_block_batches(self.aspect_ratios, global_batch, self.seed)
-        return global_batches(self.num_samples, global_batch, self.seed, self.landscape)
+        landscape = self.aspect_ratios >= 1.0 if self.grouping == "orientation" else None
+        return global_batches(self.num_samples, global_batch, self.seed, landscape)
 
     def __iter__(self):
         lo = self.rank * self.batch_size
