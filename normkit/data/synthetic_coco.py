@@ -90,7 +90,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     for _ in range(3):
         fy, fx, ph = rng.uniform(0.05, 0.35), rng.uniform(0.05, 0.35), rng.uniform(0, 2 * np.pi)
         pattern += rng.uniform(4, 12) * np.sin(fy * yy + fx * xx + ph)
-    return grey + tint + pattern[..., None]
+    return (grey + tint).astype(np.float32) + pattern[..., None]
 
 
 def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, colour) -> None:
@@ -166,7 +166,7 @@ def render_coco_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
                          "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)],
                          "iscrowd": 1})
 
-    image = image * rng.uniform(0.85, 1.15) + rng.normal(0, 7, image.shape)
+    image = image * np.float32(rng.uniform(0.85, 1.15)) + 7 * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), anns
 
 
