@@ -45,7 +45,7 @@ def build(norm: str, norm_kwargs: dict, implementation, device) -> torch.nn.Modu
 def make_step(model, images, labels):
     def step():
         model.zero_grad(set_to_none=True)
-        losses = model(images, labels)
+        losses = model({"images": images, "labels": labels})
         sum(v for k, v in losses.items() if k.endswith("loss")).backward()
     return step
 
@@ -59,7 +59,7 @@ def saved_bytes(model, images, labels) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = model(images, labels)
+        losses = model({"images": images, "labels": labels})
     del losses
     return sum(seen.values())
 

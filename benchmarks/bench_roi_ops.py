@@ -1,6 +1,6 @@
 """ROI ops on detector-shaped workloads: normkit vs the pure-PyTorch references and torchvision (when importable).
 
-Workloads (GPU sizes; DESIGN.md §4):
+Workloads (GPU sizes; docs/design.md, "ROI ops"):
   FPN  - 2 images of 800x1216, 256 channels at strides 4, 8, 16, 32; 1000 and 4000 RoIs spread over the levels
          by the FPN rule; RoIAlign 7x7 (box head) and 14x14 (mask head), sampling_ratio 2, aligned.
   C4   - stride 16 (C4 and the dilated DC5 variant pool from a stride-16 map), 1024 channels, 1000 RoIs,

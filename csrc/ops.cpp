@@ -50,6 +50,8 @@ TORCH_LIBRARY(normkit, m) {
         "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor");
   // Indices (int64) of the kept boxes in decreasing score order. offset=1: Detectron legacy (+1 areas, IoU >=).
   m.def("nms(Tensor dets, Tensor scores, float iou_threshold, int offset=0) -> Tensor");
+  // NMS within each category idxs (integer Tensor[N]): boxes of different categories never suppress each other.
+  m.def("batched_nms(Tensor dets, Tensor scores, Tensor idxs, float iou_threshold, int offset=0) -> Tensor");
 
   // ---- Conditional classifier (csrc/cpu/cond_classifier.cpp, csrc/cuda/cond_classifier.cu) ----
   // guidance: (B, K, H, W) class logits; features: (B, C, H, W). Embedding (B, K, C):

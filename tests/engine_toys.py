@@ -21,16 +21,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 class ToySegNet(nn.Module):
     """conv-norm-relu backbone, optional dropout, 1x1 classifier head; the segmentation model API of the
-    toolkit: `(images, labels)` -> `{"ce_loss", "pixel_acc"}` in training, logits in eval mode."""
+    toolkit: `model(batch)` -> `{"ce_loss", "pixel_acc"}` in training, logits in eval mode."""
 
     def __init__(self, norm: str = "gn", dropout: float = 0.0, width: int = 8):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), _norm(norm, width), nn.ReLU())
         self.decode_head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(width, NUM_CLASSES, 1))
 
-    def forward(self, images, labels=None):
+    def forward(self, batch):
+        images, labels = (batch, None) if torch.is_tensor(batch) else (batch["images"], batch.get("labels"))
         logits = self.decode_head(self.backbone(images))
-        if labels is None:
+        if labels is None or not self.training:
             return logits
         loss = F.cross_entropy(logits.float(), labels, ignore_index=255)
         valid = labels != 255

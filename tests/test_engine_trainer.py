@@ -111,8 +111,8 @@ def test_bad_arguments_and_models_are_reported():
         _trainer(ToySegNet(), toy_loader_fn(), 2, iter_size=0)
 
     class NoLoss(ToySegNet):
-        def forward(self, images, labels=None):
-            return {"pixel_acc": super().forward(images, labels)["pixel_acc"]}
+        def forward(self, batch):
+            return {"pixel_acc": super().forward(batch)["pixel_acc"]}
 
     with pytest.raises(RuntimeError, match="no loss terms .* got keys \\['pixel_acc'\\]"):
         _trainer(NoLoss(), toy_loader_fn(), 2).train()

@@ -31,7 +31,7 @@ def _check_strides(model, depth, output_stride):
     assert model.out_channels == CHANNELS[depth]
     assert model.out_strides == STRIDES[output_stride]
     with torch.no_grad():
-        features = model(torch.randn(1, 3, 64, 64))
+        features = list(model(torch.randn(1, 3, 64, 64)).values())
     assert [f.shape[1] for f in features] == list(CHANNELS[depth])
     assert [64 // f.shape[-1] for f in features] == list(STRIDES[output_stride])
 
@@ -41,7 +41,7 @@ def _check_strides(model, depth, output_stride):
 def test_feature_shapes_deeper(depth):
     model = ResNet(depth, stem="deep", output_stride=8).eval()
     with torch.no_grad():
-        features = model(torch.randn(1, 3, 32, 32))
+        features = list(model(torch.randn(1, 3, 32, 32)).values())
     assert [f.shape[1] for f in features] == list(CHANNELS[depth])
 
 
@@ -106,7 +106,7 @@ def test_ceil_mode_stem():
     # DeepLab v2: 321 -> conv 161 -> ceil max-pool 81 (floor would give 80)
     model = ResNet(50, output_stride=8, ceil_mode=True, dilation_rule="deeplab").eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 321, 321))[0].shape[-1] == 81
+        assert model(torch.randn(1, 3, 321, 321))["res2"].shape[-1] == 81
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -114,7 +114,7 @@ def test_every_norm_builds_and_backpropagates(norm):
     model = ResNet(18, stem="deep", output_stride=8, norm=norm)
     assert isinstance(model.bn1, type(build_norm(norm, 64)))
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    sum(f.mean() for f in model(x)).backward()
+    sum(f.mean() for f in model(x).values()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
 

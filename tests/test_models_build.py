@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from normkit import build_model
-from normkit.models import BACKBONES, HEADS, MODELS, ResNet
+from normkit.models import BACKBONES, SEG_HEADS, MODELS, ResNet
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
 # the other configs differ only in depth or norm from these, or have small stand-ins in test_models_*.py
@@ -36,7 +36,7 @@ def test_config_builds_trains_and_predicts(path):
     k = cfg["model"]["num_classes"]
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, k, (2, 64, 64))
     labels[:, :4] = 255
-    losses = model(images, labels)
+    losses = model({"images": images, "labels": labels})
     loss_terms = [v for name, v in losses.items() if name.endswith("loss")]
     assert loss_terms and "pixel_acc" in losses
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
@@ -61,7 +61,7 @@ def test_default_training_path_r18_deep_os8_sn_c1_deepsup():
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 32, 32))
     first = None
     for _ in range(2):
-        losses = model(images, labels)
+        losses = model({"images": images, "labels": labels})
         total = losses["decode_loss"] + losses["deepsup_loss"]
         first = total.item() if first is None else first
         optimizer.zero_grad()
@@ -102,7 +102,7 @@ def test_unknown_names_list_valid_choices():
     cfg["model"]["backbone"]["name"] = "resnet152"
     with pytest.raises(ValueError, match="unknown backbone 'resnet152'.*resnet101"):
         build_model(cfg)
-    with pytest.raises(ValueError, match="unknown head 'c2'.*c1_deepsup.*ppm"):
+    with pytest.raises(ValueError, match="unknown segmentation head 'c2'.*c1_deepsup.*ppm"):
         build_model(_tiny_cfg(name="c2"))
     cfg = _tiny_cfg()
     cfg["model"]["backbone"]["norm"] = "sb"
@@ -114,7 +114,7 @@ def test_unknown_names_list_valid_choices():
         build_model({"data": {}})
     assert {"resnet18", "resnet34", "resnet50", "resnet101"} <= set(BACKBONES.names())
     assert {"c1", "c1_deepsup", "ppm", "ppm_deepsup", "upernet", "upernet_lite", "aspp_sum", "cond_aspp",
-            "cond_sep_aspp", "fcn"} <= set(HEADS.names())
+            "cond_sep_aspp", "fcn"} <= set(SEG_HEADS.names())
     assert {"encoder_decoder", "deeplab_v2", "resnet"} <= set(MODELS.names())
 
 

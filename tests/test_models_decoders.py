@@ -63,11 +63,11 @@ def test_csail_loss_at_decoder_stride_with_deep_supervision():
     model = _seg_model().train()
     images, labels = torch.randn(2, 3, 32, 32), _labels(size=32)
     torch.manual_seed(1)
-    losses = model(images, labels)
+    losses = model({"images": images, "labels": labels})
     assert set(losses) == {"decode_loss", "deepsup_loss", "pixel_acc"}
     # reference: recompute both heads' outputs with the same BN batch and compare the CE terms
     torch.manual_seed(1)
-    out = model.decode_head(model.backbone(images))
+    out = model.decode_head(list(model.backbone(images).values()))
     small = labels[:, ::8, ::8]  # nearest downsampling by 8 picks every 8th pixel
     ce = F.cross_entropy(out["logits"], small, ignore_index=255)
     ce_ds = F.cross_entropy(out["deepsup_logits"], small, ignore_index=255)
@@ -81,10 +81,10 @@ def test_csail_loss_at_decoder_stride_with_deep_supervision():
 
 
 def test_mmseg_loss_upsamples_logits():
-    model = _seg_model(C1, loss_mode="upsample_logits").eval()
+    model = _seg_model(C1, loss_mode="upsample_logits").train()  # no dropout in C1: same BN batch below
     images, labels = torch.randn(2, 3, 32, 32), _labels(size=32)
-    losses = model(images, labels)
-    logits = F.interpolate(model.decode_head(model.backbone(images))["logits"], size=(32, 32),
+    losses = model({"images": images, "labels": labels})
+    logits = F.interpolate(model.decode_head(list(model.backbone(images).values()))["logits"], size=(32, 32),
                            mode="bilinear", align_corners=False)
     torch.testing.assert_close(losses["decode_loss"], F.cross_entropy(logits, labels, ignore_index=255))
 
@@ -94,23 +94,23 @@ def test_eval_returns_logits_at_input_resolution():
     images = torch.randn(2, 3, 40, 24)
     with torch.no_grad():
         logits = model(images)
-        small = model.decode_head(model.backbone(images))["logits"]
+        small = model.decode_head(list(model.backbone(images).values()))["logits"]
     assert logits.shape == (2, K, 40, 24)
     torch.testing.assert_close(logits, F.interpolate(small, size=(40, 24), mode="bilinear", align_corners=False))
 
 
 def test_all_ignored_labels_give_zero_loss():
     model = _seg_model(C1).train()
-    losses = model(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255, dtype=torch.long))
+    losses = model({"images": torch.randn(2, 3, 32, 32), "labels": torch.full((2, 32, 32), 255, dtype=torch.long)})
     assert losses["decode_loss"].item() == 0 and losses["pixel_acc"].item() == 0
 
 
 def test_bad_inputs():
     model = _seg_model(C1).train()
     with pytest.raises(ValueError, match="labels must be in"):
-        model(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), K, dtype=torch.long))
+        model({"images": torch.randn(2, 3, 32, 32), "labels": torch.full((2, 32, 32), K, dtype=torch.long)})
     with pytest.raises(ValueError, match="int64"):
-        model(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.int32))
+        model({"images": torch.randn(2, 3, 32, 32), "labels": torch.zeros(2, 32, 32, dtype=torch.int32)})
     with pytest.raises(ValueError, match=r"Tensor\[B, 3, H, W\]"):
         model(torch.randn(3, 32, 32))
 
@@ -139,7 +139,7 @@ def test_deeplab_v2_multiscale_sizes_and_max_fusion():
         outputs = model.forward_scales(images)
         # reference from the definition: inputs at int(49*s)+1, outputs resized (align_corners=True)
         # to the scale-1 output size, element-wise max
-        run = lambda x: model.decode_head(model.backbone(x))["logits"]  # noqa: E731
+        run = lambda x: model.decode_head(list(model.backbone(x).values()))["logits"]  # noqa: E731
         ref1 = run(images)
         size = ref1.shape[-2:]
         refs = [ref1] + [F.interpolate(run(F.interpolate(images, size=(n, n), mode="bilinear", align_corners=True)),
@@ -154,7 +154,7 @@ def test_deeplab_v2_multiscale_sizes_and_max_fusion():
 
 def test_deeplab_v2_training_sums_four_losses():
     model = _deeplab().train()
-    losses = model(torch.randn(1, 3, 49, 49), _labels(1, 49))
+    losses = model({"images": torch.randn(1, 3, 49, 49), "labels": _labels(1, 49)})
     assert set(losses) == {"scale1_loss", "scale0.75_loss", "scale0.5_loss", "fused_loss", "pixel_acc"}
     sum(v for k, v in losses.items() if k.endswith("loss")).backward()
     assert model.decode_head.conv2d_list[3].weight.grad is not None

@@ -123,7 +123,7 @@ def test_autocast_runs_in_float32():
     (lambda: nms(torch.zeros(3, 4), torch.zeros(2), 0.5), r"scores must be Tensor\[3\]"),
     (lambda: nms(torch.zeros(3, 4), torch.zeros(3, dtype=torch.float64), 0.5), r"same dtype as boxes"),
     (lambda: nms(torch.zeros(3, 4), torch.zeros(3, device="meta"), 0.5), r"same device as boxes"),
-    (lambda: nms(torch.zeros(3, 4), torch.zeros(3), 0.5, offset=2), r"offset must be 0 .* or 1"),
+    (lambda: nms(torch.zeros(3, 4), torch.zeros(3), 0.5, offset=2), r"offset must be the int 0 .* or 1"),
     (lambda: nms(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), 0.5), r"floating-point"),
     (lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5), r"integer Tensor\[3\]"),
 ])

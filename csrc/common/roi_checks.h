@@ -4,6 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
+#include "common/roi_geometry.h"
+
 namespace normkit {
 namespace roi {
 
@@ -45,9 +50,53 @@ inline void check_nms_inputs(const at::Tensor& dets, const at::Tensor& scores, i
   TORCH_CHECK(offset == 0 || offset == 1, "nms: offset must be 0 or 1, got ", offset);
 }
 
+inline void check_nms_categories(const at::Tensor& idxs, const at::Tensor& dets) {
+  TORCH_CHECK(idxs.dim() == 1 && idxs.size(0) == dets.size(0), "batched_nms: idxs must be Tensor[", dets.size(0),
+              "] (one category per box), got ", idxs.sizes());
+  TORCH_CHECK(!at::isFloatingType(idxs.scalar_type()) && !at::isComplexType(idxs.scalar_type()) &&
+                  idxs.scalar_type() != at::kBool,
+              "batched_nms: idxs must hold integer category indices, got ", idxs.scalar_type());
+  TORCH_CHECK(idxs.device() == dets.device(), "batched_nms: idxs must be on the device of boxes (", dets.device(),
+              "), got ", idxs.device());
+}
+
+// The kernels index with int sizes and coordinates: a larger size would wrap around.
 inline void check_pooled_size(int64_t pooled_h, int64_t pooled_w, const char* op) {
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output size must be positive, got (", pooled_h, ", ", pooled_w,
               ")");
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  TORCH_CHECK(pooled_h <= kMaxInt && pooled_w <= kMaxInt, op, ": output size must be below 2^31, got (", pooled_h,
+              ", ", pooled_w, ")");
+}
+
+inline void check_feature_size(int64_t batch, int64_t channels, int64_t height, int64_t width, const char* op) {
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  TORCH_CHECK(batch >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
+              ": feature map sizes must be non-negative, got (", batch, ", ", channels, ", ", height, ", ", width, ")");
+  TORCH_CHECK(batch <= kMaxInt && channels <= kMaxInt && height <= kMaxInt && width <= kMaxInt, op,
+              ": feature map sizes must be below 2^31, got (", batch, ", ", channels, ", ", height, ", ", width, ")");
+}
+
+// Image-to-feature scale: a negative, zero, NaN or infinite scale has no meaning (and would flip boxes).
+inline void check_spatial_scale(double spatial_scale, const char* op) {
+  TORCH_CHECK(std::isfinite(spatial_scale) && spatial_scale > 0, op,
+              ": spatial_scale must be a positive finite number, got ", spatial_scale);
+}
+
+// An explicit sampling ratio is capped like the adaptive grid: it is converted to int (2^40 would wrap to 0),
+// and the work per bin grows with its square.
+inline void check_sampling_ratio(int64_t sampling_ratio, const char* op) {
+  TORCH_CHECK(sampling_ratio <= kMaxAdaptiveGrid && sampling_ratio >= std::numeric_limits<int>::min(), op,
+              ": sampling_ratio must be at most ", kMaxAdaptiveGrid,
+              " samples per bin and axis (<= 0 for adaptive, down to -2^31), got ", sampling_ratio);
+}
+
+// Everything the RoIAlign kernels (forward and backward, CPU and CUDA) index or convert to int.
+inline void check_align_arguments(double spatial_scale, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+                                  const char* op) {
+  check_pooled_size(pooled_h, pooled_w, op);
+  check_spatial_scale(spatial_scale, op);
+  check_sampling_ratio(sampling_ratio, op);
 }
 
 // Batch indices must be integers in [0, batch); the CPU kernels check before reading (CUDA kernels instead

@@ -1,4 +1,4 @@
-// RoIAlign / RoIPool / NMS geometry shared by the CPU and CUDA kernels (DESIGN.md §4).
+// RoIAlign / RoIPool / NMS geometry shared by the CPU and CUDA kernels.
 //
 // Everything here is per-RoI or per-sample arithmetic with no knowledge of memory layout or launch
 // structure, so the CPU tests exercise exactly the arithmetic the GPU runs. `T` is the accumulation type
@@ -88,30 +88,32 @@ struct BilinearSample {
   T w_ll, w_lh, w_hl, w_hh;  // weights of (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high)
 };
 
-// Returns false (the sample contributes 0) for a point outside [-1, height] x [-1, width], a NaN point, or an
-// empty map. Inside, coordinates below 0 clamp to 0 and the last row/column clamps to height-1/width-1.
+// Linear interpolation along one axis of `size` cells: the two neighbours of coordinate `v` and their weights.
+// Returns false (the sample contributes 0) for a point outside [-1, size], a NaN point, or an empty axis.
+// Inside, coordinates below 0 clamp to 0 and the last cell clamps to size - 1.
+template <typename T>
+C10_HOST_DEVICE inline bool linear_sample(T v, int size, int& low, int& high, T& w_low, T& w_high) {
+  if (size <= 0 || !(v >= T(-1) && v <= T(size))) return false;
+  v = max_of(v, T(0));
+  low = int(v);
+  if (low >= size - 1) {
+    low = high = size - 1;
+    v = T(low);
+  } else {
+    high = low + 1;
+  }
+  w_high = v - T(low);
+  w_low = T(1) - w_high;
+  return true;
+}
+
+// Bilinear interpolation is separable: the product of the two axes' linear interpolations. The CPU kernels
+// use linear_sample per axis (a RoI's x and y samples are shared by whole bin rows and columns).
 template <typename T>
 C10_HOST_DEVICE inline bool bilinear_sample(T y, T x, int height, int width, BilinearSample<T>& s) {
-  if (height <= 0 || width <= 0) return false;
-  if (!(y >= T(-1) && y <= T(height) && x >= T(-1) && x <= T(width))) return false;
-  y = max_of(y, T(0));
-  x = max_of(x, T(0));
-  s.y_low = int(y);
-  s.x_low = int(x);
-  if (s.y_low >= height - 1) {
-    s.y_low = s.y_high = height - 1;
-    y = T(s.y_low);
-  } else {
-    s.y_high = s.y_low + 1;
-  }
-  if (s.x_low >= width - 1) {
-    s.x_low = s.x_high = width - 1;
-    x = T(s.x_low);
-  } else {
-    s.x_high = s.x_low + 1;
-  }
-  const T ly = y - T(s.y_low), lx = x - T(s.x_low);
-  const T hy = T(1) - ly, hx = T(1) - lx;
+  T hy, ly, hx, lx;
+  if (!linear_sample(y, height, s.y_low, s.y_high, hy, ly)) return false;
+  if (!linear_sample(x, width, s.x_low, s.x_high, hx, lx)) return false;
   s.w_ll = hy * hx;
   s.w_lh = hy * lx;
   s.w_hl = ly * hx;

@@ -19,6 +19,13 @@ inline void check_coefficient_inputs(const at::Tensor& moments, const at::Tensor
               has_instance ? "2 or 3" : "1 or 2", " mixture weights, got ", K);
 }
 
+// The kernels read C per-channel values; a shorter tensor would be read out of bounds (the Python front end
+// checks too, but torch.compile and users call the ops directly).
+inline void check_channel_vector(const c10::optional<at::Tensor>& t, int64_t C, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == C, "switch_norm: ", name, " must have C = ", C, " elements, got shape ", t->sizes());
+}
+
 // Affine parameters and mixture logits in the accumulation dtype of `moments`, contiguous, on its device;
 // absent weight/bias become ones/zeros.
 struct Params {
@@ -29,6 +36,8 @@ struct Params {
          const at::Tensor& mean_weight, const at::Tensor& var_weight) {
     const auto opts = moments.options();
     const int64_t C = moments.size(1);
+    check_channel_vector(weight, C, "weight");
+    check_channel_vector(bias, C, "bias");
     gamma = weight.has_value() && weight->defined() ? weight->to(opts).contiguous() : at::ones({C}, opts);
     beta = bias.has_value() && bias->defined() ? bias->to(opts).contiguous() : at::zeros({C}, opts);
     mean_logits = mean_weight.to(opts).contiguous();
@@ -109,6 +118,10 @@ struct BackwardArgs {
         params(moments, weight, c10::nullopt, mean_weight, var_weight) {
     TORCH_CHECK(grad_moments.sizes() == moments.sizes(), "switch_norm backward: grad_moments ", grad_moments.sizes(),
                 " does not match moments ", moments.sizes());
+    TORCH_CHECK(bn_stats.dim() == 2 && bn_stats.size(0) == 3 && bn_stats.size(1) == C(),
+                "switch_norm backward: bn_stats must be (3, ", C(), "), got ", bn_stats.sizes());
+    TORCH_CHECK(!bn_grad.defined() || (bn_grad.dim() == 2 && bn_grad.size(0) == 2 && bn_grad.size(1) == C()),
+                "switch_norm backward: bn_grad must be (2, ", C(), "), got ", bn_grad.sizes());
   }
   int64_t N() const { return moments.size(0); }
   int64_t C() const { return moments.size(1); }

@@ -1,9 +1,12 @@
-// RoIAlign forward and backward on CPU (DESIGN.md §4). Geometry: csrc/common/roi_geometry.h.
+// RoIAlign forward and backward on CPU. Geometry: csrc/common/roi_geometry.h.
 //
-// The bilinear neighbours and weights of every sample depend only on the RoI, so they are computed once per
-// RoI and reused for all channels. Forward runs in parallel over RoIs (each writes its own output rows);
-// backward runs in parallel over channels, so threads never add into the same gradient cell and the result
-// does not depend on the thread count. NCHW and channels_last inputs are read in place.
+// Bilinear interpolation is separable and a RoI's sample x coordinates are the same for every bin row (and its
+// y coordinates for every bin column), so each RoI gets two small per-axis tables of valid samples (neighbour
+// offsets and weights), built once per RoI and reused for every bin and channel. Memory is O(pooled * grid) per
+// axis, independent of the box size and of grid_h * grid_w; samples outside the map never enter the tables, so
+// a huge box costs only its samples that land on the map. Forward runs in parallel over RoIs (each writes its own
+// output rows); backward runs in parallel over channels, so threads never add into the same gradient cell and
+// the result does not depend on the thread count. NCHW and channels_last inputs are read in place.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,42 +21,38 @@ namespace normkit {
 namespace {
 
 using roi::AlignRegion;
-using roi::BilinearSample;
 
-// A bilinear sample with its weights already divided by the bin's sample count; indices are spatial (y * W + x).
+// One valid sample along one axis: memory offsets of its two neighbours (cell index times the axis stride)
+// and their linear-interpolation weights.
 template <typename T>
-struct WeightedSample {
-  int64_t i_ll, i_lh, i_hl, i_hh;
-  T w_ll, w_lh, w_hl, w_hh;
+struct AxisSample {
+  int64_t low, high;
+  T w_low, w_high;
 };
 
-// The valid samples of every bin of one RoI: bin b owns samples[bin_begin[b] .. bin_begin[b + 1]).
+// The valid samples of every bin along one axis: bin p owns samples[bin_begin[p] .. bin_begin[p + 1]).
 template <typename T>
-struct RoISamples {
-  std::vector<WeightedSample<T>> samples;
+struct AxisSamples {
+  std::vector<AxisSample<T>> samples;
   std::vector<int64_t> bin_begin;
 
-  void collect(const AlignRegion<T>& r, int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
+  void collect(T start, T bin, int64_t pooled, int grid, int64_t size, int64_t stride) {
     samples.clear();
     bin_begin.assign(1, 0);
-    const T inv_count = T(1) / r.count;
-    for (int ph = 0; ph < pooled_h; ++ph) {
-      for (int pw = 0; pw < pooled_w; ++pw) {
-        for (int iy = 0; iy < r.grid_h; ++iy) {
-          const T y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, r.grid_h);
-          for (int ix = 0; ix < r.grid_w; ++ix) {
-            const T x = roi::align_sample_coordinate(r.start_w, r.bin_w, pw, ix, r.grid_w);
-            BilinearSample<T> s;
-            if (!roi::bilinear_sample(y, x, int(height), int(width), s)) continue;
-            samples.push_back({s.y_low * width + s.x_low, s.y_low * width + s.x_high, s.y_high * width + s.x_low,
-                               s.y_high * width + s.x_high, s.w_ll * inv_count, s.w_lh * inv_count,
-                               s.w_hl * inv_count, s.w_hh * inv_count});
-          }
+    for (int p = 0; p < pooled; ++p) {
+      for (int i = 0; i < grid; ++i) {
+        int low, high;
+        T w_low, w_high;
+        if (roi::linear_sample(roi::align_sample_coordinate(start, bin, p, i, grid), int(size), low, high, w_low,
+                               w_high)) {
+          samples.push_back({low * stride, high * stride, w_low, w_high});
         }
-        bin_begin.push_back(int64_t(samples.size()));
       }
+      bin_begin.push_back(int64_t(samples.size()));
     }
   }
+  const AxisSample<T>* begin(int64_t p) const { return samples.data() + bin_begin[p]; }
+  const AxisSample<T>* end(int64_t p) const { return samples.data() + bin_begin[p + 1]; }
 };
 
 struct AlignShape {
@@ -62,12 +61,18 @@ struct AlignShape {
   int64_t plane() const { return height * width; }
 };
 
+// The sample tables of one RoI; `y_stride`/`x_stride` turn cells into memory offsets (W and 1 for NCHW planes,
+// W * C and C for channels_last images). Returns the bin average's divisor.
 template <typename scalar_t, typename acc_t>
-AlignRegion<acc_t> region_of(const scalar_t* roi, double spatial_scale, const AlignShape& s, int64_t sampling_ratio,
-                             bool aligned) {
+acc_t collect_samples(const scalar_t* roi, double spatial_scale, const AlignShape& s, int64_t sampling_ratio,
+                      bool aligned, int64_t y_stride, int64_t x_stride, AxisSamples<acc_t>& ys,
+                      AxisSamples<acc_t>& xs) {
   const acc_t box[4] = {acc_t(roi[1]), acc_t(roi[2]), acc_t(roi[3]), acc_t(roi[4])};
-  return roi::align_region<acc_t>(box, acc_t(spatial_scale), int(s.pooled_h), int(s.pooled_w), int(sampling_ratio),
-                                  aligned);
+  const AlignRegion<acc_t> r = roi::align_region<acc_t>(box, acc_t(spatial_scale), int(s.pooled_h),
+                                                        int(s.pooled_w), int(sampling_ratio), aligned);
+  ys.collect(r.start_h, r.bin_h, s.pooled_h, r.grid_h, s.height, y_stride);
+  xs.collect(r.start_w, r.bin_w, s.pooled_w, r.grid_w, s.width, x_stride);
+  return r.count;
 }
 
 template <typename scalar_t>
@@ -76,42 +81,55 @@ void forward_kernel(const scalar_t* input, const scalar_t* rois, const AlignShap
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = s.channels, bins = s.bins(), plane = s.plane();
   at::parallel_for(0, s.num_rois, 1, [&](int64_t begin, int64_t end) {
-    RoISamples<acc_t> rs;
+    AxisSamples<acc_t> ys, xs;
     std::vector<acc_t> acc(channels_last ? C : 0);
     for (int64_t k = begin; k < end; ++k) {
       const scalar_t* roi = rois + k * 5;
       const int64_t n = int64_t(roi[0]);
-      rs.collect(region_of<scalar_t, acc_t>(roi, spatial_scale, s, sampling_ratio, aligned), s.height, s.width,
-                 s.pooled_h, s.pooled_w);
       if (!channels_last) {
+        const acc_t count =
+            collect_samples<scalar_t, acc_t>(roi, spatial_scale, s, sampling_ratio, aligned, s.width, 1, ys, xs);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* src = input + (n * C + c) * plane;
           scalar_t* dst = output + (k * C + c) * bins;
-          for (int64_t b = 0; b < bins; ++b) {
-            acc_t sum = 0;
-            for (int64_t i = rs.bin_begin[b]; i < rs.bin_begin[b + 1]; ++i) {
-              const auto& w = rs.samples[i];
-              sum += w.w_ll * acc_t(src[w.i_ll]) + w.w_lh * acc_t(src[w.i_lh]) + w.w_hl * acc_t(src[w.i_hl]) +
-                     w.w_hh * acc_t(src[w.i_hh]);
+          for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+            for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+              acc_t sum = 0;
+              for (const auto* y = ys.begin(ph); y != ys.end(ph); ++y) {
+                const scalar_t *row_low = src + y->low, *row_high = src + y->high;
+                for (const auto* x = xs.begin(pw); x != xs.end(pw); ++x) {
+                  const acc_t low = x->w_low * acc_t(row_low[x->low]) + x->w_high * acc_t(row_low[x->high]);
+                  const acc_t high = x->w_low * acc_t(row_high[x->low]) + x->w_high * acc_t(row_high[x->high]);
+                  sum += y->w_low * low + y->w_high * high;
+                }
+              }
+              dst[ph * s.pooled_w + pw] = scalar_t(sum / count);
             }
-            dst[b] = scalar_t(sum);
           }
         }
       } else {  // input (N, H, W, C) and output (K, PH, PW, C) in memory: the channel loop is contiguous
+        const acc_t count = collect_samples<scalar_t, acc_t>(roi, spatial_scale, s, sampling_ratio, aligned,
+                                                             s.width * C, C, ys, xs);
         const scalar_t* src = input + n * plane * C;
         scalar_t* dst = output + k * bins * C;
-        for (int64_t b = 0; b < bins; ++b) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t i = rs.bin_begin[b]; i < rs.bin_begin[b + 1]; ++i) {
-            const auto& w = rs.samples[i];
-            const scalar_t *p_ll = src + w.i_ll * C, *p_lh = src + w.i_lh * C, *p_hl = src + w.i_hl * C,
-                           *p_hh = src + w.i_hh * C;
-            for (int64_t c = 0; c < C; ++c) {
-              acc[c] += w.w_ll * acc_t(p_ll[c]) + w.w_lh * acc_t(p_lh[c]) + w.w_hl * acc_t(p_hl[c]) +
-                        w.w_hh * acc_t(p_hh[c]);
+        for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+          for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+            for (const auto* y = ys.begin(ph); y != ys.end(ph); ++y) {
+              for (const auto* x = xs.begin(pw); x != xs.end(pw); ++x) {
+                const scalar_t *p_ll = src + y->low + x->low, *p_lh = src + y->low + x->high,
+                               *p_hl = src + y->high + x->low, *p_hh = src + y->high + x->high;
+                const acc_t w_ll = y->w_low * x->w_low, w_lh = y->w_low * x->w_high, w_hl = y->w_high * x->w_low,
+                            w_hh = y->w_high * x->w_high;
+                for (int64_t c = 0; c < C; ++c) {
+                  acc[c] += w_ll * acc_t(p_ll[c]) + w_lh * acc_t(p_lh[c]) + w_hl * acc_t(p_hl[c]) +
+                            w_hh * acc_t(p_hh[c]);
+                }
+              }
             }
+            scalar_t* out = dst + (ph * s.pooled_w + pw) * C;
+            for (int64_t c = 0; c < C; ++c) out[c] = scalar_t(acc[c] / count);
           }
-          for (int64_t c = 0; c < C; ++c) dst[b * C + c] = scalar_t(acc[c]);
         }
       }
     }
@@ -122,45 +140,58 @@ template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* grad, const scalar_t* rois, const AlignShape& s, double spatial_scale,
                      int64_t sampling_ratio, bool aligned, bool channels_last, acc_t* grad_input) {
   const int64_t C = s.channels, bins = s.bins(), plane = s.plane();
-  // Each thread owns a channel range of grad_input; the per-RoI geometry is recomputed per thread (cheap).
+  // Each thread owns a channel range of grad_input; the per-RoI tables are rebuilt per thread (cheap).
   at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
-    RoISamples<acc_t> rs;
+    AxisSamples<acc_t> ys, xs;
     for (int64_t k = 0; k < s.num_rois; ++k) {
       const scalar_t* roi = rois + k * 5;
       const int64_t n = int64_t(roi[0]);
-      rs.collect(region_of<scalar_t, acc_t>(roi, spatial_scale, s, sampling_ratio, aligned), s.height, s.width,
-                 s.pooled_h, s.pooled_w);
-      if (rs.samples.empty()) continue;
       if (!channels_last) {
+        const acc_t count =
+            collect_samples<scalar_t, acc_t>(roi, spatial_scale, s, sampling_ratio, aligned, s.width, 1, ys, xs);
+        if (ys.samples.empty() || xs.samples.empty()) continue;
         for (int64_t c = c_begin; c < c_end; ++c) {
           const scalar_t* g = grad + (k * C + c) * bins;
           acc_t* dst = grad_input + (n * C + c) * plane;
-          for (int64_t b = 0; b < bins; ++b) {
-            const acc_t gv = acc_t(g[b]);
-            for (int64_t i = rs.bin_begin[b]; i < rs.bin_begin[b + 1]; ++i) {
-              const auto& w = rs.samples[i];
-              dst[w.i_ll] += w.w_ll * gv;
-              dst[w.i_lh] += w.w_lh * gv;
-              dst[w.i_hl] += w.w_hl * gv;
-              dst[w.i_hh] += w.w_hh * gv;
+          for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+            for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+              const acc_t gv = acc_t(g[ph * s.pooled_w + pw]) / count;
+              for (const auto* y = ys.begin(ph); y != ys.end(ph); ++y) {
+                const acc_t g_low = y->w_low * gv, g_high = y->w_high * gv;
+                acc_t *row_low = dst + y->low, *row_high = dst + y->high;
+                for (const auto* x = xs.begin(pw); x != xs.end(pw); ++x) {
+                  row_low[x->low] += g_low * x->w_low;
+                  row_low[x->high] += g_low * x->w_high;
+                  row_high[x->low] += g_high * x->w_low;
+                  row_high[x->high] += g_high * x->w_high;
+                }
+              }
             }
           }
         }
       } else {
+        const acc_t count = collect_samples<scalar_t, acc_t>(roi, spatial_scale, s, sampling_ratio, aligned,
+                                                             s.width * C, C, ys, xs);
+        if (ys.samples.empty() || xs.samples.empty()) continue;
         const scalar_t* g_roi = grad + k * bins * C;
         acc_t* dst = grad_input + n * plane * C;
-        for (int64_t b = 0; b < bins; ++b) {
-          const scalar_t* g = g_roi + b * C;
-          for (int64_t i = rs.bin_begin[b]; i < rs.bin_begin[b + 1]; ++i) {
-            const auto& w = rs.samples[i];
-            acc_t *d_ll = dst + w.i_ll * C, *d_lh = dst + w.i_lh * C, *d_hl = dst + w.i_hl * C,
-                  *d_hh = dst + w.i_hh * C;
-            for (int64_t c = c_begin; c < c_end; ++c) {
-              const acc_t gv = acc_t(g[c]);
-              d_ll[c] += w.w_ll * gv;
-              d_lh[c] += w.w_lh * gv;
-              d_hl[c] += w.w_hl * gv;
-              d_hh[c] += w.w_hh * gv;
+        for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+          for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+            const scalar_t* g = g_roi + (ph * s.pooled_w + pw) * C;
+            for (const auto* y = ys.begin(ph); y != ys.end(ph); ++y) {
+              for (const auto* x = xs.begin(pw); x != xs.end(pw); ++x) {
+                acc_t *d_ll = dst + y->low + x->low, *d_lh = dst + y->low + x->high,
+                      *d_hl = dst + y->high + x->low, *d_hh = dst + y->high + x->high;
+                const acc_t w_ll = y->w_low * x->w_low / count, w_lh = y->w_low * x->w_high / count,
+                            w_hl = y->w_high * x->w_low / count, w_hh = y->w_high * x->w_high / count;
+                for (int64_t c = c_begin; c < c_end; ++c) {
+                  const acc_t gv = acc_t(g[c]);
+                  d_ll[c] += w_ll * gv;
+                  d_lh[c] += w_lh * gv;
+                  d_hl[c] += w_hl * gv;
+                  d_hh[c] += w_hh * gv;
+                }
+              }
             }
           }
         }
@@ -173,7 +204,8 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                  bool /*deterministic: selects the backward kernel*/) {
   roi::check_rois(input, rois, "roi_align");
-  roi::check_pooled_size(pooled_h, pooled_w, "roi_align");
+  roi::check_align_arguments(spatial_scale, pooled_h, pooled_w, sampling_ratio, "roi_align");
+  roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_align");
   const AlignShape s{rois.size(0), input.size(1), input.size(2), input.size(3), pooled_h, pooled_w};
   const bool channels_last = roi::is_channels_last(input);
   at::Tensor output = at::empty({s.num_rois, s.channels, pooled_h, pooled_w},
@@ -194,6 +226,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                   bool /*deterministic: the CPU backward always is*/) {
   roi::check_roi_grad(grad, rois, pooled_h, pooled_w, channels, "_roi_align_backward");
+  roi::check_align_arguments(spatial_scale, pooled_h, pooled_w, sampling_ratio, "_roi_align_backward");
+  roi::check_feature_size(batch_size, channels, height, width, "_roi_align_backward");
   const AlignShape s{rois.size(0), channels, height, width, pooled_h, pooled_w};
   const bool channels_last = roi::is_channels_last(grad);
   // Accumulate in fp32 for half/bfloat16: many RoIs may add into one cell.

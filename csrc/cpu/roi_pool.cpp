@@ -1,4 +1,4 @@
-// RoIPool forward and backward on CPU (DESIGN.md §4). Geometry: csrc/common/roi_geometry.h.
+// RoIPool forward and backward on CPU. Geometry: csrc/common/roi_geometry.h.
 // The input is read as NCHW (a channels_last input is made contiguous first); outputs are NCHW.
 // Forward runs in parallel over RoIs, backward over channels (no two threads add into one cell).
 #include <ATen/ATen.h>
@@ -55,6 +55,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(const at::Tensor& input,
                                                          double spatial_scale, int64_t pooled_h, int64_t pooled_w) {
   roi::check_rois(input, rois, "roi_pool");
   roi::check_pooled_size(pooled_h, pooled_w, "roi_pool");
+  roi::check_spatial_scale(spatial_scale, "roi_pool");
+  roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_pool");
   const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options());
   at::Tensor argmax = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(at::kLong));
@@ -74,6 +76,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                  int64_t channels, int64_t height, int64_t width) {
   roi::check_roi_grad(grad, rois, pooled_h, pooled_w, channels, "_roi_pool_backward");
   roi::check_roi_pool_argmax(argmax, grad);
+  roi::check_feature_size(batch_size, channels, height, width, "_roi_pool_backward");
   at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
                                     grad.options().dtype(at::toOpMathType(grad.scalar_type())));
   if (grad.numel() > 0 && grad_input.numel() > 0) {

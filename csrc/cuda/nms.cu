@@ -1,8 +1,9 @@
-// Greedy NMS on CUDA (DESIGN.md §4); IoU and the suppression rule from csrc/common/roi_geometry.h.
+// Greedy NMS on CUDA, plain and per category (batched); IoU and the suppression rule from
+// csrc/common/roi_geometry.h.
 //
 // Boxes are sorted by score, then:
 //  1. mask kernel: for every pair of 64-box blocks (row block <= column block) one thread per row box sets bit
-//     j of mask[i][column block] when box i suppresses box j (j > i);
+//     j of mask[i][column block] when box i suppresses box j (j > i; for batched NMS only within a category);
 //  2. reduce kernel: a single block walks the boxes in score order, 64 at a time; one thread resolves the
 //     block's own 64 boxes sequentially, then all threads OR the kept boxes' rows into the `removed` bitmap.
 // Only the kept flags are produced on the device; one copy of the kept count sizes the output.
@@ -25,10 +26,12 @@ constexpr int kBoxesPerWord = 64;  // one bit per box in a uint64 mask word; als
 constexpr int kReduceThreads = 256;
 
 template <typename scalar_t>
-__global__ void mask_kernel(const scalar_t* __restrict__ boxes, int64_t n, int64_t words_per_row,
-                            at::opmath_type<scalar_t> threshold, int offset, uint64_t* __restrict__ mask) {
+__global__ void mask_kernel(const scalar_t* __restrict__ boxes, const int64_t* __restrict__ categories, int64_t n,
+                            int64_t words_per_row, at::opmath_type<scalar_t> threshold, int offset,
+                            uint64_t* __restrict__ mask) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t column_boxes[kBoxesPerWord * 4];
+  __shared__ int64_t column_categories[kBoxesPerWord];
   const acc_t off = acc_t(offset);
   const int64_t tiles = words_per_row * words_per_row;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -40,6 +43,7 @@ __global__ void mask_kernel(const scalar_t* __restrict__ boxes, int64_t n, int64
     if (threadIdx.x < cols) {
       const scalar_t* b = boxes + (col_block * kBoxesPerWord + threadIdx.x) * 4;
       for (int d = 0; d < 4; ++d) column_boxes[threadIdx.x * 4 + d] = acc_t(b[d]);
+      if (categories != nullptr) column_categories[threadIdx.x] = categories[col_block * kBoxesPerWord + threadIdx.x];
     }
     __syncthreads();
     if (threadIdx.x < rows) {
@@ -47,8 +51,10 @@ __global__ void mask_kernel(const scalar_t* __restrict__ boxes, int64_t n, int64
       acc_t box[4];
       for (int d = 0; d < 4; ++d) box[d] = acc_t(boxes[i * 4 + d]);
       const acc_t area = roi::box_area(box, off);
+      const int64_t category = categories != nullptr ? categories[i] : 0;
       uint64_t bits = 0;
       for (int j = row_block == col_block ? int(threadIdx.x) + 1 : 0; j < cols; ++j) {
+        if (categories != nullptr && column_categories[j] != category) continue;
         const acc_t* other = column_boxes + j * 4;
         const acc_t iou = roi::box_iou(box, area, other, roi::box_area(other, off), off);
         if (roi::nms_suppresses(iou, threshold, offset)) bits |= uint64_t(1) << j;
@@ -92,13 +98,16 @@ __global__ void reduce_kernel(const uint64_t* __restrict__ mask, int64_t n, int6
   }
 }
 
-at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold, int64_t offset) {
-  roi::check_nms_inputs(dets, scores, offset);
+// `categories` undefined: plain NMS (one category).
+at::Tensor nms_kernel(const at::Tensor& dets, const at::Tensor& scores, const at::Tensor& categories,
+                      double iou_threshold, int64_t offset) {
   c10::cuda::CUDAGuard guard(dets.device());
   if (dets.size(0) == 0) return at::empty({0}, dets.options().dtype(at::kLong));
   // Stable: among equal scores the box that comes first in the input is visited first (as on CPU).
   const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
   const at::Tensor sorted = dets.index_select(0, order).contiguous();
+  const at::Tensor sorted_categories =
+      categories.defined() ? categories.to(at::kLong).index_select(0, order).contiguous() : at::Tensor();
   const int64_t n = dets.size(0);
   const int64_t words_per_row = (n + kBoxesPerWord - 1) / kBoxesPerWord;
   at::Tensor mask = at::empty({n * words_per_row}, dets.options().dtype(at::kLong));
@@ -108,9 +117,9 @@ at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dets.scalar_type(), "nms_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     mask_kernel<scalar_t><<<roi_cuda::capped_blocks(words_per_row * words_per_row * kBoxesPerWord, kBoxesPerWord),
-                            kBoxesPerWord, 0, stream>>>(sorted.data_ptr<scalar_t>(), n, words_per_row,
-                                                        acc_t(iou_threshold), int(offset),
-                                                        reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()));
+                            kBoxesPerWord, 0, stream>>>(
+        sorted.data_ptr<scalar_t>(), sorted_categories.defined() ? sorted_categories.data_ptr<int64_t>() : nullptr,
+        n, words_per_row, acc_t(iou_threshold), int(offset), reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   reduce_kernel<<<1, kReduceThreads, 0, stream>>>(reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>()), n,
@@ -120,7 +129,22 @@ at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou
   return order.masked_select(keep);
 }
 
+at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold, int64_t offset) {
+  roi::check_nms_inputs(dets, scores, offset);
+  return nms_kernel(dets, scores, at::Tensor(), iou_threshold, offset);
+}
+
+at::Tensor batched_nms_cuda(const at::Tensor& dets, const at::Tensor& scores, const at::Tensor& idxs,
+                            double iou_threshold, int64_t offset) {
+  roi::check_nms_inputs(dets, scores, offset);
+  roi::check_nms_categories(idxs, dets);
+  return nms_kernel(dets, scores, idxs, iou_threshold, offset);
+}
+
 }  // namespace
 }  // namespace normkit
 
-TORCH_LIBRARY_IMPL(normkit, CUDA, m) { m.impl("nms", &normkit::nms_cuda); }
+TORCH_LIBRARY_IMPL(normkit, CUDA, m) {
+  m.impl("nms", &normkit::nms_cuda);
+  m.impl("batched_nms", &normkit::batched_nms_cuda);
+}

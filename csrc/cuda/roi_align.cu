@@ -1,4 +1,4 @@
-// RoIAlign forward and backward on CUDA (DESIGN.md §4). Geometry: csrc/common/roi_geometry.h (shared with CPU).
+// RoIAlign forward and backward on CUDA. Geometry: csrc/common/roi_geometry.h (shared with CPU).
 //
 // Forward: one thread per output element, ordered like the output's memory (for channels_last the channel is
 // fastest, so neighbouring threads read neighbouring input channels).
@@ -237,7 +237,8 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
                                   int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                   bool /*deterministic: selects the backward kernel*/) {
   roi::check_rois(input, rois, "roi_align");
-  roi::check_pooled_size(pooled_h, pooled_w, "roi_align");
+  roi::check_align_arguments(spatial_scale, pooled_h, pooled_w, sampling_ratio, "roi_align");
+  roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_align");
   c10::cuda::CUDAGuard guard(input.device());
   const auto format = roi::kernel_memory_format(input);
   at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_h, pooled_w}, input.options().memory_format(format));
@@ -264,6 +265,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                    bool deterministic) {
   roi::check_roi_grad(grad, rois, pooled_h, pooled_w, channels, "_roi_align_backward");
+  roi::check_align_arguments(spatial_scale, pooled_h, pooled_w, sampling_ratio, "_roi_align_backward");
+  roi::check_feature_size(batch_size, channels, height, width, "_roi_align_backward");
   c10::cuda::CUDAGuard guard(grad.device());
   const auto format = roi::kernel_memory_format(grad);
   const bool channels_last = format == at::MemoryFormat::ChannelsLast;

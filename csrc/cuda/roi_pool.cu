@@ -1,4 +1,4 @@
-// RoIPool forward and backward on CUDA (DESIGN.md §4). Geometry: csrc/common/roi_geometry.h (shared with CPU).
+// RoIPool forward and backward on CUDA. Geometry: csrc/common/roi_geometry.h (shared with CPU).
 // The input is read as NCHW (channels_last is made contiguous first). Forward: one thread per output element.
 // Backward: each output's gradient goes to its argmax cell with atomicAdd into an fp32/fp64 buffer; the
 // summation order of overlapping RoIs varies, so it reports itself as nondeterministic.
@@ -71,6 +71,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(const at::Tensor& input
                                                           double spatial_scale, int64_t pooled_h, int64_t pooled_w) {
   roi::check_rois(input, rois, "roi_pool");
   roi::check_pooled_size(pooled_h, pooled_w, "roi_pool");
+  roi::check_spatial_scale(spatial_scale, "roi_pool");
+  roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_pool");
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options());
@@ -95,6 +97,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t channels, int64_t height, int64_t width) {
   roi::check_roi_grad(grad, rois, pooled_h, pooled_w, channels, "_roi_pool_backward");
   roi::check_roi_pool_argmax(argmax, grad);
+  roi::check_feature_size(batch_size, channels, height, width, "_roi_pool_backward");
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
                                     grad.options().dtype(at::toOpMathType(grad.scalar_type())));

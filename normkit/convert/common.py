@@ -1,6 +1,6 @@
 """Shared machinery of the checkpoint converters: explicit logged renames, SN reshaping, atomic writes.
 
-Sources are read with :func:`normkit.models.checkpoint.read_tensor_dict` (``torch.load(weights_only=True)``).
+Sources are read with :func:`normkit.io.read_tensor_dict` (``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Dict, Iterable, Mapping, Tuple
 
 import torch
 
+from normkit.io import atomic_save
+from normkit.models.checkpoint import SYNCBN_BOOKKEEPING
+
 __all__ = ["StateDict", "IGNORED_SOURCE_BUFFERS", "rename_keys", "flatten_official_sn",
            "save_state_dict"]
 
@@ -18,7 +21,7 @@ logger = logging.getLogger("normkit.convert")
 
 StateDict = Dict[str, torch.Tensor]
 # CSAIL's SynchronizedBatchNorm2d bookkeeping: not part of the model's math, dropped by every converter.
-IGNORED_SOURCE_BUFFERS = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
+IGNORED_SOURCE_BUFFERS = SYNCBN_BOOKKEEPING
 Rule = Tuple[str, str]  # (regex matched against the whole key, replacement template)
 
 
@@ -76,9 +79,5 @@ def flatten_official_sn(state: StateDict) -> StateDict:
 
 
 def save_state_dict(state: StateDict, path: str | os.PathLike) -> None:
-    """Write atomically: a partial file never replaces a good one."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    """Write atomically (:func:`normkit.io.atomic_save`): a partial file never replaces a good one."""
+    atomic_save({k: v.contiguous() for k, v in state.items()}, path)

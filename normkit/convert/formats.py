@@ -1,4 +1,4 @@
-"""Converters from the published checkpoint layouts (DESIGN §8) to normkit state dicts.
+"""Converters from the published checkpoint layouts (docs/design.md, "Checkpoint formats") to normkit state dicts.
 
 Each converter is a table of explicit rename rules applied by :func:`normkit.convert.common.rename_keys`
 (every rename logged, one-to-one, unknown keys reported). The results load strictly with
@@ -10,7 +10,7 @@ import re
 from typing import Callable, Dict, List, Sequence
 
 from normkit.convert.common import StateDict, flatten_official_sn, rename_keys
-from normkit.models.checkpoint import read_tensor_dict
+from normkit.io import read_tensor_dict
 
 __all__ = ["convert", "convert_csail", "convert_sn_imagenet", "convert_mmseg", "convert_deeplab_v2", "CONVERTERS"]
 

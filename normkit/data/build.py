@@ -146,7 +146,24 @@ def build_train_transform(cfg: dict):
     raise ValueError(f"unknown pipeline '{pipeline}' (data.train.pipeline); choose one of {', '.join(PIPELINES)}")
 
 
-class _AugmentedSamples(Dataset):
+class _SegmentationMapper(Dataset):
+    """Maps records of a segmentation dataset to model inputs (normalised image tensor, int64 label); exposes
+    the dataset's `num_classes` and `class_names` and the normalisation `mean`/`std`."""
+
+    dataset: SegmentationDataset
+    mean: tuple
+    std: tuple
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def class_names(self) -> tuple:
+        return self.dataset.class_names
+
+
+class SegmentationTrainMapper(_SegmentationMapper):
     """Indexed by `SampleKey`: decodes sample `key.index` and augments it with its own seeded Generator."""
 
     def __init__(self, dataset: SegmentationDataset, transform, seed: int, mean, std):
@@ -161,7 +178,10 @@ class _AugmentedSamples(Dataset):
         return to_tensor(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64)), sample["name"], key
 
 
-class _Collate:
+class SegmentationCollate:
+    """Segmentation batching: images and labels padded (labels with the ignore index) to one size, a multiple
+    of `multiple` and at least `min_size`; `meta` holds the names and the sampler's keys or original sizes."""
+
     def __init__(self, multiple: int = 1, min_size=(0, 0)):
         self.multiple, self.min_size = multiple, min_size
 
@@ -189,7 +209,7 @@ class TrainLoader:
 
     def __init__(self, loader: DataLoader):
         self.loader = loader
-        self.dataset = loader.dataset.dataset
+        self.dataset = loader.dataset.dataset  # the records (SegmentationDataset)
         self._iterator = iter(loader)
 
     def __iter__(self):
@@ -215,19 +235,21 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
         landscape = [w > h for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
         sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter, landscape=landscape, short_sides=transform.short_sides)
-        collate = _Collate(int(cfg.get("pad_multiple", 8)))
+        collate = SegmentationCollate(int(cfg.get("pad_multiple", 8)))
     else:
         sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter)
-        collate = _Collate(int(cfg.get("pad_multiple", 1)), transform.crop_size)
-    loader = DataLoader(_AugmentedSamples(dataset, transform, seed, *_normalisation(data_cfg)),
+        collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), transform.crop_size)
+    loader = DataLoader(SegmentationTrainMapper(dataset, transform, seed, *_normalisation(data_cfg)),
                         batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                         worker_init_fn=_worker_init if num_workers else None,
                         pin_memory=torch.cuda.is_available())
     return TrainLoader(loader)
 
 
-class _ValSamples(Dataset):
+class SegmentationValMapper(_SegmentationMapper):
+    """Full-resolution normalised image and label of this rank's shard of the val split."""
+
     def __init__(self, dataset: SegmentationDataset, indices: list[int], mean, std):
         self.dataset, self.indices, self.mean, self.std = dataset, indices, mean, std
 
@@ -244,8 +266,8 @@ def build_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_
                      dataset: SegmentationDataset | None = None) -> DataLoader:
     """Finite loader over this rank's shard of the val split, batch 1, full-resolution image and label:
     {"images": [1, 3, H, W], "labels": int64 [1, H, W], "meta": {"names": [str], "ori_sizes": [(H, W)]}}.
-    `loader.dataset.dataset` is the SegmentationDataset (class names)."""
+    `loader.dataset` (a SegmentationValMapper) states `num_classes`, `class_names`, `mean` and `std`."""
     dataset = dataset if dataset is not None else build_dataset(data_cfg, "val")
-    samples = _ValSamples(dataset, shard_indices(len(dataset), rank, world_size), *_normalisation(data_cfg))
-    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=_Collate(), num_workers=num_workers,
+    samples = SegmentationValMapper(dataset, shard_indices(len(dataset), rank, world_size), *_normalisation(data_cfg))
+    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(), num_workers=num_workers,
                       worker_init_fn=_worker_init if num_workers else None)

@@ -7,5 +7,5 @@ from normkit.engine.distributed import (  # noqa: F401
     init_distributed, is_main_process, mean_over_ranks, seed_all, setup_logging, unwrap_model, wrap_ddp)
 from normkit.engine.hooks import EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar  # noqa: F401
 from normkit.engine.lr_scheduler import IterationLRScheduler, PolyLR, WarmupStepLR, build_lr_scheduler  # noqa: F401
-from normkit.engine.optimizer import build_optimizer, build_param_groups, norm_module_types  # noqa: F401
+from normkit.engine.optimizer import build_optimizer, build_param_groups  # noqa: F401
 from normkit.engine.trainer import AMP_DTYPES, HookBase, Trainer  # noqa: F401

@@ -14,39 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normkit.models.checkpoint import load_checkpoint
+from normkit.io import _fsync_dir, atomic_save, load_checkpoint
 
 __all__ = ["atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state", "Checkpointer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace onto `path`.
-
-    A crash or kill at any point leaves either the old file or the complete new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def capture_rng_state() -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from normkit.models.build import load_config as read_config
+from normkit.io import load_yaml
 
 __all__ = ["load_config", "apply_overrides", "parse_value", "SECTIONS"]
 
@@ -17,7 +17,9 @@ SECTIONS = ("model", "data", "train", "evaluation")
 
 def load_config(path: str | Path) -> dict:
     """Parses the YAML file (safe loader) and checks its top level: the sections, each present afterwards."""
-    cfg = read_config(path)
+    cfg = load_yaml(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path} must be a mapping with sections {list(SECTIONS)}, got {type(cfg).__name__}")
     unknown = set(cfg) - set(SECTIONS)
     if unknown:
         raise ValueError(f"config {path} has unknown top-level keys {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")

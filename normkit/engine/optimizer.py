@@ -1,21 +1,10 @@
 """Optimizer with parameter groups: per-prefix lr multipliers, and no weight decay on norm parameters or biases."""
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-__all__ = ["build_param_groups", "build_optimizer", "norm_module_types"]
-
-
-@functools.cache
-def norm_module_types() -> tuple[type, ...]:
-    """Module types whose parameters (affine weight/bias, SN's mean_weight/var_weight) get `norm_weight_decay`."""
-    # Imported here, not at module level, so that the engine's other parts load without the compiled ops.
-    from normkit.nn import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm
-    return (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm,
-            SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm)
+__all__ = ["build_param_groups", "build_optimizer"]
 
 
 def _lr_multiplier(name: str, lr_mult: dict[str, float]) -> float:
@@ -33,7 +22,7 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
     """Splits the trainable parameters of `model` into optimizer groups.
 
     lr_mult: `{name prefix: multiplier}`, e.g. `{"decode_head": 10.0}` (the longest matching prefix wins);
-    parameters of norm layers (`norm_module_types()`) get `norm_weight_decay`, other biases get
+    parameters of norm layers (`normkit.nn.is_norm_layer`) get `norm_weight_decay`, other biases get
     `bias_weight_decay`, everything else `weight_decay`. Each group records its `lr_mult`; every trainable
     parameter appears exactly once. Call this on the unwrapped model (before DistributedDataParallel).
     """
@@ -43,7 +32,8 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
     if unmatched:
         raise ValueError(f"lr_mult prefixes {unmatched} match no parameter of the model; parameter names start "
                          f"with {sorted({n.split('.')[0] for n in names})}")
-    norm_types = norm_module_types()
+    # Imported here, not at module level, so that the engine's other parts load without the compiled ops.
+    from normkit.nn.norm import is_norm_layer
     groups: dict[tuple[float, float], dict] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -52,7 +42,7 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, norm_types):
+            if is_norm_layer(module):
                 decay = norm_weight_decay
             elif param_name == "bias":
                 decay = bias_weight_decay

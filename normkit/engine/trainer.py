@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from normkit.engine.checkpoint import capture_rng_state, restore_rng_state
-from normkit.engine.distributed import all_gather_objects, get_rank, get_world_size, mean_over_ranks, unwrap_model
+from normkit.engine.distributed import (all_gather_objects, get_rank, get_world_size, mean_over_ranks, move_to_device,
+                                       unwrap_model)
 from normkit.engine.lr_scheduler import IterationLRScheduler
 
 __all__ = ["HookBase", "Trainer", "AMP_DTYPES"]
@@ -44,10 +45,13 @@ class Trainer:
 
     One iteration = `iter_size` micro-batches whose gradients accumulate (each loss divided by iter_size,
     DDP gradient sync only on the last one), then one optimizer step and one scheduler step.
-    `data_loader_fn(start_batch)` returns an iterator of batches `{"images", "labels", ...}` starting at
-    micro-batch number `start_batch` (= iteration * iter_size), which makes resumed runs see the same data.
-    The model maps `(images, labels)` to a dict of scalars; keys ending in "loss" are summed into the
-    training loss, the rest (e.g. pixel_acc) are only logged.
+    `data_loader_fn(start_batch)` returns an iterator of batches starting at micro-batch number `start_batch`
+    (= iteration * iter_size), which makes resumed runs see the same data.
+
+    The model contract, the same for every task: the trainer never looks inside a batch. It moves the batch
+    to the device as the loader yields it (tensors inside nested dicts, lists and tuples; other objects
+    untouched) and calls `model(batch)`, which in training mode returns a dict of scalar tensors: keys ending
+    in "loss" are summed into the training loss, the rest (e.g. pixel_acc) are only logged.
 
     amp: None, "bf16" or "fp16" (autocast; fp16 adds a GradScaler whose state is checkpointed).
     After each step `self.scalars` holds the rank-averaged scalars of that iteration plus `lr`, `time`
@@ -151,14 +155,15 @@ class Trainer:
         summed: dict[str, torch.Tensor] = {}
         for micro in range(self.iter_size):
             data_start = time.perf_counter()
-            batch = next(self._data_iter)
-            images = batch["images"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            batch = move_to_device(next(self._data_iter), self.device)
             data_time += time.perf_counter() - data_start
             accumulate = micro < self.iter_size - 1 and isinstance(self.model, nn.parallel.DistributedDataParallel)
             with self.model.no_sync() if accumulate else contextlib.nullcontext():
                 with self._autocast():
-                    outputs = self.model(images, labels)
+                    outputs = self.model(batch)
+                if not isinstance(outputs, dict):
+                    raise RuntimeError("in training mode the model must return a dict of scalar tensors (keys "
+                                       f"ending in 'loss' are optimised), got {type(outputs).__name__}")
                 losses = [v for k, v in outputs.items() if k.endswith("loss")]
                 if not losses:
                     raise RuntimeError(f"the model returned no loss terms (keys ending in 'loss') in training mode; "

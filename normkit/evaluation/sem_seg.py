@@ -1,4 +1,5 @@
-"""`evaluate(model, loader, eval_cfg)`: run inference over a (sharded) validation loader and return metrics.
+"""Segmentation evaluation: `SegmentationEvaluator` (dataset-wide IoU metrics) and `SegmentationInference`
+(multi-scale / flip / sliding-window test-time wrapper), tied together by `evaluate(model, loader, eval_cfg)`.
 
 eval_cfg (the `evaluation:` config section; all keys optional)::
 
@@ -12,20 +13,48 @@ eval_cfg (the `evaluation:` config section; all keys optional)::
     show_dir: null         # write image | prediction | label PNGs here
 
 In a torch.distributed run every rank evaluates its shard (build_val_loader(rank=..., world_size=...)) and
-the counts are summed over ranks before `compute`, so every rank returns the dataset-wide metrics.
+the counts are summed over ranks in `SegmentationEvaluator.evaluate`, so every rank returns the dataset-wide
+metrics.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
+from torch import nn
 
 from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from normkit.evaluation.inference import inference
+from normkit.evaluation.evaluator import DatasetEvaluator, inference_on_dataset
+from normkit.evaluation.inference import MODES, inference
 from normkit.evaluation.metrics import SegmentationMetric
 from normkit.evaluation.visualize import denormalize, side_by_side
 
+__all__ = ["EVAL_KEYS", "SegmentationEvaluator", "SegmentationInference", "evaluate", "image_scales"]
+
 EVAL_KEYS = ("scales", "short_sides", "max_long_side", "flip", "mode", "crop_size", "stride", "show_dir")
+
+
+def check_eval_config(eval_cfg: dict | None) -> dict:
+    """The `evaluation:` section with its keys and values checked (clear errors before any work starts)."""
+    eval_cfg = dict(eval_cfg or {})
+    unknown = set(eval_cfg) - set(EVAL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown evaluation option(s) {sorted(unknown)}; known: {', '.join(EVAL_KEYS)}")
+    for key in ("scales", "short_sides"):
+        values = eval_cfg.get(key)
+        if values is not None and (not isinstance(values, (list, tuple)) or not values
+                                   or any(not isinstance(v, (int, float)) or not v > 0 for v in values)):
+            raise ValueError(f"evaluation.{key} must be a non-empty list of positive numbers, got {values!r}")
+    if eval_cfg.get("mode", "whole") not in MODES:
+        raise ValueError(f"unknown evaluation.mode {eval_cfg['mode']!r}; choose one of {', '.join(MODES)}")
+    for key in ("crop_size", "stride"):
+        value = eval_cfg.get(key)
+        values = [value] if isinstance(value, int) else value
+        if value is not None and (not isinstance(values, (list, tuple)) or len(values) not in (1, 2)
+                                  or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values)):
+            raise ValueError(f"evaluation.{key} must be a positive int or [height, width], got {value!r}")
+    return eval_cfg
 
 
 def image_scales(eval_cfg: dict, height: int, width: int) -> list[float]:
@@ -36,47 +65,69 @@ def image_scales(eval_cfg: dict, height: int, width: int) -> list[float]:
     return list(eval_cfg.get("scales") or [1.0])
 
 
-def evaluate(model, loader, eval_cfg: dict | None = None, num_classes: int | None = None) -> dict:
-    """Metrics of `model` on `loader` (batches {"images", "labels", "meta"}): the dict of
-    SegmentationMetric.compute() plus "class_names" when the loader's dataset has them.
-    `num_classes` defaults to the dataset's."""
-    eval_cfg = dict(eval_cfg or {})
-    unknown = set(eval_cfg) - set(EVAL_KEYS)
-    if unknown:
-        raise ValueError(f"unknown evaluation option(s) {sorted(unknown)}; known: {', '.join(EVAL_KEYS)}")
-    samples = getattr(loader, "dataset", None)  # build_val_loader's per-rank view: has mean, std, dataset
-    base = getattr(samples, "dataset", None)
-    num_classes = num_classes or getattr(base, "num_classes", None)
+class SegmentationInference(nn.Module):
+    """Test-time wrapper: ``wrapper(batch)`` returns class probabilities [B, K, H, W] at the labels' size
+    (the images' size when the batch has no labels), averaged over the configured scales, flips and windows."""
+
+    def __init__(self, model: nn.Module, eval_cfg: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.eval_cfg = check_eval_config(eval_cfg)
+
+    def forward(self, batch) -> torch.Tensor:
+        images = batch["images"]
+        out_size = batch["labels"].shape[-2:] if "labels" in batch else images.shape[-2:]
+        cfg = self.eval_cfg
+        return inference(self.model, images, image_scales(cfg, *images.shape[-2:]), flip=bool(cfg.get("flip", False)),
+                         mode=cfg.get("mode", "whole"), crop_size=cfg.get("crop_size"), stride=cfg.get("stride"),
+                         out_size=out_size)
+
+
+class SegmentationEvaluator(DatasetEvaluator):
+    """Confusion-based metrics (SegmentationMetric) of the argmax of per-pixel scores [B, K, H, W] against
+    the batch's ``labels``; optionally writes image | prediction | label panels (``show_dir``, images
+    de-normalised with ``mean``/``std``)."""
+
+    def __init__(self, num_classes: int, *, class_names=None, ignore_index: int = 255, show_dir=None,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.metric = SegmentationMetric(num_classes, ignore_index)
+        self.class_names = list(class_names) if class_names else None
+        self.show_dir = Path(show_dir) if show_dir else None
+        self.mean, self.std = mean, std
+
+    def reset(self) -> None:
+        self.metric.reset()
+        if self.show_dir is not None:
+            self.show_dir.mkdir(parents=True, exist_ok=True)
+
+    def process(self, inputs, outputs) -> None:
+        pred = outputs.argmax(dim=1)
+        labels = inputs["labels"]
+        self.metric.update(pred, labels)
+        if self.show_dir is not None:
+            for i, name in enumerate(inputs["meta"]["names"]):
+                panel = side_by_side(denormalize(inputs["images"][i], self.mean, self.std), pred[i].cpu().numpy(),
+                                     labels[i].cpu().numpy())
+                Image.fromarray(panel).save(self.show_dir / f"{name}.png")
+
+    def evaluate(self) -> dict:
+        self.metric.all_reduce()
+        results = self.metric.compute()
+        if self.class_names:
+            results["class_names"] = list(self.class_names)
+        return results
+
+
+def evaluate(model: nn.Module, loader, eval_cfg: dict | None = None, num_classes: int | None = None) -> dict:
+    """Metrics of `model` on a segmentation val loader (batches {"images", "labels", "meta"}): the dict of
+    SegmentationMetric.compute() plus "class_names" when the loader's dataset has them. `num_classes`
+    defaults to the dataset's."""
+    samples = getattr(loader, "dataset", None)  # build_val_loader's mapped dataset: num_classes, names, mean, std
+    num_classes = num_classes or getattr(samples, "num_classes", None)
     if num_classes is None:
         raise ValueError("evaluate needs num_classes when the loader's dataset does not state it")
-    metric = SegmentationMetric(num_classes)
-    device = next(model.parameters()).device
-    show_dir = Path(eval_cfg["show_dir"]) if eval_cfg.get("show_dir") else None
-    if show_dir is not None:
-        show_dir.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            probs = inference(model, images, image_scales(eval_cfg, *images.shape[-2:]),
-                              flip=bool(eval_cfg.get("flip", False)), mode=eval_cfg.get("mode", "whole"),
-                              crop_size=eval_cfg.get("crop_size"), stride=eval_cfg.get("stride"),
-                              out_size=labels.shape[-2:])
-            pred = probs.argmax(dim=1)
-            metric.update(pred, labels)
-            if show_dir is not None:
-                mean = getattr(samples, "mean", IMAGENET_MEAN)
-                std = getattr(samples, "std", IMAGENET_STD)
-                for i, name in enumerate(batch["meta"]["names"]):
-                    panel = side_by_side(denormalize(images[i], mean, std), pred[i].cpu().numpy(),
-                                         labels[i].cpu().numpy())
-                    Image.fromarray(panel).save(show_dir / f"{name}.png")
-    finally:
-        model.train(was_training)
-    metric.all_reduce()
-    results = metric.compute()
-    if base is not None and getattr(base, "class_names", None):
-        results["class_names"] = list(base.class_names)
-    return results
+    eval_cfg = check_eval_config(eval_cfg)
+    evaluator = SegmentationEvaluator(num_classes, class_names=getattr(samples, "class_names", None),
+                                      show_dir=eval_cfg.get("show_dir"), mean=getattr(samples, "mean", IMAGENET_MEAN),
+                                      std=getattr(samples, "std", IMAGENET_STD))
+    return inference_on_dataset(SegmentationInference(model, eval_cfg), loader, evaluator)

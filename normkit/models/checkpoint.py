@@ -7,57 +7,21 @@ from typing import Dict, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["IGNORABLE_BUFFERS", "load_checkpoint", "read_tensor_dict", "read_state_dict", "load_state_dict_strict"]
+from normkit.io import read_tensor_dict
 
+__all__ = ["SYNCBN_BOOKKEEPING", "IGNORABLE_BUFFERS", "read_state_dict", "load_state_dict_strict"]
+
+# CSAIL's SynchronizedBatchNorm2d bookkeeping buffers: not part of the model's math.
+SYNCBN_BOOKKEEPING = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
 # Buffers a checkpoint may lack or carry without it being a mismatch: BatchNorm's step counter (absent
-# in PyTorch 0.4-era and DeepLab checkpoints; meaningless to FrozenBatchNorm2d) and the CSAIL SyncBN
-# bookkeeping buffers.
-IGNORABLE_BUFFERS = ("num_batches_tracked", "_tmp_running_mean", "_tmp_running_var", "_running_iter")
+# in PyTorch 0.4-era and DeepLab checkpoints; meaningless to FrozenBatchNorm2d) and the SyncBN bookkeeping.
+IGNORABLE_BUFFERS = ("num_batches_tracked", *SYNCBN_BOOKKEEPING)
 
 StateDict = Dict[str, torch.Tensor]
 
 
 def _is_ignorable(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in IGNORABLE_BUFFERS
-
-
-def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> dict:
-    """Reads a checkpoint with `torch.load(weights_only=True)`, so loading never runs code from the file.
-
-    Clear errors for a missing, truncated or unsafe file, and for one that does not hold a dict.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated zips and forbidden globals
-        raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or holding objects that "
-                           f"weights_only loading refuses): {exc}") from exc
-    if not isinstance(state, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
-    return state
-
-
-def read_tensor_dict(source: Union[str, os.PathLike, Mapping],
-                     containers: Sequence[str] = ("model", "state_dict")) -> StateDict:
-    """A dict of tensors from a checkpoint file (read by :func:`load_checkpoint`) or a mapping.
-
-    Unwraps the first of ``containers`` present (``{"model": ...}``, ``{"state_dict": ...}``); every entry must be
-    a tensor.
-    """
-    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "checkpoint"
-    state = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{origin}: expected a dict of tensors, got {type(state).__name__}")
-    for container in containers:
-        if isinstance(state.get(container), Mapping):
-            state = state[container]
-            break
-    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if non_tensors:
-        raise ValueError(f"{origin}: entries are not tensors: {non_tensors[:10]} (wrong file or format?)")
-    return dict(state)
 
 
 def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> StateDict:

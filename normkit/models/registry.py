@@ -1,9 +1,20 @@
-"""Name -> builder registries for backbones, heads and whole models."""
+"""One name -> builder registry per kind of model part; parts register themselves where they are defined.
+
+    @SEG_HEADS.register("ppm")
+    class PPM(nn.Module): ...
+
+A builder is a class or a function whose keyword arguments are the config keys of that part (the model
+builders in :mod:`normkit.models.build` pass them through and name the config section in errors).
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["Registry", "BACKBONES", "HEADS", "MODELS"]
+from torch import nn
+
+__all__ = ["Registry", "BACKBONES", "NECKS", "SEG_HEADS", "PROPOSAL_GENERATORS", "ROI_HEADS", "MODELS",
+           "config_section", "build_from_cfg", "call_with_config", "build_backbone", "build_head"]
 
 
 class Registry:
@@ -13,12 +24,14 @@ class Registry:
         self.kind = kind
         self._builders: Dict[str, Callable] = {}
 
-    def register(self, name: str, builder: Optional[Callable] = None):
-        """``register(name, fn)`` or ``@register(name)``; a name can be registered once."""
+    def register(self, name: Optional[str] = None, builder: Optional[Callable] = None):
+        """``@register("name")`` above a class or function (``@register()`` uses its ``__name__``), or
+        ``register("name", fn)``. A name can be registered once."""
         def add(fn: Callable) -> Callable:
-            if name in self._builders:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._builders[name] = fn
+            key = name or fn.__name__
+            if key in self._builders:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._builders[key] = fn
             return fn
         return add if builder is None else add(builder)
 
@@ -35,5 +48,65 @@ class Registry:
 
 
 BACKBONES = Registry("backbone")
-HEADS = Registry("head")
+NECKS = Registry("neck")
+SEG_HEADS = Registry("segmentation head")
+PROPOSAL_GENERATORS = Registry("proposal generator")
+ROI_HEADS = Registry("ROI head")
 MODELS = Registry("model")
+
+
+def config_section(cfg: Any, where: str) -> dict:
+    """A copy of the config mapping at ``where`` (e.g. ``model.backbone``), which must name its part."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"config {where} must be a mapping, got {cfg!r}")
+    if "name" not in cfg:
+        raise ValueError(f"config {where} needs a 'name'")
+    return dict(cfg)
+
+
+def build_from_cfg(registry: Registry, cfg: Mapping, where: str, *args, **kwargs):
+    """``registry[cfg.name](*args, **cfg_without_name, **kwargs)``; a wrong or missing keyword becomes an error
+    naming the config section."""
+    cfg = config_section(cfg, where)
+    builder = registry.get(cfg.pop("name"))
+    return call_with_config(builder, where, *args, **cfg, **kwargs)
+
+
+def call_with_config(builder: Callable, where: str, *args, **kwargs):
+    """``builder(*args, **kwargs)``, turning a wrong or missing keyword into an error naming the config section."""
+    try:
+        return builder(*args, **kwargs)
+    except TypeError as exc:
+        if "argument" not in str(exc):  # a TypeError from inside the constructor, not from its signature
+            raise
+        raise ValueError(f"bad keys in config {where}: {exc}") from exc
+
+
+def accepts_keyword(builder: Callable, name: str) -> bool:
+    """True when ``builder`` takes a keyword argument ``name`` (or any keyword)."""
+    params = inspect.signature(builder).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def build_backbone(cfg: Mapping, where: str = "model.backbone") -> nn.Module:
+    """A registered backbone; ``pretrained: <path>`` loads a checkpoint into it strictly (an ImageNet
+    classifier's ``fc.*`` keys are ignored when the backbone has no classifier)."""
+    cfg = config_section(cfg, where)
+    pretrained = cfg.pop("pretrained", None)
+    backbone = build_from_cfg(BACKBONES, cfg, where)
+    if pretrained:
+        from normkit.models.checkpoint import load_state_dict_strict
+        ignore = ("fc.",) if getattr(backbone, "fc", None) is None else ()
+        load_state_dict_strict(backbone, pretrained, ignore_prefixes=ignore)
+    return backbone
+
+
+def build_head(cfg: Mapping, in_channels: Sequence[int], num_classes: int, *, default_norm=None,
+               default_norm_kwargs: Optional[Mapping] = None, where: str = "model.decode_head") -> nn.Module:
+    """A registered segmentation head over features of ``in_channels``; ``norm``/``norm_kwargs`` default to
+    the backbone's for heads that take a norm."""
+    cfg = config_section(cfg, where)
+    if "norm" not in cfg and default_norm is not None and accepts_keyword(SEG_HEADS.get(cfg["name"]), "norm"):
+        cfg["norm"] = default_norm
+        cfg.setdefault("norm_kwargs", dict(default_norm_kwargs or {}))
+    return build_from_cfg(SEG_HEADS, cfg, where, tuple(in_channels), num_classes)

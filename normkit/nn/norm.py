@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from normkit.nn.switch_norm import SwitchNorm2d, SyncSwitchNorm, _SwitchNorm
 
-__all__ = ["FrozenBatchNorm2d", "build_norm", "recompute_batch_stats", "NORM_NAMES"]
+__all__ = ["FrozenBatchNorm2d", "build_norm", "is_norm_layer", "NORM_TYPES", "recompute_batch_stats", "NORM_NAMES"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -82,6 +82,18 @@ _NORMS: dict[str, Callable[..., nn.Module]] = {
 NORM_NAMES = tuple(_NORMS)
 
 
+# Every normalization layer type (torch's and normkit's): their parameters are "norm parameters" to the
+# optimizer (no weight decay by default) and the CSAIL decoder init.
+NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                                nn.RMSNorm, _SwitchNorm, FrozenBatchNorm2d)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for normalization layers: torch's BatchNorm/InstanceNorm/GroupNorm/LayerNorm/RMSNorm, every SN
+    variant and FrozenBatchNorm2d."""
+    return isinstance(module, NORM_TYPES)
+
+
 def build_norm(norm: str | Callable[..., nn.Module] | None, num_channels: int, **kwargs: Any) -> nn.Module:
     """Builds a 2d norm layer for `num_channels` channels.
 
@@ -103,23 +115,14 @@ def build_norm(norm: str | Callable[..., nn.Module] | None, num_channels: int, *
     return _NORMS[key](num_channels, **kwargs)
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-@torch.no_grad()
 def recompute_batch_stats(model: nn.Module, batches: Iterable[Any], num_batches: int,
-                          forward: Callable[[nn.Module, Any], Any] = _call) -> int:
+                          forward: Callable[[nn.Module, Any], Any] | None = None) -> int:
     """Recomputes the running statistics of every SN and BatchNorm layer of `model` over `num_batches` batches.
 
     Serves SN trained with `using_moving_average=False` (batch average) and "precise BN". Each layer's mean is the
     average of the batch means and its variance the variance over all batches (law of total variance for SN; the
     average of batch variances for torch BatchNorm, as detectron2's precise BN). Batches are fed with
-    `forward(model, batch)` (default: `model(batch)`, `model(*batch)` or `model(**batch)`) in train mode without
+    `forward(model, batch)` (default: `model(batch)`, the trainer's contract) in train mode without
     gradients; training mode and layer settings are restored afterwards. Returns the number of batches used.
     """
     if num_batches <= 0:
@@ -144,7 +147,7 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable[Any], num_batches:
         for batch in batches:
             if used == num_batches:
                 break
-            forward(model, batch)
+            model(batch) if forward is None else forward(model, batch)
             used += 1
     finally:
         for m, (moving, momentum) in zip(sn_layers, saved_sn):

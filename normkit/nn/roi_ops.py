@@ -1,16 +1,25 @@
-"""Modules over normkit's ROI ops: RoIAlign, RoIPool and the FPN MultiScaleRoIAlign."""
+"""Modules over normkit's ROI ops: RoIAlign, RoIPool and the FPN MultiScaleRoIAlign.
+
+Like torchvision's, the modules are scriptable, and FX tracing records each forward as one call of an op
+(`roi_align`, `roi_pool`, `multiscale_roi_align`, wrapped with torch.fx.wrap below), so symbolic tracing,
+feature extraction and FX quantization work on models that contain them.
+"""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from normkit.ops import roi_align, roi_pool
-from normkit.ops._roi_common import boxes_to_rois, output_size_pair
+from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair)
 
-__all__ = ["RoIAlign", "RoIPool", "MultiScaleRoIAlign", "assign_boxes_to_levels"]
+__all__ = ["RoIAlign", "RoIPool", "MultiScaleRoIAlign", "assign_boxes_to_levels", "multiscale_roi_align"]
+
+# FX leaves: calls of these names from this module become single graph nodes instead of being traced into.
+torch.fx.wrap("roi_align")
+torch.fx.wrap("roi_pool")
 
 
 class RoIAlign(nn.Module):
@@ -18,17 +27,18 @@ class RoIAlign(nn.Module):
     list of Tensor[L, 4]) -> Tensor[K, C, *output_size]."""
 
     def __init__(self, output_size: int | tuple[int, int], spatial_scale: float, sampling_ratio: int,
-                 aligned: bool = False, *, deterministic: bool = False):
+                 aligned: bool = False, deterministic: bool = False):
         super().__init__()
-        self.output_size = output_size_pair(output_size, "RoIAlign")
-        self.spatial_scale = spatial_scale
+        check_output_size(output_size, "RoIAlign")
+        self.output_size = output_size_pair(output_size)
+        self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.deterministic = deterministic
 
-    def forward(self, input: Tensor, boxes) -> Tensor:
+    def forward(self, input: Tensor, boxes: BoxesLike) -> Tensor:
         return roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-                         deterministic=self.deterministic)
+                         self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -41,10 +51,11 @@ class RoIPool(nn.Module):
 
     def __init__(self, output_size: int | tuple[int, int], spatial_scale: float):
         super().__init__()
-        self.output_size = output_size_pair(output_size, "RoIPool")
-        self.spatial_scale = spatial_scale
+        check_output_size(output_size, "RoIPool")
+        self.output_size = output_size_pair(output_size)
+        self.spatial_scale = float(spatial_scale)
 
-    def forward(self, input: Tensor, boxes) -> Tensor:
+    def forward(self, input: Tensor, boxes: BoxesLike) -> Tensor:
         return roi_pool(input, boxes, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
@@ -61,8 +72,78 @@ def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canoni
     """
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     levels = torch.floor(canonical_level + torch.log2(area.clamp(min=0).sqrt() / canonical_scale) + eps)
-    levels = torch.nan_to_num(levels, nan=min_level).clamp(min_level, max_level)
+    levels = torch.nan_to_num(levels, nan=float(min_level)).clamp(min_level, max_level)
     return levels.to(torch.int64) - min_level
+
+
+def _select_levels(features: Union[Dict[str, Tensor], List[Tensor]], featmap_names: List[str],
+                   num_levels: int) -> List[Tensor]:
+    if torch.jit.isinstance(features, Dict[str, Tensor]):
+        if len(featmap_names) == 0:
+            return list(features.values())[:num_levels]
+        missing: List[str] = []
+        for name in featmap_names:
+            if name not in features:
+                missing.append(name)
+        if len(missing) > 0:
+            raise ValueError(f"MultiScaleRoIAlign: features lack levels {missing}; got {list(features.keys())}")
+        return [features[name] for name in featmap_names]
+    assert not isinstance(features, dict)  # refines the type for TorchScript
+    if len(featmap_names) > 0:
+        raise ValueError("MultiScaleRoIAlign: built with featmap_names, so features must be a dict of them")
+    if len(features) != num_levels:
+        raise ValueError(f"MultiScaleRoIAlign: expected {num_levels} feature levels, got {len(features)}")
+    return features
+
+
+def _infer_log2_scale(feature: Tensor, image_size: Tuple[int, int]) -> int:
+    exponents: List[int] = []
+    for f, i in [(feature.shape[-2], image_size[0]), (feature.shape[-1], image_size[1])]:
+        if f > 0 and i > 0:
+            e = int(round(math.log(f / i, 2.0)))
+            if e not in exponents:
+                exponents.append(e)
+    if len(exponents) != 1:
+        raise ValueError(f"MultiScaleRoIAlign: cannot infer one power-of-two scale from a feature map of size "
+                         f"{feature.shape[-2:]} for images up to {image_size}")
+    return exponents[0]
+
+
+def multiscale_roi_align(features: Union[Dict[str, Tensor], List[Tensor]], boxes: List[Tensor],
+                         image_shapes: List[Tuple[int, int]], featmap_names: List[str], num_levels: int,
+                         output_size: Tuple[int, int], sampling_ratio: int, canonical_scale: float = 224.0,
+                         canonical_level: int = 4, aligned: bool = False) -> Tensor:
+    """The computation of MultiScaleRoIAlign.forward (an FX leaf, so traced models keep it as one call);
+    `featmap_names` empty selects the first `num_levels` features."""
+    levels = _select_levels(features, featmap_names, num_levels)
+    if len(image_shapes) == 0:
+        raise ValueError("MultiScaleRoIAlign: image_shapes must give the (height, width) of every image")
+    image_size = (max([s[0] for s in image_shapes]), max([s[1] for s in image_shapes]))
+    log2_scales = [_infer_log2_scale(f, image_size) for f in levels]
+    for k in range(len(log2_scales)):
+        if log2_scales[k] != log2_scales[0] - k:
+            raise ValueError(f"MultiScaleRoIAlign: levels must be consecutive powers of two, finest first; inferred "
+                             f"log2 scales {log2_scales}")
+    if not torch.jit.is_scripting():
+        check_boxes(boxes, levels[0], "MultiScaleRoIAlign")
+    rois = boxes_to_rois(boxes, levels[0])
+    if len(levels) == 1:
+        return roi_align(levels[0], rois, output_size, 2.0 ** log2_scales[0], sampling_ratio, aligned)
+    # FPN level k has stride 2^k: scale 2^-k.
+    targets = assign_boxes_to_levels(rois[:, 1:], -log2_scales[0], -log2_scales[-1], canonical_scale,
+                                     canonical_level)
+    first = levels[0]
+    result = first.new_zeros((rois.shape[0], first.shape[1], output_size[0], output_size[1]))
+    # Every level is pooled, even with no boxes: skipping would need the data-dependent count, which
+    # torch.export and torch.compile cannot branch on.
+    for index, feature in enumerate(levels):
+        selected = torch.nonzero(targets == index).flatten()
+        pooled = roi_align(feature, rois[selected], output_size, 2.0 ** log2_scales[index], sampling_ratio, aligned)
+        result = result.index_copy(0, selected, pooled.to(result.dtype))
+    return result
+
+
+torch.fx.wrap("multiscale_roi_align")
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -81,77 +162,34 @@ class MultiScaleRoIAlign(nn.Module):
     order.
     """
 
-    def __init__(self, featmap_names: Sequence[str] | int, output_size: int | tuple[int, int], sampling_ratio: int,
+    def __init__(self, featmap_names: list[str] | int, output_size: int | tuple[int, int], sampling_ratio: int,
                  *, canonical_scale: float = 224.0, canonical_level: int = 4, aligned: bool = False):
         super().__init__()
         if isinstance(featmap_names, int):
             if featmap_names <= 0:
                 raise ValueError(f"MultiScaleRoIAlign: the number of levels must be positive, got {featmap_names}")
-            self.featmap_names = None
+            self.featmap_names: List[str] = []
             self.num_levels = featmap_names
         else:
             self.featmap_names = list(featmap_names)
             self.num_levels = len(self.featmap_names)
             if self.num_levels == 0:
                 raise ValueError("MultiScaleRoIAlign: featmap_names must name at least one level")
-        self.output_size = output_size_pair(output_size, "MultiScaleRoIAlign")
+        check_output_size(output_size, "MultiScaleRoIAlign")
+        self.output_size = output_size_pair(output_size)
         self.sampling_ratio = sampling_ratio
-        self.canonical_scale = canonical_scale
+        self.canonical_scale = float(canonical_scale)
         self.canonical_level = canonical_level
         self.aligned = aligned
 
-    def _levels(self, features) -> list[Tensor]:
-        if isinstance(features, Mapping):
-            if self.featmap_names is None:
-                return list(features.values())[: self.num_levels]
-            missing = [name for name in self.featmap_names if name not in features]
-            if missing:
-                raise ValueError(f"MultiScaleRoIAlign: features lack levels {missing}; got {list(features)}")
-            return [features[name] for name in self.featmap_names]
-        if self.featmap_names is not None:
-            raise ValueError("MultiScaleRoIAlign: built with featmap_names, so features must be a dict of them")
-        levels = list(features)
-        if len(levels) != self.num_levels:
-            raise ValueError(f"MultiScaleRoIAlign: expected {self.num_levels} feature levels, got {len(levels)}")
-        return levels
+    def forward(self, features: Union[Dict[str, Tensor], List[Tensor]], boxes: List[Tensor],
+                image_shapes: List[Tuple[int, int]]) -> Tensor:
+        return multiscale_roi_align(features, boxes, image_shapes, self.featmap_names, self.num_levels,
+                                    self.output_size, self.sampling_ratio, self.canonical_scale,
+                                    self.canonical_level, self.aligned)
 
-    @staticmethod
-    def _infer_log2_scale(feature: Tensor, image_size: tuple[int, int]) -> int:
-        exponents = {round(math.log2(f / i)) for f, i in zip(feature.shape[-2:], image_size) if f > 0 and i > 0}
-        if len(exponents) != 1:
-            raise ValueError(f"MultiScaleRoIAlign: cannot infer one power-of-two scale from a feature map of size "
-                             f"{tuple(feature.shape[-2:])} for images up to {tuple(image_size)}")
-        return exponents.pop()
-
-    def forward(self, features, boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        levels = self._levels(features)
-        if not image_shapes:
-            raise ValueError("MultiScaleRoIAlign: image_shapes must give the (height, width) of every image")
-        image_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        log2_scales = [self._infer_log2_scale(f, image_size) for f in levels]
-        if log2_scales != list(range(log2_scales[0], log2_scales[0] - len(levels), -1)):
-            raise ValueError(f"MultiScaleRoIAlign: levels must be consecutive powers of two, finest first; inferred "
-                             f"scales {[2.0 ** e for e in log2_scales]}")
-        rois = boxes_to_rois(boxes, levels[0], "MultiScaleRoIAlign")
-        if len(levels) == 1:
-            return roi_align(levels[0], rois, self.output_size, 2.0 ** log2_scales[0], self.sampling_ratio,
-                             self.aligned)
-        # FPN level k has stride 2^k: scale 2^-k.
-        targets = assign_boxes_to_levels(rois[:, 1:], -log2_scales[0], -log2_scales[-1], self.canonical_scale,
-                                         self.canonical_level)
-        first = levels[0]
-        result = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
-        for index, (feature, log2_scale) in enumerate(zip(levels, log2_scales)):
-            selected = torch.nonzero(targets == index).flatten()
-            if selected.numel() == 0:
-                continue
-            pooled = roi_align(feature, rois[selected], self.output_size, 2.0 ** log2_scale, self.sampling_ratio,
-                               self.aligned)
-            result = result.index_copy(0, selected, pooled.to(result.dtype))
-        return result
-
-    def extra_repr(self) -> str:
-        names = self.featmap_names if self.featmap_names is not None else self.num_levels
-        return (f"featmap_names={names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "
-                f"canonical_scale={self.canonical_scale}, canonical_level={self.canonical_level}, "
-                f"aligned={self.aligned}")
+    def __repr__(self) -> str:
+        # torchvision's format; the number of levels stands in for names when features come as a list.
+        names = self.featmap_names if self.featmap_names else self.num_levels
+        return (f"{type(self).__name__}(featmap_names={names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio})")

@@ -1,13 +1,20 @@
-"""Argument handling shared by the ROI ops: box formats, output sizes, layouts and batch-index checks."""
+"""Argument handling shared by the ROI ops: box formats, output sizes, layouts and batch-index checks.
+
+The public ops are TorchScript-compatible: the conversions they need (`output_size_pair`, `boxes_to_rois`,
+`dequantized`) are scriptable, while the `check_*` functions give eager callers clear ValueErrors and run only
+outside TorchScript (the C++ kernels check what they index either way).
+"""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from typing import List, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.jit.annotations import BroadcastingList2
 
-BoxesLike = Tensor | Sequence[Tensor]
+BoxesLike = Union[Tensor, List[Tensor]]
 
 
 def describe(x) -> str:
@@ -16,29 +23,48 @@ def describe(x) -> str:
     return type(x).__name__
 
 
-def output_size_pair(output_size, op: str) -> tuple[int, int]:
-    """`int` or `(height, width)` -> (height, width), both positive ints."""
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_output_size(output_size, op: str) -> None:
+    """`int` or `(height, width)`, both positive ints."""
+    size = (output_size, output_size) if not isinstance(output_size, (tuple, list)) else tuple(output_size)
+    if len(size) != 2 or not all(_is_int(v) for v in size):
         raise ValueError(f"{op}: output_size must be an int or a pair of ints (height, width), got {output_size!r}")
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"{op}: output_size must be positive, got {output_size!r}")
-    return size
 
 
-def check_spatial_scale(spatial_scale, op: str) -> float:
-    scale = float(spatial_scale)
-    if not (math.isfinite(scale) and scale > 0):
+def output_size_pair(output_size: BroadcastingList2[int]) -> Tuple[int, int]:
+    """`int` or `(height, width)` -> (height, width), as checked by check_output_size."""
+    if isinstance(output_size, int):
+        return output_size, output_size
+    return int(output_size[0]), int(output_size[1])
+
+
+def check_spatial_scale(spatial_scale, op: str) -> None:
+    if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
+        raise ValueError(f"{op}: spatial_scale must be a number (feature size / image size, e.g. 1/16), got "
+                         f"{spatial_scale!r}")
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
         raise ValueError(f"{op}: spatial_scale must be a positive finite number (feature size / image size, "
                          f"e.g. 1/16), got {spatial_scale!r}")
-    return scale
 
 
 def check_feature_map(input, op: str) -> None:
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError(f"{op}: input must be Tensor[N, C, H, W], got {describe(input)}")
-    if not input.is_floating_point():
-        raise ValueError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
+    if input.is_quantized:
+        if input.qscheme() != torch.per_tensor_affine:
+            raise ValueError(f"{op}: a quantized input must be quantized per tensor (affine), got {input.qscheme()}")
+    elif not input.is_floating_point():
+        raise ValueError(f"{op}: input must be a floating-point or quantized tensor, got {input.dtype}")
+
+
+def dequantized(t: Tensor) -> Tensor:
+    """Quantized ROI-op arguments are computed on in float32 (torchvision accepts quantized inputs too)."""
+    return t.dequantize() if t.is_quantized else t
 
 
 _AUTOCAST_LIBRARIES: list = []  # a Library deregisters its kernels when garbage-collected
@@ -72,19 +98,23 @@ def autocast_active(device: torch.device) -> bool:
 def check_same_device_and_dtype(name: str, t: Tensor, ref: Tensor, ref_name: str, op: str) -> None:
     if t.device != ref.device:
         raise ValueError(f"{op}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
-    # Under autocast the registered autocast kernel casts both to float32, so the dtypes may differ.
-    if t.dtype != ref.dtype and not autocast_active(ref.device):
+    # Under autocast the registered autocast kernel casts both to float32, so the dtypes may differ; quantized
+    # features and boxes are both dequantized to float32.
+    if ref.is_quantized:
+        if not (t.is_quantized or t.dtype == torch.float32):
+            raise ValueError(f"{op}: with a quantized {ref_name}, {name} must be quantized or float32, got {t.dtype}")
+    elif t.dtype != ref.dtype and not autocast_active(ref.device):
         raise ValueError(f"{op}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
-def boxes_to_rois(boxes: BoxesLike, input: Tensor, op: str) -> Tensor:
-    """Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list with one Tensor[L_i, 4] per image -> Tensor[K, 5]."""
+def check_boxes(boxes, input: Tensor, op: str) -> None:
+    """Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list with one Tensor[L_i, 4] per image."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(f"{op}: boxes must be Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4] (one per image), got Tensor{list(boxes.shape)}")
         check_same_device_and_dtype("boxes", boxes, input, "input", op)
-        return boxes
+        return
     if not isinstance(boxes, (list, tuple)):
         raise ValueError(f"{op}: boxes must be Tensor[K, 5] or a list of Tensor[L, 4], got {describe(boxes)}")
     if len(boxes) > input.shape[0]:
@@ -93,16 +123,26 @@ def boxes_to_rois(boxes: BoxesLike, input: Tensor, op: str) -> Tensor:
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             raise ValueError(f"{op}: boxes[{i}] must be Tensor[L, 4] (x1, y1, x2, y2), got {describe(b)}")
         check_same_device_and_dtype(f"boxes[{i}]", b, input, "input", op)
-    if not boxes:
-        return input.new_zeros((0, 5))
-    dtype = boxes[0].dtype
-    index = torch.cat([torch.full((len(b), 1), i, dtype=dtype, device=b.device) for i, b in enumerate(boxes)])
-    return torch.cat([index, torch.cat([b.to(dtype) for b in boxes])], dim=1)
+
+
+def boxes_to_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
+    """Boxes as checked by check_boxes -> Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), dequantized."""
+    if isinstance(boxes, Tensor):
+        return dequantized(boxes)
+    if len(boxes) == 0:
+        return dequantized(input).new_zeros((0, 5))
+    parts: List[Tensor] = []
+    dtype = dequantized(boxes[0]).dtype
+    for i, b in enumerate(boxes):
+        b = dequantized(b).to(dtype)
+        parts.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1))
+    return torch.cat(parts)
 
 
 def check_batch_indices(rois: Tensor, batch: int, op: str) -> None:
-    """Batch indices must be integers in [0, batch). Costs one device sync on GPU; skipped while compiling."""
-    if rois.shape[0] == 0 or torch.compiler.is_compiling():
+    """Batch indices must be integers in [0, batch). Costs one device sync on GPU; skipped while compiling and for
+    meta tensors (no values)."""
+    if rois.shape[0] == 0 or rois.device.type == "meta" or torch.compiler.is_compiling():
         return
     index = rois[:, 0]
     bad = ~((index >= 0) & (index < batch) & (index == index.floor()))  # NaN fails every comparison

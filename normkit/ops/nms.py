@@ -1,16 +1,19 @@
 """Non-maximum suppression: greedy, by decreasing score, torchvision semantics by default.
 
-`nms` and `batched_nms` match torchvision.ops (DESIGN.md §4); `offset=1` reproduces the Detectron legacy NMS
-(+1 in widths/heights, suppress IoU >= threshold). Kernels in csrc/{cpu,cuda}/nms.*, IoU in
-csrc/common/roi_geometry.h. `nms_reference` is a pure-PyTorch implementation from the definition.
+`nms` and `batched_nms` match torchvision.ops (README: "Compatibility with torchvision.ops"); both are scriptable
+and FX leaves. `offset=1` reproduces the Detectron legacy NMS (+1 in widths/heights, suppress IoU >= threshold).
+Kernels in csrc/{cpu,cuda}/nms.*, IoU in csrc/common/roi_geometry.h. `nms_reference` is a pure-PyTorch
+implementation from the definition.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor
 
 from normkit._extension import register_ops, require_extension
-from normkit.ops._roi_common import check_same_device_and_dtype, describe, opmath_dtype
+from normkit.ops._roi_common import check_same_device_and_dtype, describe, dequantized, opmath_dtype
 
 __all__ = ["nms", "batched_nms", "nms_reference"]
 
@@ -18,54 +21,65 @@ __all__ = ["nms", "batched_nms", "nms_reference"]
 def _check_nms_args(boxes, scores, iou_threshold, offset, op: str) -> None:
     if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{op}: boxes must be Tensor[N, 4] (x1, y1, x2, y2), got {describe(boxes)}")
-    if not boxes.is_floating_point():
-        raise ValueError(f"{op}: boxes must be a floating-point tensor, got {boxes.dtype}")
+    if not (boxes.is_floating_point() or boxes.is_quantized):
+        raise ValueError(f"{op}: boxes must be a floating-point or quantized tensor, got {boxes.dtype}")
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"{op}: scores must be Tensor[{boxes.shape[0]}] (one per box), got {describe(scores)}")
-    check_same_device_and_dtype("scores", scores, boxes, "boxes", op)
-    if offset not in (0, 1):
-        raise ValueError(f"{op}: offset must be 0 (torchvision) or 1 (Detectron legacy), got {offset!r}")
-    if not isinstance(iou_threshold, (int, float)) or iou_threshold != iou_threshold:
+    if boxes.is_quantized != scores.is_quantized:
+        raise ValueError(f"{op}: boxes and scores must both be quantized or both not, got {boxes.dtype} and "
+                         f"{scores.dtype}")
+    if not boxes.is_quantized:
+        check_same_device_and_dtype("scores", scores, boxes, "boxes", op)
+    # A bool would pass as 0/1 but reads like "use an offset"; the legacy convention is asked for explicitly.
+    if not (isinstance(offset, numbers.Integral) and not isinstance(offset, bool) and offset in (0, 1)):
+        raise ValueError(f"{op}: offset must be the int 0 (torchvision) or 1 (Detectron legacy), got {offset!r}")
+    if (not isinstance(iou_threshold, numbers.Real) or isinstance(iou_threshold, bool)
+            or iou_threshold != iou_threshold):
         raise ValueError(f"{op}: iou_threshold must be a number, got {iou_threshold!r}")
 
 
+@torch.fx.wrap
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: int = 0) -> Tensor:
     """Greedy NMS: visit boxes by decreasing score (ties: input order) and drop every later box whose IoU with a
     kept box is > iou_threshold (>= with offset=1).
 
     Args:
-        boxes: Tensor[N, 4] boxes (x1, y1, x2, y2); scores: Tensor[N], same dtype and device.
-        offset: 0 for torchvision's IoU (areas (x2 - x1) * (y2 - y1)); 1 for the Detectron legacy NMS.
+        boxes: Tensor[N, 4] boxes (x1, y1, x2, y2); scores: Tensor[N], same dtype and device. Quantized boxes and
+            scores are compared in float32.
+        offset: the int 0 for torchvision's IoU (areas (x2 - x1) * (y2 - y1)); 1 for the Detectron legacy NMS.
+            A bool is rejected.
 
     Returns:
         int64 Tensor of the kept boxes' indices, by decreasing score.
     """
-    require_extension("nms")
-    _check_nms_args(boxes, scores, iou_threshold, offset, "nms")
-    return torch.ops.normkit.nms(boxes, scores, float(iou_threshold), int(offset))
+    if not torch.jit.is_scripting():
+        require_extension("nms")
+        _check_nms_args(boxes, scores, iou_threshold, offset, "nms")
+    return torch.ops.normkit.nms(dequantized(boxes), dequantized(scores), float(iou_threshold), offset)
 
 
+@torch.fx.wrap
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, offset: int = 0) -> Tensor:
     """NMS within each category `idxs` (boxes of different categories never suppress each other).
 
-    Shifts each category's boxes by a multiple of the coordinate span so categories cannot overlap, then runs one
-    NMS. Returns the kept indices by decreasing score.
+    Equals NMS run per category with the kept indices merged by decreasing score (ties: input order), also for
+    NaN/inf or huge coordinates and any integer category ids: the kernel groups the boxes by category instead of
+    shifting their coordinates. Empty `boxes` return an empty int64 tensor before any other argument is looked
+    at, as in torchvision.
     """
-    _check_nms_args(boxes, scores, iou_threshold, offset, "batched_nms")
-    if not isinstance(idxs, Tensor) or idxs.shape != scores.shape or idxs.is_floating_point():
-        raise ValueError(f"batched_nms: idxs must be an integer Tensor[{boxes.shape[0]}] of category indices, got "
-                         f"{describe(idxs)}")
-    if idxs.device != boxes.device:
-        raise ValueError(f"batched_nms: idxs must be on the same device as boxes ({boxes.device}), got {idxs.device}")
     if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.long, device=boxes.device)
-    # fp16 has too few bits for the shifted coordinates; shift in at least fp32.
-    coords = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
-    # Category c's boxes move by c * span with span > (max - min + offset), so any two boxes of different
-    # categories are separated along x and y by at least one unit even counting the +1 of offset=1.
-    span = coords.max() - coords.min() + 1 + offset
-    shifted = coords + (idxs.to(coords.dtype) * span)[:, None]
-    return nms(shifted, scores.to(coords.dtype), iou_threshold, offset)
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if not torch.jit.is_scripting():
+        require_extension("batched_nms")
+        _check_nms_args(boxes, scores, iou_threshold, offset, "batched_nms")
+        if (not isinstance(idxs, Tensor) or idxs.shape != scores.shape or idxs.is_floating_point()
+                or idxs.is_complex() or idxs.dtype == torch.bool):
+            raise ValueError(f"batched_nms: idxs must be an integer Tensor[{boxes.shape[0]}] of category indices, "
+                             f"got {describe(idxs)}")
+        if idxs.device != boxes.device:
+            raise ValueError(f"batched_nms: idxs must be on the same device as boxes ({boxes.device}), got "
+                             f"{idxs.device}")
+    return torch.ops.normkit.batched_nms(dequantized(boxes), dequantized(scores), idxs, float(iou_threshold), offset)
 
 
 def _fake_nms(dets, scores, iou_threshold, offset=0):
@@ -78,10 +92,18 @@ def _fake_nms(dets, scores, iou_threshold, offset=0):
     return dets.new_empty((kept,), dtype=torch.long)
 
 
+def _fake_batched_nms(dets, scores, idxs, iou_threshold, offset=0):
+    torch._check(idxs.dim() == 1 and idxs.shape[0] == dets.shape[0],
+                 lambda: f"batched_nms: idxs must be Tensor[{dets.shape[0]}], got {list(idxs.shape)}")
+    return _fake_nms(dets, scores, iou_threshold, offset)
+
+
 def _register() -> None:
     torch.library.register_fake("normkit::nms")(_fake_nms)
+    torch.library.register_fake("normkit::batched_nms")(_fake_batched_nms)
     for _device_type in ("cpu", "cuda"):
-        torch.library.register_autocast("normkit::nms", _device_type, torch.float32)
+        for _name in ("normkit::nms", "normkit::batched_nms"):
+            torch.library.register_autocast(_name, _device_type, torch.float32)
 
 
 register_ops(_register)

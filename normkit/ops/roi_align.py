@@ -1,33 +1,50 @@
 """RoIAlign (Mask R-CNN): bilinear sampling of box regions into fixed-size feature maps.
 
-`roi_align` matches torchvision.ops.roi_align in signature and semantics (DESIGN.md §4); the kernels are in
-csrc/{cpu,cuda}/roi_align.*, the geometry in csrc/common/roi_geometry.h. `roi_align_reference` is a slow
-pure-PyTorch implementation written from the definition: the test oracle and the benchmark baseline.
+`roi_align` matches torchvision.ops.roi_align in signature and semantics (README: "Compatibility with
+torchvision.ops"); it is scriptable and an FX leaf. The kernels are in csrc/{cpu,cuda}/roi_align.*, the geometry
+in csrc/common/roi_geometry.h. `roi_align_reference` is a slow pure-PyTorch implementation written from the
+definition: the test oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.jit.annotations import BroadcastingList2
 
 from normkit._extension import register_ops, require_extension
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_feature_map,
-                                     check_spatial_scale, kernel_memory_format, opmath_dtype, output_size_pair,
-                                     register_float32_autocast)
+from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
+                                     check_output_size, check_spatial_scale, dequantized, kernel_memory_format,
+                                     opmath_dtype, output_size_pair, register_float32_autocast)
 
 __all__ = ["roi_align", "roi_align_reference"]
 
 
-def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False, *, deterministic: bool = False) -> Tensor:
+def _check_roi_align_args(input, boxes, output_size, spatial_scale, sampling_ratio, op: str) -> None:
+    require_extension("roi_align")
+    check_feature_map(input, op)
+    check_boxes(boxes, input, op)
+    check_output_size(output_size, op)
+    check_spatial_scale(spatial_scale, op)
+    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
+        raise ValueError(f"{op}: sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+    if sampling_ratio > 65536:  # the kernels' cap (csrc/common/roi_geometry.h kMaxAdaptiveGrid)
+        raise ValueError(f"{op}: sampling_ratio must be at most 65536 samples per bin and axis, got {sampling_ratio}")
+
+
+@torch.fx.wrap
+def roi_align(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int], spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False, deterministic: bool = False) -> Tensor:
     """Average of bilinear samples over each bin of each box.
 
     Args:
-        input: Tensor[N, C, H, W] features (NCHW or channels_last; fp32/fp64/fp16/bf16).
+        input: Tensor[N, C, H, W] features (NCHW or channels_last; fp32/fp64/fp16/bf16, or quantized per tensor:
+            computed in float32 and quantized back with the input's scale and zero point).
         boxes: Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list of N_i Tensor[L_i, 4] boxes (one per
             image, in order), in image coordinates; same dtype and device as input.
         output_size: (height, width) of each output, or an int for a square.
         spatial_scale: feature size / image size, e.g. 1/16 for a stride-16 map.
-        sampling_ratio: samples per bin along each axis; <= 0 samples ceil(box size / output size) (adaptive).
+        sampling_ratio: samples per bin along each axis (at most 65536); <= 0 samples ceil(box size / output
+            size) (adaptive).
         aligned: shift boxes by -0.5 pixel so pixel centres sit on integer coordinates (Detectron2's
             ROIAlignV2); False keeps the original Mask R-CNN behaviour, which also stretches boxes to >= 1 pixel.
         deterministic: use the deterministic (atomic-free) backward on CUDA. It is also used whenever
@@ -37,17 +54,17 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int
         Tensor[K, C, output_size[0], output_size[1]], channels_last if the input is. A box with NaN/inf
         coordinates, or entirely more than a pixel outside the map, gives zeros.
     """
-    require_extension("roi_align")
-    op = "roi_align"
-    check_feature_map(input, op)
-    rois = boxes_to_rois(boxes, input, op)
-    pooled_h, pooled_w = output_size_pair(output_size, op)
-    scale = check_spatial_scale(spatial_scale, op)
-    if not isinstance(sampling_ratio, int):
-        raise ValueError(f"{op}: sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
-    check_batch_indices(rois, input.shape[0], op)
-    return torch.ops.normkit.roi_align(input, rois, scale, pooled_h, pooled_w, sampling_ratio, bool(aligned),
-                                       bool(deterministic))
+    if not torch.jit.is_scripting():
+        _check_roi_align_args(input, boxes, output_size, spatial_scale, sampling_ratio, "roi_align")
+    rois = boxes_to_rois(boxes, input)
+    pooled_h, pooled_w = output_size_pair(output_size)
+    if not torch.jit.is_scripting():
+        check_batch_indices(rois, input.shape[0], "roi_align")
+    output = torch.ops.normkit.roi_align(dequantized(input), rois, float(spatial_scale), pooled_h, pooled_w,
+                                         sampling_ratio, aligned, deterministic)
+    if input.is_quantized:
+        return torch.quantize_per_tensor(output, input.q_scale(), input.q_zero_point(), input.dtype)
+    return output
 
 
 # ---- autograd, fake and autocast registration ----
@@ -138,8 +155,10 @@ def roi_align_reference(input: Tensor, boxes: BoxesLike, output_size: int | tupl
     """
     op = "roi_align_reference"
     check_feature_map(input, op)
-    rois = boxes_to_rois(boxes, input, op)
-    pooled_h, pooled_w = output_size_pair(output_size, op)
+    check_boxes(boxes, input, op)
+    check_output_size(output_size, op)
+    rois = boxes_to_rois(boxes, input)
+    pooled_h, pooled_w = output_size_pair(output_size)
     check_batch_indices(rois, input.shape[0], op)
     batch, channels, height, width = input.shape
     compute = opmath_dtype(input.dtype)

@@ -1,26 +1,39 @@
 """RoIPool (Fast R-CNN): max over the cells of each bin of each box, on integer-rounded box coordinates.
 
-`roi_pool` matches torchvision.ops.roi_pool (DESIGN.md §4); kernels in csrc/{cpu,cuda}/roi_pool.*, geometry in
-csrc/common/roi_geometry.h. `roi_pool_reference` is a slow pure-PyTorch implementation from the definition.
+`roi_pool` matches torchvision.ops.roi_pool (README: "Compatibility with torchvision.ops"); it is scriptable and
+an FX leaf. Kernels in csrc/{cpu,cuda}/roi_pool.*, geometry in csrc/common/roi_geometry.h. `roi_pool_reference`
+is a slow pure-PyTorch implementation from the definition.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.jit.annotations import BroadcastingList2
 
 from normkit._extension import register_ops, require_extension
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_feature_map,
-                                     check_spatial_scale, opmath_dtype, output_size_pair, register_float32_autocast)
+from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
+                                     check_output_size, check_spatial_scale, dequantized, opmath_dtype,
+                                     output_size_pair, register_float32_autocast)
 
 __all__ = ["roi_pool", "roi_pool_reference"]
 
 
-def roi_pool(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int],
+def _check_roi_pool_args(input, boxes, output_size, spatial_scale, op: str) -> None:
+    require_extension("roi_pool")
+    check_feature_map(input, op)
+    check_boxes(boxes, input, op)
+    check_output_size(output_size, op)
+    check_spatial_scale(spatial_scale, op)
+
+
+@torch.fx.wrap
+def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int],
              spatial_scale: float = 1.0) -> Tensor:
     """Max-pool each box, split into output_size bins, from the feature map.
 
     Args:
-        input: Tensor[N, C, H, W] features (a channels_last input is read as a contiguous copy).
+        input: Tensor[N, C, H, W] features (a channels_last input is read as a contiguous copy; a quantized
+            input is pooled in float32 and quantized back with its scale and zero point).
         boxes: Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list of Tensor[L_i, 4] (one per image), in
             image coordinates; same dtype and device as input.
         output_size: (height, width) of each output, or an int for a square.
@@ -30,14 +43,15 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int]
         Tensor[K, C, output_size[0], output_size[1]] (NCHW). A bin that falls outside the map, or a box with
         NaN/inf coordinates, gives 0.
     """
-    require_extension("roi_pool")
-    op = "roi_pool"
-    check_feature_map(input, op)
-    rois = boxes_to_rois(boxes, input, op)
-    pooled_h, pooled_w = output_size_pair(output_size, op)
-    scale = check_spatial_scale(spatial_scale, op)
-    check_batch_indices(rois, input.shape[0], op)
-    output, _ = torch.ops.normkit.roi_pool(input, rois, scale, pooled_h, pooled_w)
+    if not torch.jit.is_scripting():
+        _check_roi_pool_args(input, boxes, output_size, spatial_scale, "roi_pool")
+    rois = boxes_to_rois(boxes, input)
+    pooled_h, pooled_w = output_size_pair(output_size)
+    if not torch.jit.is_scripting():
+        check_batch_indices(rois, input.shape[0], "roi_pool")
+    output, _ = torch.ops.normkit.roi_pool(dequantized(input), rois, float(spatial_scale), pooled_h, pooled_w)
+    if input.is_quantized:
+        return torch.quantize_per_tensor(output, input.q_scale(), input.q_zero_point(), input.dtype)
     return output
 
 
@@ -117,8 +131,10 @@ def roi_pool_reference(input: Tensor, boxes: BoxesLike, output_size: int | tuple
     """
     op = "roi_pool_reference"
     check_feature_map(input, op)
-    rois = boxes_to_rois(boxes, input, op)
-    pooled_h, pooled_w = output_size_pair(output_size, op)
+    check_boxes(boxes, input, op)
+    check_output_size(output_size, op)
+    rois = boxes_to_rois(boxes, input)
+    pooled_h, pooled_w = output_size_pair(output_size)
     check_batch_indices(rois, input.shape[0], op)
     batch, channels, height, width = input.shape
     compute = opmath_dtype(input.dtype)

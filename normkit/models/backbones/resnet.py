@@ -7,18 +7,27 @@ only; the norm modules are called ``bn*`` whatever norm they hold. The deep stem
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from normkit.nn import build_norm
+from normkit.models.registry import BACKBONES, MODELS, build_backbone
+from normkit.nn import build_norm, conv2d
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ARCH_SETTINGS", "STEMS", "DILATION_RULES",
-           "stage_dilations"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "ShapeSpec", "ARCH_SETTINGS", "STEMS", "DILATION_RULES",
+           "FREEZE_MODES", "STAGE_NAMES", "make_stage", "stage_dilations"]
 
 STEMS = ("v1", "deep", "v1c")
 DILATION_RULES = ("csail", "deeplab", "mmseg")
+FREEZE_MODES = ("official", "eval")
+STAGE_NAMES = ("res2", "res3", "res4", "res5")  # layer1..layer4; "res1" is the stem
+
+
+class ShapeSpec(NamedTuple):
+    """Channels and stride (w.r.t. the input image) of a named feature map."""
+    channels: int
+    stride: int
 
 # Stage strides and dilations that give each output stride (layers 1..4).
 _STAGE_SETTINGS = {
@@ -26,12 +35,6 @@ _STAGE_SETTINGS = {
     16: ((1, 2, 2, 1), (1, 1, 1, 2)),
     8: ((1, 2, 1, 1), (1, 1, 2, 4)),
 }
-
-
-def _conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    # 'same' padding for odd kernels: dilation * (k - 1) / 2.
-    return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=dilation * (kernel_size - 1) // 2,
-                     dilation=dilation, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -44,9 +47,9 @@ class BasicBlock(nn.Module):
         super().__init__()
         del stride_in_1x1  # a basic block has no 1x1 conv; accepted so both blocks share one signature
         norm_kwargs = norm_kwargs or {}
-        self.conv1 = _conv(inplanes, planes, 3, stride, dilations[0])
+        self.conv1 = conv2d(inplanes, planes, 3, stride=stride, dilation=dilations[0])
         self.bn1 = build_norm(norm, planes, **norm_kwargs)
-        self.conv2 = _conv(planes, planes, 3, 1, dilations[1])
+        self.conv2 = conv2d(planes, planes, 3, dilation=dilations[1])
         self.bn2 = build_norm(norm, planes, **norm_kwargs)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -73,11 +76,11 @@ class Bottleneck(nn.Module):
         super().__init__()
         norm_kwargs = norm_kwargs or {}
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = _conv(inplanes, planes, 1, stride_1x1)
+        self.conv1 = conv2d(inplanes, planes, 1, stride=stride_1x1)
         self.bn1 = build_norm(norm, planes, **norm_kwargs)
-        self.conv2 = _conv(planes, planes, 3, stride_3x3, dilations[0])
+        self.conv2 = conv2d(planes, planes, 3, stride=stride_3x3, dilation=dilations[0])
         self.bn2 = build_norm(norm, planes, **norm_kwargs)
-        self.conv3 = _conv(planes, planes * self.expansion, 1)
+        self.conv3 = conv2d(planes, planes * self.expansion, 1)
         self.bn3 = build_norm(norm, planes * self.expansion, **norm_kwargs)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -130,8 +133,39 @@ def stage_dilations(rule: str, block: type, num_blocks: int, dilation: int, nomi
     return [first_block] + [(dilation, dilation)] * (num_blocks - 1)
 
 
+def make_stage(block: type, inplanes: int, planes: int, num_blocks: int, *, stride: int = 1,
+               dilations: Optional[Sequence[Tuple[int, int]]] = None, norm="bn", norm_kwargs=None,
+               stride_in_1x1: bool = False, last_gamma: bool = False) -> nn.Sequential:
+    """One residual stage: ``num_blocks`` blocks, the first with ``stride`` and a conv + norm shortcut when
+    the stride or the width changes. ``dilations`` holds each block's (first, second) 3x3 dilations
+    (:func:`stage_dilations`); ``last_gamma`` zeroes the weight of each block's last norm (SN recipe).
+    Also builds the res5 head of C4 detectors."""
+    norm_kwargs = dict(norm_kwargs or {})
+    dilations = list(dilations or [(1, 1)] * num_blocks)
+    if len(dilations) != num_blocks:
+        raise ValueError(f"make_stage: {len(dilations)} dilations for {num_blocks} blocks")
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+            build_norm(norm, planes * block.expansion, **norm_kwargs))
+    blocks = []
+    for i, block_dilations in enumerate(dilations):
+        blocks.append(block(inplanes, planes, stride=stride if i == 0 else 1, dilations=block_dilations,
+                            downsample=downsample if i == 0 else None, norm=norm, norm_kwargs=norm_kwargs,
+                            stride_in_1x1=stride_in_1x1))
+        inplanes = planes * block.expansion
+    if last_gamma:
+        for blk in blocks:
+            weight = getattr(blk.last_norm(), "weight", None)
+            if weight is not None:
+                with torch.no_grad():
+                    weight.zero_()
+    return nn.Sequential(*blocks)
+
+
 class ResNet(nn.Module):
-    """ResNet backbone returning the four stage features ``[C2, C3, C4, C5]``.
+    """ResNet backbone returning named stage features ``{"res2": C2, ..., "res5": C5}``.
 
     Args:
         depth: 18, 34, 50 or 101.
@@ -145,14 +179,27 @@ class ResNet(nn.Module):
         ceil_mode: ceil mode of the stem max-pool (DeepLab v2).
         num_classes: when given, adds global average pooling and an ``fc`` layer; ``forward`` then
             returns class logits Tensor[N, num_classes] instead of the features.
+        out_features: which of ``res2``..``res5`` ``forward`` returns, in stride order; stages after the
+            last one requested are not built (a C4 detector's body stops at ``res4``).
+        freeze_at: 0 trains everything; k >= 1 freezes the stem ("res1") and the stages up to "res{k}"
+            (their parameters get ``requires_grad=False``).
+        freeze_mode: how the norm layers of frozen stages behave.
+            ``"official"`` (Detectron-1 / the SN detection code): the stem's layers and the frozen stages'
+            blocks stay in eval mode, but the layers *inside* those blocks are never switched, so their
+            norms keep training-mode behaviour (an SN/BN in a frozen res2 uses batch statistics and keeps
+            updating its running statistics), in training and in evaluation alike.
+            ``"eval"``: every module of the frozen part is always in eval mode (running statistics used and
+            never updated), the usual fine-tuning choice.
 
-    Attributes ``out_channels`` and ``out_strides`` give the channels and strides of the four features.
+    :meth:`output_shape` gives each returned feature's channels and stride; ``out_channels`` and
+    ``out_strides`` the same as tuples in ``out_features`` order.
     """
 
     def __init__(self, depth: int = 50, *, stem: str = "v1", output_stride: int = 32,
                  dilation_rule: str = "csail", norm="bn", norm_kwargs: Optional[dict] = None,
                  last_gamma: bool = False, stride_in_1x1: bool = False, ceil_mode: bool = False,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, out_features: Sequence[str] = STAGE_NAMES,
+                 freeze_at: int = 0, freeze_mode: str = "official"):
         super().__init__()
         if depth not in ARCH_SETTINGS:
             raise ValueError(f"unsupported ResNet depth {depth}; choose one of {sorted(ARCH_SETTINGS)}")
@@ -162,12 +209,26 @@ class ResNet(nn.Module):
             raise ValueError(f"output_stride must be one of {sorted(_STAGE_SETTINGS)}, got {output_stride}")
         if dilation_rule not in DILATION_RULES:
             raise ValueError(f"unknown dilation rule {dilation_rule!r}; choose one of {', '.join(DILATION_RULES)}")
+        out_features = tuple(out_features)
+        if not out_features or any(f not in STAGE_NAMES for f in out_features) or \
+                list(out_features) != sorted(set(out_features), key=STAGE_NAMES.index):
+            raise ValueError(f"out_features must be distinct names from {list(STAGE_NAMES)} in stride order, "
+                             f"got {list(out_features)}")
+        num_stages = STAGE_NAMES.index(out_features[-1]) + 1
+        if num_classes is not None and num_stages != 4:
+            raise ValueError("a classifier (num_classes) needs all four stages: out_features must end with res5")
+        if not isinstance(freeze_at, int) or not 0 <= freeze_at <= num_stages + 1:
+            raise ValueError(f"freeze_at must be an int in [0, {num_stages + 1}], got {freeze_at!r}")
+        if freeze_mode not in FREEZE_MODES:
+            raise ValueError(f"unknown freeze_mode {freeze_mode!r}; choose one of {', '.join(FREEZE_MODES)}")
         norm_kwargs = dict(norm_kwargs or {})
         if "last_gamma" in norm_kwargs:
             raise ValueError("pass last_gamma to the backbone (backbone.last_gamma), not in norm_kwargs: "
                              "it applies only to the last norm of each residual block")
         block, layers = ARCH_SETTINGS[depth]
         self.depth, self.stem, self.output_stride = depth, stem, output_stride
+        self.out_features = out_features
+        self.freeze_at, self.freeze_mode = freeze_at, freeze_mode
 
         stem_channels = {"v1": (64,), "deep": (64, 64, 128), "v1c": (32, 32, 64)}[stem]
         if stem == "v1":
@@ -176,7 +237,7 @@ class ResNet(nn.Module):
         else:
             in_ch = 3
             for i, out_ch in enumerate(stem_channels, start=1):
-                setattr(self, f"conv{i}", _conv(in_ch, out_ch, 3, stride=2 if i == 1 else 1))
+                setattr(self, f"conv{i}", conv2d(in_ch, out_ch, 3, stride=2 if i == 1 else 1))
                 setattr(self, f"bn{i}", build_norm(norm, out_ch, **norm_kwargs))
                 in_ch = out_ch
         self._num_stem_convs = len(stem_channels)
@@ -185,29 +246,21 @@ class ResNet(nn.Module):
 
         strides, dilations = _STAGE_SETTINGS[output_stride]
         inplanes = stem_channels[-1]
-        out_channels, out_strides, total_stride = [], [], 4
-        for index, (planes, num_blocks, stride, dilation) in enumerate(
-                zip((64, 128, 256, 512), layers, strides, dilations), start=1):
+        self._shapes: Dict[str, ShapeSpec] = {}
+        total_stride = 4
+        for index in range(1, num_stages + 1):
+            planes, stride, dilation = (64, 128, 256, 512)[index - 1], strides[index - 1], dilations[index - 1]
             nominal_stride = 1 if index == 1 else 2
-            block_dilations = stage_dilations(dilation_rule, block, num_blocks, dilation, nominal_stride,
-                                              stride_in_1x1)
-            downsample = None
-            if stride != 1 or inplanes != planes * block.expansion:
-                downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                    build_norm(norm, planes * block.expansion, **norm_kwargs))
-            blocks = []
-            for i, block_dilation in enumerate(block_dilations):
-                blocks.append(block(inplanes, planes, stride=stride if i == 0 else 1, dilations=block_dilation,
-                                    downsample=downsample if i == 0 else None, norm=norm,
-                                    norm_kwargs=norm_kwargs, stride_in_1x1=stride_in_1x1))
-                inplanes = planes * block.expansion
-            setattr(self, f"layer{index}", nn.Sequential(*blocks))
+            stage = make_stage(block, inplanes, planes, layers[index - 1], stride=stride,
+                               dilations=stage_dilations(dilation_rule, block, layers[index - 1], dilation,
+                                                         nominal_stride, stride_in_1x1),
+                               norm=norm, norm_kwargs=norm_kwargs, stride_in_1x1=stride_in_1x1)
+            setattr(self, f"layer{index}", stage)
+            inplanes = planes * block.expansion
             total_stride *= stride
-            out_channels.append(inplanes)
-            out_strides.append(total_stride)
-        self.out_channels: Tuple[int, ...] = tuple(out_channels)
-        self.out_strides: Tuple[int, ...] = tuple(out_strides)
+            self._shapes[STAGE_NAMES[index - 1]] = ShapeSpec(inplanes, total_stride)
+        self.out_channels: Tuple[int, ...] = tuple(self._shapes[f].channels for f in out_features)
+        self.out_strides: Tuple[int, ...] = tuple(self._shapes[f].stride for f in out_features)
 
         if num_classes is not None:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -217,27 +270,74 @@ class ResNet(nn.Module):
 
         self._init_weights()
         if last_gamma:
-            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-                for blk in layer:
+            for stage in self.stages():
+                for blk in stage:
                     weight = getattr(blk.last_norm(), "weight", None)
                     if weight is not None:
                         with torch.no_grad():
                             weight.zero_()
+        for module in self._frozen_modules():
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+        self.train()
+
+    def stages(self) -> List[nn.Sequential]:
+        """The built residual stages, layer1 (res2) first."""
+        return [getattr(self, f"layer{i}") for i in range(1, len(self._shapes) + 1)]
+
+    def _stem_modules(self) -> List[nn.Module]:
+        convs = [m for i in range(1, self._num_stem_convs + 1) for m in (getattr(self, f"conv{i}"),
+                                                                           getattr(self, f"bn{i}"))]
+        return convs + [self.relu, self.maxpool]
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.freeze_at == 0:
+            return []
+        modules = list(self._stem_modules())
+        for stage in self.stages()[:self.freeze_at - 1]:
+            modules.extend(stage.modules())
+        return modules
+
+    def train(self, mode: bool = True) -> "ResNet":
+        super().train(mode)
+        if self.freeze_at == 0:
+            return self
+        if self.freeze_mode == "eval":
+            for module in self._frozen_modules():
+                module.training = False
+            return self
+        # official: the direct children of res1..res{freeze_at} are switched off once and never switched again;
+        # everything below them keeps its initial (training) mode.
+        for module in self._stem_modules():
+            module.training = False
+        for stage in self.stages()[:self.freeze_at - 1]:
+            stage.training = False
+            for blk in stage:
+                blk.training = False
+                for sub in blk.modules():
+                    if sub is not blk:
+                        sub.training = True
+        return self
 
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Tensor[N, 3, H, W] -> the four stage features (strides ``out_strides``)."""
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        """``{name: ShapeSpec(channels, stride)}`` of the features ``forward`` returns."""
+        return {name: self._shapes[name] for name in self.out_features}
+
+    def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Tensor[N, 3, H, W] -> ``{name: feature}`` for ``out_features``."""
         for i in range(1, self._num_stem_convs + 1):
             x = self.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         x = self.maxpool(x)
-        features = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            features.append(x)
+        features = {}
+        for name, stage in zip(STAGE_NAMES, self.stages()):
+            x = stage(x)
+            if name in self.out_features:
+                features[name] = x
         return features
 
     def forward(self, x: torch.Tensor):
@@ -246,8 +346,35 @@ class ResNet(nn.Module):
         features = self.forward_features(x)
         if self.fc is None:
             return features
-        return self.fc(torch.flatten(self.avgpool(features[-1]), 1))
+        return self.fc(torch.flatten(self.avgpool(features["res5"]), 1))
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, stem={self.stem!r}, output_stride={self.output_stride}"
 
+
+@BACKBONES.register("resnet18")
+def resnet18(**kwargs) -> ResNet:
+    return ResNet(18, **kwargs)
+
+
+@BACKBONES.register("resnet34")
+def resnet34(**kwargs) -> ResNet:
+    return ResNet(34, **kwargs)
+
+
+@BACKBONES.register("resnet50")
+def resnet50(**kwargs) -> ResNet:
+    return ResNet(50, **kwargs)
+
+
+@BACKBONES.register("resnet101")
+def resnet101(**kwargs) -> ResNet:
+    return ResNet(101, **kwargs)
+
+
+@MODELS.register("resnet")
+def resnet_classifier(cfg: dict) -> ResNet:
+    """An ImageNet-style classifier: ``backbone`` config plus ``num_classes`` (default 1000)."""
+    if "backbone" not in cfg:
+        raise ValueError("config model.backbone is required for model 'resnet'")
+    return build_backbone({**cfg["backbone"], "num_classes": cfg.get("num_classes", 1000)})

@@ -1,30 +1,16 @@
 """Building blocks and loss helpers shared by the segmentation heads."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.nn import build_norm
+from normkit.models.registry import build_backbone, build_head
+from normkit.nn import is_norm_layer
 
 LOSS_MODES = ("downsample_labels", "upsample_logits")
-
-
-def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int = 3, *, norm="bn",
-                   norm_kwargs=None, dilation: int = 1) -> nn.Sequential:
-    """``Sequential(conv, norm, ReLU)`` with indices 0/1/2 (CSAIL's ``conv3x3_bn_relu`` layout)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size - 1) // 2,
-                  dilation=dilation, bias=False),
-        build_norm(norm, out_channels, **(norm_kwargs or {})),
-        nn.ReLU(inplace=True))
-
-
-def is_norm(module: nn.Module) -> bool:
-    """True for normalization layers (every build_norm choice; the class names all contain 'Norm')."""
-    return "Norm" in type(module).__name__
 
 
 def init_csail_decoder(module: nn.Module) -> None:
@@ -32,7 +18,7 @@ def init_csail_decoder(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight)
-        elif is_norm(m) and isinstance(getattr(m, "weight", None), torch.Tensor):
+        elif is_norm_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor):
             with torch.no_grad():
                 m.weight.fill_(1.0)
                 if isinstance(getattr(m, "bias", None), torch.Tensor):
@@ -76,6 +62,29 @@ def pixel_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return correct.sum().float() / valid.sum().clamp(min=1).float()
 
 
+def check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be Tensor[B, 3, H, W], got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor, got {images.dtype}")
+
+
+def unpack_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(images, labels or None)`` from what a segmentation model is called with: the images tensor itself,
+    or a batch mapping ``{"images": ..., "labels": ... (optional), ...}`` as the loaders yield it."""
+    if isinstance(batch, torch.Tensor):
+        images, labels = batch, None
+    elif isinstance(batch, Mapping) and "images" in batch:
+        images, labels = batch["images"], batch.get("labels")
+    else:
+        raise ValueError("a segmentation model takes images Tensor[B, 3, H, W] or a batch dict with 'images' "
+                         f"(and 'labels' for training), got {type(batch).__name__}"
+                         + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else ""))
+    check_images(images)
+    return images, labels
+
+
 def check_labels(labels: torch.Tensor, images: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     if labels.dim() != 3 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must be Tensor[B, H, W] with B = {images.shape[0]}, got {list(labels.shape)}")
@@ -85,3 +94,25 @@ def check_labels(labels: torch.Tensor, images: torch.Tensor, num_classes: int, i
     if bool(bad.any()):
         raise ValueError(f"labels must be in [0, {num_classes}) or the ignore index {ignore_index}; "
                          f"found {labels[bad].unique()[:8].tolist()}")
+
+
+def build_segmentation_parts(cfg: dict, head_keys: Tuple[str, ...]) -> Tuple[int, nn.Module, dict]:
+    """Pops ``num_classes``, ``backbone`` and the ``head_keys`` sections from a model config and builds them:
+    ``(num_classes, backbone, {key: head})``. The first head key is required; heads default to the backbone's
+    norm."""
+    for key in ("num_classes", "backbone", head_keys[0]):
+        if key not in cfg:
+            raise ValueError(f"config model.{key} is required")
+    num_classes = cfg.pop("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"config model.num_classes must be a positive int, got {num_classes!r}")
+    backbone_cfg = cfg.pop("backbone")
+    backbone = build_backbone(backbone_cfg)
+    in_channels = [shape.channels for shape in backbone.output_shape().values()]
+    heads = {}
+    for key in head_keys:
+        head_cfg = cfg.pop(key, None)
+        if head_cfg:
+            heads[key] = build_head(head_cfg, in_channels, num_classes, default_norm=backbone_cfg.get("norm", "bn"),
+                                    default_norm_kwargs=backbone_cfg.get("norm_kwargs"), where=f"model.{key}")
+    return num_classes, backbone, heads

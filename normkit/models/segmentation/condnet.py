@@ -13,43 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.nn import ConditionalClassifier, build_norm, dice_loss
+from normkit.models.registry import SEG_HEADS
+from normkit.nn import ConditionalClassifier, ConvModule, DepthwiseSeparableConvModule, build_norm, dice_loss
 from normkit.models.segmentation.common import resize_labels
 
-__all__ = ["ConvModule", "DepthwiseSeparableConvModule", "CondASPPHead", "CondDepthwiseSeparableASPPHead",
+__all__ = ["CondASPPHead", "CondDepthwiseSeparableASPPHead",
            "FCNHead"]
 
 
-class ConvModule(nn.Module):
-    """conv (no bias) -> norm (``bn``, whatever the norm) -> ReLU, mmcv's layout."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int = 1,
-                 groups: int = 1, norm="syncbn", norm_kwargs=None):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size - 1) // 2,
-                              dilation=dilation, groups=groups, bias=False)
-        self.bn = build_norm(norm, out_channels, **(norm_kwargs or {}))
-        self.activate = nn.ReLU(inplace=True)
-        # mmcv ConvModule init: Kaiming normal (fan_out, ReLU) conv, norm weight 1 bias 0
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.bn(self.conv(x)))
-
-
-class DepthwiseSeparableConvModule(nn.Module):
-    """Depthwise 3x3 ConvModule (groups = in_channels) then pointwise 1x1 ConvModule, both with norm+ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, *, dilation: int = 1, norm="syncbn", norm_kwargs=None):
-        super().__init__()
-        self.depthwise_conv = ConvModule(in_channels, in_channels, 3, dilation=dilation, groups=in_channels,
-                                         norm=norm, norm_kwargs=norm_kwargs)
-        self.pointwise_conv = ConvModule(in_channels, out_channels, 1, norm=norm, norm_kwargs=norm_kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise_conv(self.depthwise_conv(x))
-
-
+@SEG_HEADS.register("cond_aspp")
 class CondASPPHead(nn.Module):
     """DeepLabV3 ASPP (image pooling + one branch per dilation; dilation 1 is a 1x1 conv), a 3x3
     bottleneck, then the conditional classifier (Dropout2d inside).
@@ -101,6 +73,7 @@ class CondASPPHead(nn.Module):
         return {"guidance_loss": self.guidance_weight * dice_loss(guidance, labels, ignore_index=self.ignore_index)}
 
 
+@SEG_HEADS.register("cond_sep_aspp")
 class CondDepthwiseSeparableASPPHead(CondASPPHead):
     """DeepLabV3+ with a conditional classifier: depthwise-separable ASPP branches, a 1x1 ``c1_bottleneck``
     on stage-1 features (``c1_channels``, 48), the ASPP output upsampled to stride 4 and concatenated with
@@ -132,6 +105,7 @@ class CondDepthwiseSeparableASPPHead(CondASPPHead):
         return self.sep_bottleneck(torch.cat([aspp, c1], 1))
 
 
+@SEG_HEADS.register("fcn")
 class FCNHead(nn.Module):
     """mmseg FCNHead (auxiliary head): ``num_convs`` 3x3 ConvModules on ``features[in_index]``,
     Dropout2d, 1x1 ``conv_seg`` (init N(0, 0.01))."""

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.nn import build_norm
-from normkit.models.segmentation.common import conv_norm_relu, init_csail_decoder
+from normkit.models.registry import SEG_HEADS
+from normkit.nn import ConvNormAct, build_norm
+from normkit.models.segmentation.common import init_csail_decoder
 
 __all__ = ["C1", "C1DeepSup", "PPM", "PPMDeepSup", "UPerNet"]
 
@@ -26,13 +27,14 @@ def _upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+@SEG_HEADS.register("c1")
 class C1(nn.Module):
     """3x3 conv-norm-relu fc_dim -> fc_dim/4, then 1x1 -> K, on the last feature."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, *, norm="bn", norm_kwargs=None):
         super().__init__()
         fc_dim = in_channels[-1]
-        self.cbr = conv_norm_relu(fc_dim, fc_dim // 4, norm=norm, norm_kwargs=norm_kwargs)
+        self.cbr = ConvNormAct(fc_dim, fc_dim // 4, norm=norm, norm_kwargs=norm_kwargs)
         self.conv_last = nn.Conv2d(fc_dim // 4, num_classes, 1)
         init_csail_decoder(self)
 
@@ -40,13 +42,14 @@ class C1(nn.Module):
         return {"logits": self.conv_last(self.cbr(features[-1]))}
 
 
+@SEG_HEADS.register("c1_deepsup")
 class C1DeepSup(C1):
     """C1 plus the same branch on layer 3 (fc_dim/2 -> fc_dim/4 -> K) for deep supervision."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, *, norm="bn", norm_kwargs=None):
         super().__init__(in_channels, num_classes, norm=norm, norm_kwargs=norm_kwargs)
         fc_dim = in_channels[-1]
-        self.cbr_deepsup = conv_norm_relu(in_channels[-2], fc_dim // 4, norm=norm, norm_kwargs=norm_kwargs)
+        self.cbr_deepsup = ConvNormAct(in_channels[-2], fc_dim // 4, norm=norm, norm_kwargs=norm_kwargs)
         self.conv_last_deepsup = nn.Conv2d(fc_dim // 4, num_classes, 1)
         init_csail_decoder(self)
 
@@ -62,6 +65,7 @@ def _pyramid_pooling(features: torch.Tensor, branches) -> torch.Tensor:
     return torch.cat([features] + [_upsample(branch(features), size) for branch in branches], 1)
 
 
+@SEG_HEADS.register("ppm")
 class PPM(nn.Module):
     """Pyramid pooling: for each scale (1,2,3,6) AdaptiveAvgPool -> 1x1 conv 512 -> norm -> relu,
     upsampled and concatenated with the feature, then 3x3 conv 512 -> norm -> relu -> Dropout2d(0.1) -> 1x1."""
@@ -89,6 +93,7 @@ class PPM(nn.Module):
         return {"logits": self.conv_last(_pyramid_pooling(features[-1], self.ppm))}
 
 
+@SEG_HEADS.register("ppm_deepsup")
 class PPMDeepSup(PPM):
     """PPM plus a layer-3 head: 3x3 conv-norm-relu fc_dim/2 -> fc_dim/4, Dropout2d(0.1), 1x1 -> K."""
 
@@ -96,7 +101,7 @@ class PPMDeepSup(PPM):
                  pool_scales: Sequence[int] = POOL_SCALES):
         super().__init__(in_channels, num_classes, norm=norm, norm_kwargs=norm_kwargs, pool_scales=pool_scales)
         fc_dim = in_channels[-1]
-        self.cbr_deepsup = conv_norm_relu(in_channels[-2], fc_dim // 4, norm=norm, norm_kwargs=norm_kwargs)
+        self.cbr_deepsup = ConvNormAct(in_channels[-2], fc_dim // 4, norm=norm, norm_kwargs=norm_kwargs)
         self.conv_last_deepsup = nn.Conv2d(fc_dim // 4, num_classes, 1)
         self.dropout_deepsup = nn.Dropout2d(0.1)
         init_csail_decoder(self)
@@ -109,6 +114,7 @@ class PPMDeepSup(PPM):
         return out
 
 
+@SEG_HEADS.register("upernet")
 class UPerNet(nn.Module):
     """PPM on the last feature (pool -> upsample -> 1x1 conv-norm-relu, the CSAIL order) and an FPN
     over layers 1-3 (1x1 laterals, top-down add, 3x3 outputs); all levels are upsampled to the first
@@ -122,16 +128,16 @@ class UPerNet(nn.Module):
         norm_kwargs = norm_kwargs or {}
         self.ppm_pooling = nn.ModuleList(nn.AdaptiveAvgPool2d(scale) for scale in pool_scales)
         self.ppm_conv = nn.ModuleList(
-            conv_norm_relu(fc_dim, PPM_CHANNELS, 1, norm=norm, norm_kwargs=norm_kwargs) for _ in pool_scales)
-        self.ppm_last_conv = conv_norm_relu(fc_dim + len(pool_scales) * PPM_CHANNELS, fpn_dim, norm=norm,
+            ConvNormAct(fc_dim, PPM_CHANNELS, 1, norm=norm, norm_kwargs=norm_kwargs) for _ in pool_scales)
+        self.ppm_last_conv = ConvNormAct(fc_dim + len(pool_scales) * PPM_CHANNELS, fpn_dim, norm=norm,
                                             norm_kwargs=norm_kwargs)
         self.fpn_in = nn.ModuleList(
-            conv_norm_relu(ch, fpn_dim, 1, norm=norm, norm_kwargs=norm_kwargs) for ch in in_channels[:-1])
+            ConvNormAct(ch, fpn_dim, 1, norm=norm, norm_kwargs=norm_kwargs) for ch in in_channels[:-1])
         self.fpn_out = nn.ModuleList(
-            nn.Sequential(conv_norm_relu(fpn_dim, fpn_dim, norm=norm, norm_kwargs=norm_kwargs))
+            nn.Sequential(ConvNormAct(fpn_dim, fpn_dim, norm=norm, norm_kwargs=norm_kwargs))
             for _ in in_channels[:-1])
         self.conv_last = nn.Sequential(
-            conv_norm_relu(len(in_channels) * fpn_dim, fpn_dim, norm=norm, norm_kwargs=norm_kwargs),
+            ConvNormAct(len(in_channels) * fpn_dim, fpn_dim, norm=norm, norm_kwargs=norm_kwargs),
             nn.Conv2d(fpn_dim, num_classes, 1))
         init_csail_decoder(self)
 
@@ -149,3 +155,9 @@ class UPerNet(nn.Module):
         out_size = levels[0].shape[-2:]
         fused = torch.cat([levels[0]] + [_upsample(level, out_size) for level in levels[1:]], 1)
         return {"logits": self.conv_last(fused)}
+
+
+@SEG_HEADS.register("upernet_lite")
+def upernet_lite(in_channels: Sequence[int], num_classes: int, **kwargs) -> UPerNet:
+    """UPerNet with 256-channel pyramid features (CSAIL's lighter variant)."""
+    return UPerNet(in_channels, num_classes, fpn_dim=256, **kwargs)

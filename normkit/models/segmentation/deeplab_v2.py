@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.models.segmentation.common import check_labels, cross_entropy, pixel_accuracy, resize_labels
-from normkit.models.segmentation.encoder_decoder import check_images
+from normkit.models.registry import MODELS, SEG_HEADS, call_with_config
+from normkit.models.segmentation.common import (build_segmentation_parts, check_images, check_labels, cross_entropy, pixel_accuracy,
+                                                resize_labels, unpack_batch)
 
 __all__ = ["ASPPSumHead", "DeepLabV2"]
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 
 
+@SEG_HEADS.register("aspp_sum")
 class ASPPSumHead(nn.Module):
     """Sum of four 3x3 convs (with bias) of dilations 6/12/18/24 straight to K classes.
 
@@ -46,15 +48,17 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+@MODELS.register("deeplab_v2")
 class DeepLabV2(nn.Module):
     """Multi-scale DeepLab v2 with shared weights.
 
     Each input is run at scale 1 and at ``int(s * H) + 1`` x ``int(s * W) + 1`` for s in ``scales[1:]``
     (0.75 and 0.5, the port's sizes); every output is resized to the scale-1 output size and the
-    element-wise maximum over scales is the fused output. ``model(images, labels)`` returns one
-    cross-entropy per scale plus the fused one (``scale1_loss``, ``scale0.75_loss``, ``scale0.5_loss``,
-    ``fused_loss``), each against labels nearest-resized to the scale-1 output size, and ``pixel_acc``
-    of the fused output; ``model(images)`` returns the fused logits upsampled to the input size.
+    element-wise maximum over scales is the fused output. ``model(batch)`` (images, or a batch dict
+    ``{"images", "labels"}``) in training mode with labels returns one cross-entropy per scale plus the fused
+    one (``scale1_loss``, ``scale0.75_loss``, ``scale0.5_loss``, ``fused_loss``), each against labels
+    nearest-resized to the scale-1 output size, and ``pixel_acc`` of the fused output; otherwise it returns
+    the fused logits upsampled to the input size.
 
     Deviation from the port, documented: the port scores its 0.5 output at that output's own size and
     merges label 255 into background; normkit scores every output at the scale-1 size and ignores 255.
@@ -71,6 +75,12 @@ class DeepLabV2(nn.Module):
         self.ignore_index = ignore_index
         self.scales = tuple(float(s) for s in scales)
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DeepLabV2":
+        cfg = {k: v for k, v in cfg.items() if k != "name"}
+        num_classes, backbone, heads = build_segmentation_parts(cfg, ("decode_head",))
+        return call_with_config(cls, "model", backbone, heads["decode_head"], num_classes=num_classes, **cfg)
+
     def forward_scales(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Logits per scale (resized to the scale-1 output size) followed by their max fusion."""
         check_images(images)
@@ -78,16 +88,17 @@ class DeepLabV2(nn.Module):
         outputs = []
         for scale in self.scales:
             x = images if scale == 1.0 else _resize(images, (int(height * scale) + 1, int(width * scale) + 1))
-            logits = self.decode_head(self.backbone(x))["logits"]
+            logits = self.decode_head(list(self.backbone(x).values()))["logits"]
             outputs.append(logits if scale == 1.0 else _resize(logits, outputs[0].shape[-2:]))
         fused = outputs[0]
         for logits in outputs[1:]:
             fused = torch.max(fused, logits)
         return outputs + [fused]
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, batch):
+        images, labels = unpack_batch(batch)
         outputs = self.forward_scales(images)
-        if labels is None:
+        if labels is None or not self.training:
             return F.interpolate(outputs[-1], size=images.shape[-2:], mode="bilinear", align_corners=False)
         check_labels(labels, images, self.num_classes, self.ignore_index)
         small = resize_labels(labels, outputs[0].shape[-2:])

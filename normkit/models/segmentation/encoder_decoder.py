@@ -7,27 +7,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.models.segmentation.common import (LOSS_MODES, align_logits_and_labels, check_labels,
-                                                cross_entropy, pixel_accuracy)
+from normkit.models.registry import MODELS, call_with_config
+from normkit.models.segmentation.common import (LOSS_MODES, align_logits_and_labels, build_segmentation_parts,
+                                                check_labels,                                                 cross_entropy, pixel_accuracy, unpack_batch)
 
-__all__ = ["SegmentationModel", "check_images"]
-
-
-def check_images(images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be Tensor[B, 3, H, W], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor, got {images.dtype}")
+__all__ = ["SegmentationModel"]
 
 
+@MODELS.register("encoder_decoder")
 class SegmentationModel(nn.Module):
     """Encoder-decoder segmentation model.
 
-    ``model(images)`` returns class logits Tensor[B, K, H, W] at the input resolution (bilinear,
-    align_corners=False). ``model(images, labels)`` (labels int64 Tensor[B, H, W], ``ignore_index`` for
-    unlabelled pixels) returns a dict of scalar tensors: the loss terms (keys ending in ``loss``) and
-    ``pixel_acc``:
+    ``model(batch)`` takes the images Tensor[B, 3, H, W] or a batch dict ``{"images", "labels", ...}`` as the
+    loaders yield it. In training mode, given labels (int64 Tensor[B, H, W], ``ignore_index`` for unlabelled
+    pixels), it returns a dict of scalar tensors: the loss terms (keys ending in ``loss``) and ``pixel_acc``:
 
     - ``decode_loss``: cross-entropy of the head's ``logits``;
     - ``deepsup_loss``: ``deep_sup_weight`` x cross-entropy of ``deepsup_logits`` (CSAIL deep supervision);
@@ -36,6 +29,9 @@ class SegmentationModel(nn.Module):
 
     ``loss_mode`` ``downsample_labels`` computes each loss at the output's stride against nearest-resized
     labels (CSAIL); ``upsample_logits`` upsamples logits to the labels' size (mmseg).
+
+    Otherwise (eval mode, or no labels) it returns class logits Tensor[B, K, H, W] at the input resolution
+    (bilinear, align_corners=False). Backbone features reach the heads as a list in stride order.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, *, num_classes: int,
@@ -53,15 +49,22 @@ class SegmentationModel(nn.Module):
         self.deep_sup_weight = deep_sup_weight
         self.aux_weight = aux_weight
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SegmentationModel":
+        cfg = {k: v for k, v in cfg.items() if k != "name"}
+        num_classes, backbone, heads = build_segmentation_parts(cfg, ("decode_head", "auxiliary_head"))
+        return call_with_config(cls, "model", backbone, heads["decode_head"], num_classes=num_classes,
+                                auxiliary_head=heads.get("auxiliary_head"), **cfg)
+
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, labels = align_logits_and_labels(logits, labels, self.loss_mode)
         return cross_entropy(logits, labels, self.ignore_index)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
-        check_images(images)
-        features = self.backbone(images)
+    def forward(self, batch):
+        images, labels = unpack_batch(batch)
+        features = list(self.backbone(images).values())
         outputs = self.decode_head(features)
-        if labels is None:
+        if labels is None or not self.training:
             return F.interpolate(outputs["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         check_labels(labels, images, self.num_classes, self.ignore_index)
         logits, aligned = align_logits_and_labels(outputs["logits"], labels, self.loss_mode)

@@ -1,0 +1,134 @@
+"""File I/O shared by every layer: safe checkpoint reading, atomic writes, YAML.
+
+- Checkpoints are read with ``torch.load(weights_only=True)``: loading a file never runs code from it.
+- Writes go to a temporary file in the target's folder, are fsynced and then renamed over the target, so a
+  crash or a kill leaves either the old file or the complete new one, and no temporary file behind.
+- YAML is parsed with the safe loader; a key given twice in one mapping is an error (PyYAML would silently
+  keep the last one).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, IO, Mapping, Sequence, Union
+
+import torch
+import yaml
+
+__all__ = ["atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict", "load_yaml"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[IO], None], *, binary: bool = True) -> Path:
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it and renames it onto ``path``.
+    On any failure (or interruption) the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_save(obj, path: PathLike) -> Path:
+    """``torch.save(obj)`` written atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """A UTF-8 text file written atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
+    """Reads a checkpoint with `torch.load(weights_only=True)`, so loading never runs code from the file.
+
+    Clear errors for a missing, truncated or unsafe file, and for one that does not hold a dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a directory)"
+                                                                      if os.path.isdir(path) else ""))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated zips and forbidden globals
+        raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or holding objects that "
+                           f"weights_only loading refuses): {exc}") from exc
+    if not isinstance(state, dict):
+        raise RuntimeError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def read_tensor_dict(source: Union[PathLike, Mapping],
+                     containers: Sequence[str] = ("model", "state_dict")) -> Dict[str, torch.Tensor]:
+    """A dict of tensors from a checkpoint file (read by :func:`load_checkpoint`) or a mapping.
+
+    Unwraps the first of ``containers`` present (``{"model": ...}``, ``{"state_dict": ...}``); every entry must be
+    a tensor.
+    """
+    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    state = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{origin}: expected a dict of tensors, got {type(state).__name__}")
+    for container in containers:
+        if isinstance(state.get(container), Mapping):
+            state = state[container]
+            break
+    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        kinds = sorted({type(state[k]).__name__ for k in non_tensors})
+        raise ValueError(f"{origin}: entries are not tensors: {non_tensors[:10]} ({', '.join(kinds)}; wrong file "
+                         "or format?)")
+    return dict(state)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (a later value would silently replace the first)",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(path: PathLike):
+    """Parses a YAML file with the safe loader; duplicate keys and unreadable files are clear errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, expected a YAML file")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise ValueError(f"cannot parse YAML file {path}: {exc}") from exc

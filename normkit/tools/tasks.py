@@ -1,0 +1,64 @@
+"""What differs between tasks when training and testing: the loaders, the evaluator and the report.
+
+A task is chosen from the config (`task_for(cfg)`); the trainer, the hooks and the command-line tools stay
+the same for every task.
+"""
+from __future__ import annotations
+
+import math
+
+from normkit.data import build_dataset, build_train_loader, build_val_loader
+from normkit.evaluation import evaluate, format_table, results_to_json
+
+__all__ = ["SegmentationTask", "TASKS", "task_for"]
+
+
+class SegmentationTask:
+    """Semantic segmentation: ADE20K, VOC, Pascal Context (the `data.dataset` names of normkit.data)."""
+
+    name = "segmentation"
+
+    def __init__(self, cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
+        self._train_set = None
+        self.val_loader = build_val_loader(cfg["data"], rank=rank, world_size=world_size, num_workers=num_workers)
+        self.class_names = tuple(self.val_loader.dataset.class_names)
+
+    def train_batches(self, start_batch: int, *, batch_size: int, seed: int):
+        """The rank's training batches from micro-batch `start_batch` on (deterministic in seed and position)."""
+        if self._train_set is None:
+            self._train_set = build_dataset(self.cfg["data"], "train")
+        return build_train_loader(self.cfg["data"], batch_size, rank=self.rank, world_size=self.world_size,
+                                  seed=seed, start_iter=start_batch, num_workers=self.num_workers,
+                                  dataset=self._train_set)
+
+    def evaluate(self, model, eval_cfg: dict | None = None) -> dict:
+        """Dataset-wide metrics of `model` on the val split (collective under torch.distributed)."""
+        return evaluate(model, self.val_loader, self.cfg["evaluation"] if eval_cfg is None else eval_cfg)
+
+    def report(self, results: dict) -> str:
+        """The per-class table and the summary line."""
+        return (f"{format_table(results, self.class_names)}\n"
+                f"mIoU {results['mean_iou']:.4f}  pixel acc {results['pixel_acc']:.4f}  score {results['score']:.4f}")
+
+    @staticmethod
+    def to_json(results: dict) -> dict:
+        return results_to_json(results)
+
+    @staticmethod
+    def scalars(results: dict) -> dict:
+        """Finite float results, for logging as `val/<key>`."""
+        return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+TASKS = {"segmentation": SegmentationTask}
+# Datasets of other tasks than segmentation (the default).
+DATASET_TASKS = {"coco": "detection"}
+
+
+def task_for(cfg: dict) -> type:
+    """The task class of a config, from its `data.dataset`."""
+    name = DATASET_TASKS.get((cfg.get("data") or {}).get("dataset"), "segmentation")
+    if name not in TASKS:
+        raise ValueError(f"data.dataset {cfg['data']['dataset']!r} needs the {name} task, which is not available")
+    return TASKS[name]
