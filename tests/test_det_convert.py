@@ -8,7 +8,7 @@ import torch
 
 from normkit.convert import CONVERTERS, convert
 from normkit.convert.sn_detectron import convert_sn_imagenet_for_detection, describe_sn_detectron
-from normkit.models import build_model
+from normkit.models import build_model, read_config
 from normkit.nn import SwitchNorm2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_imagenet_backbone_fills_the_detector(tmp_path, config, layout, using_bn
     if layout == "c4":  # res5 goes into the box head, not lost
         assert any(k.startswith("roi_heads.box_head.res5.2.") for k in state)
         assert not any(k.startswith("backbone.layer4") for k in state)
-    cfg = build_model.__globals__["load_config"](ROOT / "configs" / "detection" / f"{config}.yaml")
+    cfg = read_config(ROOT / "configs" / "detection" / f"{config}.yaml")
     cfg["model"]["backbone"]["pretrained"] = str(path)
     model = build_model(cfg)
     own = model.state_dict()

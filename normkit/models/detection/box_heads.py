@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from normkit.models.backbones.resnet import Bottleneck
+from normkit.models.backbones.resnet import Bottleneck, make_stage
 from normkit.models.detection.registry import BOX_HEADS
 from normkit.models.necks.fpn import xavier_fill_
 from normkit.nn import build_norm
@@ -35,15 +35,9 @@ class Res5BoxHead(nn.Module):
                  norm="bn", norm_kwargs: Optional[Mapping] = None, stride_in_1x1: bool = False):
         super().__init__()
         planes = 512
-        norm_kwargs = dict(norm_kwargs or {})
-        downsample = nn.Sequential(nn.Conv2d(in_channels, planes * 4, 1, stride=stride, bias=False),
-                                   build_norm(norm, planes * 4, **norm_kwargs))
-        blocks = []
-        for i in range(num_blocks):
-            blocks.append(Bottleneck(in_channels if i == 0 else planes * 4, planes, stride=stride if i == 0 else 1,
-                                     dilations=(dilation, dilation), downsample=downsample if i == 0 else None,
-                                     norm=norm, norm_kwargs=norm_kwargs, stride_in_1x1=stride_in_1x1))
-        self.res5 = nn.Sequential(*blocks)
+        self.res5 = make_stage(Bottleneck, in_channels, planes, num_blocks, stride=stride,
+                               dilations=[(dilation, dilation)] * num_blocks, norm=norm,
+                               norm_kwargs=dict(norm_kwargs or {}), stride_in_1x1=stride_in_1x1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 msra_fill_(m.weight)

@@ -1,42 +1,24 @@
 """GeneralizedRCNN (Faster / Mask R-CNN with C4, DC5 or FPN) and its config builder."""
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from normkit.models.backbones.resnet import ResNet
 from normkit.models.detection.anchors import AnchorGenerator
 from normkit.models.detection.box_heads import BoxPredictor, FastRCNNConvFCHead, Res5BoxHead
 from normkit.models.detection.boxes import check_boxes
 from normkit.models.detection.mask_head import MaskHead
 from normkit.models.detection.poolers import ROIPooler
-from normkit.models.detection.registry import META_ARCHS
 from normkit.models.detection.roi_heads import ROIHeads
 from normkit.models.detection.rpn import RPN
 from normkit.models.necks.fpn import FPN
-from normkit.models.registry import MODELS
+from normkit.models.registry import MODELS, build_backbone
 
-__all__ = ["GeneralizedRCNN", "build_generalized_rcnn", "FROZEN_NORM_MODES", "resnet_features"]
+__all__ = ["GeneralizedRCNN", "build_generalized_rcnn"]
 
-FROZEN_NORM_MODES = ("detectron", "eval")
 _STAGES = ("res2", "res3", "res4", "res5")
-
-
-def resnet_features(resnet: nn.Module, x: Tensor, out_features: Sequence[str]) -> Dict[str, Tensor]:
-    """Named stage features ``{"res2": C2, ...}`` of a normkit ResNet whose unused stages may be removed."""
-    for i in range(1, resnet._num_stem_convs + 1):
-        x = resnet.relu(getattr(resnet, f"bn{i}")(getattr(resnet, f"conv{i}")(x)))
-    x = resnet.maxpool(x)
-    out = {}
-    last = max(_STAGES.index(name) for name in out_features)
-    for index in range(last + 1):
-        x = getattr(resnet, f"layer{index + 1}")(x)
-        if _STAGES[index] in out_features:
-            out[_STAGES[index]] = x
-    return out
 
 
 class GeneralizedRCNN(nn.Module):
@@ -50,68 +32,26 @@ class GeneralizedRCNN(nn.Module):
     Mask R-CNN, ``masks`` uint8 Tensor[N, H, W] at the original image size.
 
     Args:
-        backbone: a normkit ResNet (stages past the last used feature removed).
-        backbone_features: the stage names the rest of the model uses.
+        backbone: a module mapping images to a dict of named features (a normkit ResNet with ``out_features``;
+            its ``freeze_at`` / ``freeze_mode`` decide what is frozen and how frozen norms behave).
+        backbone_features: the feature names the rest of the model uses.
         neck: FPN or None. rpn: :class:`RPN`. roi_heads: :class:`ROIHeads`.
-        freeze_at: 0 (train everything), 1 (freeze the stem), 2 (stem and res2), ... Frozen parameters get
-            ``requires_grad=False``.
-        frozen_norm_mode: what the norm layers of frozen stages do. ``"detectron"`` reproduces
-            Detectron.pytorch: the stem's norm always runs in eval mode, but the norms *inside* frozen res
-            stages stay in training mode (batch statistics, running stats updated) even under ``model.eval()``.
-            ``"eval"`` keeps every frozen norm in eval mode (running statistics), as detectron2.
-        legacy_plus_one: checked in training inputs (boxes may end on the last pixel, ``x2 <= W - 1``).
+        legacy_plus_one: the box convention checked in training targets (``x2 <= W - 1``).
     """
 
     def __init__(self, backbone: nn.Module, backbone_features: Sequence[str], rpn: RPN, roi_heads: ROIHeads, *,
-                 neck: Optional[nn.Module] = None, freeze_at: int = 0, frozen_norm_mode: str = "detectron",
-                 legacy_plus_one: bool = True):
+                 neck: Optional[nn.Module] = None, legacy_plus_one: bool = True):
         super().__init__()
-        if frozen_norm_mode not in FROZEN_NORM_MODES:
-            raise ValueError(f"unknown frozen_norm_mode {frozen_norm_mode!r}; choose one of "
-                             f"{', '.join(FROZEN_NORM_MODES)}")
-        if not 0 <= freeze_at <= 5:
-            raise ValueError(f"freeze_at must be in 0..5 (1 = stem, 2 = res2, ...), got {freeze_at}")
         self.backbone = backbone
         self.backbone_features = tuple(backbone_features)
         self.neck = neck
         self.rpn = rpn
         self.roi_heads = roi_heads
-        self.freeze_at = freeze_at
-        self.frozen_norm_mode = frozen_norm_mode
         self.legacy_plus_one = legacy_plus_one
-        for module in self._frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
-        self.train(True)
-
-    def _stem(self) -> List[nn.Module]:
-        b = self.backbone
-        return [getattr(b, f"{kind}{i}") for i in range(1, b._num_stem_convs + 1) for kind in ("conv", "bn")]
-
-    def _frozen_stages(self) -> List[nn.Module]:
-        return [getattr(self.backbone, f"layer{k}") for k in range(1, self.freeze_at)
-                if getattr(self.backbone, f"layer{k}", None) is not None]
-
-    def _frozen_modules(self) -> List[nn.Module]:
-        return (self._stem() if self.freeze_at >= 1 else []) + self._frozen_stages()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_at >= 1:
-            for module in self._stem():
-                module.train(False)
-        for stage in self._frozen_stages():
-            if self.frozen_norm_mode == "eval":
-                stage.train(False)
-            else:  # Detectron.pytorch: only the stage's direct children leave training mode
-                for block in stage.children():
-                    for m in block.modules():
-                        m.training = m is not block
-        return self
 
     def features(self, images: Tensor) -> Dict[str, Tensor]:
         """Backbone (and neck) features of a batch of images."""
-        feats = resnet_features(self.backbone, images, self.backbone_features)
+        feats = self.backbone(images)
         return self.neck(feats) if self.neck is not None else feats
 
     def _check_batch(self, batch: Mapping[str, Any]) -> None:
@@ -170,40 +110,25 @@ class GeneralizedRCNN(nn.Module):
 
 # -- builder --
 
-def _pop(cfg: dict, key: str, default, where: str):
-    return cfg.pop(key, default)
-
-
 def _check_empty(cfg: Mapping, where: str) -> None:
     if cfg:
         raise ValueError(f"unknown keys in config {where}: {sorted(cfg)}")
 
 
 def _build_backbone(cfg: dict):
-    where = "model.backbone"
+    """ResNet body from ``model.backbone``; detection defaults: v1 stem, stride on the 3x3 conv, res4 only."""
     cfg = dict(cfg)
-    name = cfg.pop("name", "resnet50")
-    if not name.startswith("resnet") or not name[6:].isdigit():
-        raise ValueError(f"config {where}.name: detection backbones are resnet50/resnet101, got {name!r}")
-    out_features = tuple(cfg.pop("out_features", ("res4",)))
-    unknown = [f for f in out_features if f not in _STAGES]
-    if unknown:
-        raise ValueError(f"config {where}.out_features: unknown stages {unknown}; choose from {list(_STAGES)}")
-    freeze_at = cfg.pop("freeze_at", 2)
-    frozen_norm_mode = cfg.pop("frozen_norm_mode", "detectron")
-    pretrained = cfg.pop("pretrained", None)
+    cfg.setdefault("name", "resnet50")
+    cfg.setdefault("out_features", ["res4"])
     cfg.setdefault("stem", "v1")
     cfg.setdefault("stride_in_1x1", False)
-    try:
-        backbone = ResNet(int(name[6:]), **cfg)
-    except TypeError as exc:
-        raise ValueError(f"bad keys in config {where}: {exc}") from exc
-    last = max(_STAGES.index(f) for f in out_features)
-    for index in range(last + 1, 4):
-        delattr(backbone, f"layer{index + 1}")  # stages the detector does not use have no weights
-    channels = {s: c for s, c in zip(_STAGES, backbone.out_channels)}
-    strides = {s: st for s, st in zip(_STAGES, backbone.out_strides)}
-    return backbone, out_features, channels, strides, freeze_at, frozen_norm_mode, pretrained
+    cfg.setdefault("freeze_at", 2)
+    pretrained = cfg.pop("pretrained", None)
+    backbone = build_backbone(cfg)
+    shapes = backbone.output_shape()
+    channels = {name: s.channels for name, s in shapes.items()}
+    strides = {name: s.stride for name, s in shapes.items()}
+    return backbone, tuple(backbone.out_features), channels, strides, pretrained
 
 
 def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
@@ -217,9 +142,7 @@ def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
     legacy = bool(cfg.pop("legacy_plus_one", True))
     if "backbone" not in cfg or "rpn" not in cfg or "roi_heads" not in cfg:
         raise ValueError("config model needs 'backbone', 'rpn' and 'roi_heads' sections for generalized_rcnn")
-    backbone, bb_features, channels, strides, freeze_at, frozen_norm_mode, pretrained = _build_backbone(
-        cfg.pop("backbone"))
-    norm = backbone.bn1.__class__  # noqa: F841  (the backbone norm is only used through configs below)
+    backbone, bb_features, channels, strides, pretrained = _build_backbone(cfg.pop("backbone"))
 
     neck_cfg = cfg.pop("neck", None)
     neck = None
@@ -240,8 +163,7 @@ def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
     roi_heads = _build_roi_heads(dict(cfg.pop("roi_heads")), cfg.pop("mask_head", None), feat_channels,
                                  feat_strides, num_classes, legacy)
     _check_empty(cfg, "model")
-    model = GeneralizedRCNN(backbone, bb_features, rpn, roi_heads, neck=neck, freeze_at=freeze_at,
-                            frozen_norm_mode=frozen_norm_mode, legacy_plus_one=legacy)
+    model = GeneralizedRCNN(backbone, bb_features, rpn, roi_heads, neck=neck, legacy_plus_one=legacy)
     if pretrained:
         from normkit.convert.sn_detectron import load_imagenet_backbone
         load_imagenet_backbone(model, pretrained)
@@ -320,5 +242,3 @@ def _build_roi_heads(cfg: dict, mask_cfg: Optional[Mapping], channels: Mapping[s
 
 
 MODELS.register("generalized_rcnn", build_generalized_rcnn)
-if META_ARCHS is not MODELS:
-    META_ARCHS.register("generalized_rcnn", build_generalized_rcnn)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from normkit.models import registry as _registry
 
-__all__ = ["NECKS", "PROPOSAL_GENERATORS", "ROI_HEADS", "BOX_HEADS", "META_ARCHS"]
+__all__ = ["NECKS", "PROPOSAL_GENERATORS", "ROI_HEADS", "BOX_HEADS"]
 
 
 def _get(name: str, kind: str) -> _registry.Registry:
@@ -15,4 +15,3 @@ NECKS = _get("NECKS", "neck")
 PROPOSAL_GENERATORS = _get("PROPOSAL_GENERATORS", "proposal generator")
 ROI_HEADS = _get("ROI_HEADS", "ROI heads")
 BOX_HEADS = _get("BOX_HEADS", "box head")
-META_ARCHS = _get("META_ARCHS", "meta architecture")
