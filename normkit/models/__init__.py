@@ -5,3 +5,4 @@ from normkit.models.checkpoint import load_state_dict_strict  # noqa: F401
 from normkit.models.registry import (  # noqa: F401
     BACKBONES, MODELS, NECKS, PROPOSAL_GENERATORS, ROI_HEADS, SEG_HEADS, build_backbone, build_head)
 from normkit.models.segmentation import SegmentationModel  # noqa: F401
+from normkit.models import detection  # noqa: F401,E402  (registers generalized_rcnn)

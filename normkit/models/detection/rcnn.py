@@ -1,0 +1,244 @@
+"""GeneralizedRCNN (Faster / Mask R-CNN with C4, DC5 or FPN) and its config builder."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from normkit.models.detection.anchors import AnchorGenerator
+from normkit.models.detection.box_heads import BoxPredictor, FastRCNNConvFCHead, Res5BoxHead
+from normkit.models.detection.boxes import check_boxes
+from normkit.models.detection.mask_head import MaskHead
+from normkit.models.detection.poolers import ROIPooler
+from normkit.models.detection.roi_heads import ROIHeads
+from normkit.models.detection.rpn import RPN
+from normkit.models.necks.fpn import FPN
+from normkit.models.registry import MODELS, build_backbone
+
+__all__ = ["GeneralizedRCNN", "build_generalized_rcnn"]
+
+_STAGES = ("res2", "res3", "res4", "res5")
+
+
+class GeneralizedRCNN(nn.Module):
+    """backbone -> (neck) -> proposal generator -> ROI heads.
+
+    ``model(batch)`` takes the detection batch (``images`` Tensor[B, 3, Hp, Wp] normalised and padded,
+    ``image_sizes`` / ``orig_sizes`` int64 Tensor[B, 2] (h, w), ``scales`` Tensor[B], ``targets``: list of
+    dicts with ``boxes`` Tensor[K, 4] xyxy in resized pixels, ``labels`` int64 0..K-1, ``iscrowd``, ``masks``).
+    Training returns ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_box_reg"[, "loss_mask"]}``; eval
+    returns one dict per image with ``boxes`` (original-image xyxy), ``scores``, ``labels`` (0..K-1) and, for
+    Mask R-CNN, ``masks`` uint8 Tensor[N, H, W] at the original image size.
+
+    Args:
+        backbone: a module mapping images to a dict of named features (a normkit ResNet with ``out_features``;
+            its ``freeze_at`` / ``freeze_mode`` decide what is frozen and how frozen norms behave).
+        backbone_features: the feature names the rest of the model uses.
+        neck: FPN or None. rpn: :class:`RPN`. roi_heads: :class:`ROIHeads`.
+        legacy_plus_one: the box convention checked in training targets (``x2 <= W - 1``).
+    """
+
+    def __init__(self, backbone: nn.Module, backbone_features: Sequence[str], rpn: RPN, roi_heads: ROIHeads, *,
+                 neck: Optional[nn.Module] = None, legacy_plus_one: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_features = tuple(backbone_features)
+        self.neck = neck
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.legacy_plus_one = legacy_plus_one
+
+    def features(self, images: Tensor) -> Dict[str, Tensor]:
+        """Backbone (and neck) features of a batch of images."""
+        feats = self.backbone(images)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def _check_batch(self, batch: Mapping[str, Any]) -> None:
+        if not isinstance(batch, Mapping) or "images" not in batch:
+            raise ValueError("GeneralizedRCNN expects a batch dict with 'images', 'image_sizes', 'orig_sizes', "
+                             "'scales' (and 'targets' in training)")
+        images = batch["images"]
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"batch['images'] must be Tensor[B, 3, H, W], got "
+                             f"{list(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        for key in ("image_sizes", "orig_sizes", "scales"):
+            if key not in batch:
+                raise ValueError(f"the detection batch lacks {key!r}")
+        if not self.training:
+            return
+        targets = batch.get("targets")
+        if targets is None or len(targets) != images.shape[0]:
+            raise ValueError(f"a training batch needs 'targets', one dict per image ({images.shape[0]})")
+        limit = 1.0 if self.legacy_plus_one else 0.0
+        for i, t in enumerate(targets):
+            boxes = t.get("boxes")
+            check_boxes(boxes, f"targets[{i}]['boxes']")
+            labels = t.get("labels")
+            if labels is None or labels.shape != boxes.shape[:1]:
+                raise ValueError(f"targets[{i}]['labels'] must be int64 Tensor[{boxes.shape[0]}]")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.roi_heads.num_classes):
+                raise ValueError(f"targets[{i}]['labels'] must be in 0..{self.roi_heads.num_classes - 1} (contiguous "
+                                 f"foreground classes), got range [{int(labels.min())}, {int(labels.max())}]")
+            h, w = (float(v) for v in batch["image_sizes"][i])
+            # half a pixel of slack for the float arithmetic of resizing/flipping
+            outside = ((boxes[:, 0] < -0.5) | (boxes[:, 1] < -0.5) | (boxes[:, 2] > w - limit + 0.5) |
+                       (boxes[:, 3] > h - limit + 0.5))
+            if bool(outside.any()):
+                raise ValueError(f"targets[{i}]['boxes']: {int(outside.sum())} box(es) outside the {int(h)}x{int(w)} "
+                                 f"image, e.g. {boxes[outside][0].tolist()}; clip boxes in the data pipeline")
+
+    def forward(self, batch: Mapping[str, Any]):
+        self._check_batch(batch)
+        images = batch["images"]
+        device = images.device
+        image_sizes = batch["image_sizes"]
+        scales = batch["scales"]
+        orig_sizes = batch["orig_sizes"]
+        targets = batch.get("targets") if self.training else None
+        features = self.features(images)
+        proposals, rpn_losses = self.rpn(features, image_sizes, tuple(images.shape[-2:]), scales, targets)
+        if self.training:
+            roi_losses = self.roi_heads(features, proposals, image_sizes, scales, orig_sizes, targets)
+            return {**rpn_losses, **roi_losses}
+        results = self.roi_heads(features, proposals, image_sizes, scales, orig_sizes)
+        for r in results:
+            for k, v in r.items():
+                r[k] = v.to(device)
+        return results
+
+
+# -- builder --
+
+def _check_empty(cfg: Mapping, where: str) -> None:
+    if cfg:
+        raise ValueError(f"unknown keys in config {where}: {sorted(cfg)}")
+
+
+def _build_backbone(cfg: dict):
+    """ResNet body from ``model.backbone``; detection defaults: v1 stem, stride on the 3x3 conv, res4 only."""
+    cfg = dict(cfg)
+    cfg.setdefault("name", "resnet50")
+    cfg.setdefault("out_features", ["res4"])
+    cfg.setdefault("stem", "v1")
+    cfg.setdefault("stride_in_1x1", False)
+    cfg.setdefault("freeze_at", 2)
+    pretrained = cfg.pop("pretrained", None)
+    backbone = build_backbone(cfg)
+    shapes = backbone.output_shape()
+    channels = {name: s.channels for name, s in shapes.items()}
+    strides = {name: s.stride for name, s in shapes.items()}
+    return backbone, tuple(backbone.out_features), channels, strides, pretrained
+
+
+def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
+    """Build a :class:`GeneralizedRCNN` from a ``model`` config section (see docs/detection_models.md)."""
+    cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
+    cfg.pop("name", None)
+    num_classes = cfg.pop("num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"config model.num_classes must be a positive int (foreground classes, 80 for COCO), "
+                         f"got {num_classes!r}")
+    legacy = bool(cfg.pop("legacy_plus_one", True))
+    if "backbone" not in cfg or "rpn" not in cfg or "roi_heads" not in cfg:
+        raise ValueError("config model needs 'backbone', 'rpn' and 'roi_heads' sections for generalized_rcnn")
+    backbone, bb_features, channels, strides, pretrained = _build_backbone(cfg.pop("backbone"))
+
+    neck_cfg = cfg.pop("neck", None)
+    neck = None
+    feat_channels, feat_strides = dict(channels), dict(strides)
+    if neck_cfg:
+        neck_cfg = dict(neck_cfg)
+        if neck_cfg.pop("name", "fpn") != "fpn":
+            raise ValueError("config model.neck.name: only 'fpn' is available")
+        in_features = tuple(neck_cfg.pop("in_features", bb_features))
+        try:
+            neck = FPN(in_features, [channels[f] for f in in_features], **neck_cfg)
+        except TypeError as exc:
+            raise ValueError(f"bad keys in config model.neck: {exc}") from exc
+        feat_channels = {f: neck.out_channels for f in neck.out_features}
+        feat_strides = dict(zip(neck.out_features, neck.out_strides))
+
+    rpn = _build_rpn(dict(cfg.pop("rpn")), feat_channels, feat_strides, legacy)
+    roi_heads = _build_roi_heads(dict(cfg.pop("roi_heads")), cfg.pop("mask_head", None), feat_channels,
+                                 feat_strides, num_classes, legacy)
+    _check_empty(cfg, "model")
+    model = GeneralizedRCNN(backbone, bb_features, rpn, roi_heads, neck=neck, legacy_plus_one=legacy)
+    if pretrained:
+        from normkit.convert.sn_detectron import load_imagenet_backbone
+        load_imagenet_backbone(model, pretrained)
+    return model
+
+
+def _build_rpn(cfg: dict, channels: Mapping[str, int], strides: Mapping[str, int], legacy: bool) -> RPN:
+    where = "model.rpn"
+    in_features = tuple(cfg.pop("in_features"))
+    missing = [f for f in in_features if f not in channels]
+    if missing:
+        raise ValueError(f"config {where}.in_features: {missing} are not features of the backbone/neck "
+                         f"({sorted(channels)})")
+    sizes = cfg.pop("anchor_sizes", [[32 * 2 ** i] for i in range(len(in_features))])
+    ratios = cfg.pop("aspect_ratios", [0.5, 1.0, 2.0])
+    style = cfg.pop("anchor_style", "detectron" if legacy else "d2")
+    offset = cfg.pop("anchor_offset", 0.0)
+    anchor_strides = [strides[f] for f in in_features]
+    if len(sizes) != len(in_features):
+        raise ValueError(f"config {where}.anchor_sizes needs one list per level ({len(in_features)}), got {sizes}")
+    anchors = AnchorGenerator(anchor_strides, sizes, ratios, style=style, offset=offset)
+    cfg.setdefault("legacy_plus_one", legacy)
+    for key in ("pre_nms_topk", "post_nms_topk", "iou_thresholds"):
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    try:
+        return RPN(in_features, channels[in_features[0]], anchors, **cfg)
+    except TypeError as exc:
+        raise ValueError(f"bad keys in config {where}: {exc}") from exc
+
+
+def _build_roi_heads(cfg: dict, mask_cfg: Optional[Mapping], channels: Mapping[str, int],
+                     strides: Mapping[str, int], num_classes: int, legacy: bool) -> ROIHeads:
+    where = "model.roi_heads"
+    in_features = tuple(cfg.pop("in_features"))
+    resolution = cfg.pop("pooler_resolution", 7)
+    sampling = cfg.pop("pooler_sampling_ratio", 2)
+    aligned = cfg.pop("pooler_aligned", not legacy)
+    box_cfg = dict(cfg.pop("box_head"))
+    background = cfg.pop("background", "first" if legacy else "last")
+    scales = [1.0 / strides[f] for f in in_features]
+    pooler = ROIPooler(resolution, scales, sampling, aligned=aligned, legacy_plus_one=legacy)
+    head_name = box_cfg.pop("name")
+    in_ch = channels[in_features[0]]
+    try:
+        if head_name == "res5":
+            box_head = Res5BoxHead(in_ch, **box_cfg)
+        elif head_name == "conv_fc":
+            box_head = FastRCNNConvFCHead(in_ch, resolution, **box_cfg)
+        else:
+            raise ValueError(f"unknown box head {head_name!r} in config {where}.box_head.name; choose res5 or conv_fc")
+    except TypeError as exc:
+        raise ValueError(f"bad keys in config {where}.box_head: {exc}") from exc
+    predictor = BoxPredictor(box_head.out_channels, num_classes, background)
+    mask_kwargs = {}
+    if mask_cfg:
+        mask_cfg = dict(mask_cfg)
+        mask_features = tuple(mask_cfg.pop("in_features", in_features))
+        mask_pooler = ROIPooler(mask_cfg.pop("pooler_resolution", 14), [1.0 / strides[f] for f in mask_features],
+                                mask_cfg.pop("pooler_sampling_ratio", 2), aligned=aligned, legacy_plus_one=legacy)
+        paste = mask_cfg.pop("paste", "cv2" if legacy else "grid_sample")
+        threshold = mask_cfg.pop("threshold", 0.5)
+        try:
+            mask_head = MaskHead(channels[mask_features[0]],
+                                 num_classes + 1 if background == "first" else num_classes, **mask_cfg)
+        except TypeError as exc:
+            raise ValueError(f"bad keys in config model.mask_head: {exc}") from exc
+        mask_kwargs = dict(mask_pooler=mask_pooler, mask_head=mask_head, mask_in_features=mask_features,
+                           mask_paste=paste, mask_threshold=threshold)
+    if "bbox_reg_weights" in cfg:
+        cfg["bbox_reg_weights"] = tuple(cfg["bbox_reg_weights"])
+    try:
+        return ROIHeads(in_features, pooler, box_head, predictor, legacy_plus_one=legacy, **mask_kwargs, **cfg)
+    except TypeError as exc:
+        raise ValueError(f"bad keys in config {where}: {exc}") from exc
+
+
+MODELS.register("generalized_rcnn", build_generalized_rcnn)

@@ -1,0 +1,2 @@
+"""Necks: feature pyramids built on a backbone's named features."""
+from normkit.models.necks.fpn import FPN  # noqa: F401
