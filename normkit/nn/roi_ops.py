@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.ops import roi_align, roi_pool
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair)
+from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair)
 
 __all__ = ["RoIAlign", "RoIPool", "MultiScaleRoIAlign", "assign_boxes_to_levels", "multiscale_roi_align"]
 

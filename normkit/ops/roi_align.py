@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 
 from normkit._extension import register_no_double_backward, register_ops, require_extension
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
+from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
                                      check_output_size, check_spatial_scale, dequantized, kernel_memory_format,
                                      opmath_dtype, output_size_pair, register_float32_autocast)
 
