@@ -142,3 +142,24 @@ def read_split_list(path: Path) -> list[list[str]]:
     if not rows:
         raise ValueError(f"split list {path} is empty")
     return rows
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Workers already run in parallel; nested thread pools would only oversubscribe the cores.
+    import cv2
+    import torch
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def worker_options(num_workers: int) -> dict:
+    """DataLoader keyword arguments for `num_workers` worker processes (none: load in the main process).
+
+    Workers start from a fork server, not from a fork of the (multi-threaded) training process: a forked
+    child inherits thread pools without their threads, and OpenCV's pool then deadlocks on its first
+    reconfiguration. Each worker runs single-threaded."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "worker_init_fn": _worker_init, "multiprocessing_context": "forkserver"}

@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from normkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
-from normkit.data.base import SegmentationDataset
+from normkit.data.base import SegmentationDataset, worker_options
 from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
 from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
 from normkit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, CSAILTrainTransform, MMSegTrainTransform,
@@ -196,13 +196,6 @@ class SegmentationCollate:
         return {"images": images, "labels": labels, "meta": meta}
 
 
-def _worker_init(_worker_id: int) -> None:
-    # Workers already run in parallel; nested thread pools would only oversubscribe the cores.
-    import cv2
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
 class TrainLoader:
     """Infinite iterator of training batches {"images": [B, 3, H, W], "labels": int64 [B, H, W],
     "meta": {"names", "iteration", "indices"}}; batch i is iteration start_iter + i."""
@@ -241,8 +234,7 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
                                     start_iter=start_iter)
         collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), transform.crop_size)
     loader = DataLoader(SegmentationTrainMapper(dataset, transform, seed, *_normalisation(data_cfg)),
-                        batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                        worker_init_fn=_worker_init if num_workers else None,
+                        batch_sampler=sampler, collate_fn=collate, **worker_options(num_workers),
                         pin_memory=torch.cuda.is_available())
     return TrainLoader(loader)
 
@@ -269,5 +261,4 @@ def build_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_
     `loader.dataset` (a SegmentationValMapper) states `num_classes`, `class_names`, `mean` and `std`."""
     dataset = dataset if dataset is not None else build_dataset(data_cfg, "val")
     samples = SegmentationValMapper(dataset, shard_indices(len(dataset), rank, world_size), *_normalisation(data_cfg))
-    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(), num_workers=num_workers,
-                      worker_init_fn=_worker_init if num_workers else None)
+    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(), **worker_options(num_workers))

@@ -65,6 +65,7 @@ import torch
 from pycocotools import mask as mask_util
 from torch.utils.data import DataLoader, Dataset
 
+from normkit.data.base import worker_options
 from normkit.data.coco import COCODetection
 from normkit.data.samplers import SampleKey, global_batches, sample_rng, shard_indices
 
@@ -362,12 +363,6 @@ class _ValSamples(Dataset):
         return self.mapper(self.dataset[self.indices[i]], None, False)
 
 
-def _worker_init(_worker_id: int) -> None:
-    # Workers already run in parallel; nested thread pools would only oversubscribe the cores.
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
 class DetectionTrainLoader:
     """Infinite iterator of training batches; batch i is iteration start_iter + i. `.dataset` is the
     COCODetection, `.sampler` the DetectionBatchSampler."""
@@ -404,8 +399,7 @@ def build_coco_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, w
     sampler = DetectionBatchSampler(ratios, batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter, grouping=cfg.get("grouping", "orientation"))
     loader = DataLoader(_TrainSamples(dataset, mapper, seed, flip == "double"), batch_sampler=sampler,
-                        collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), num_workers=num_workers,
-                        worker_init_fn=_worker_init if num_workers else None, pin_memory=torch.cuda.is_available())
+                        collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers), pin_memory=torch.cuda.is_available())
     return DetectionTrainLoader(loader, dataset)
 
 
@@ -420,5 +414,4 @@ def build_coco_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1,
                              legacy_plus_one=dataset.legacy_plus_one, mask_on=dataset.mask_on)
     samples = _ValSamples(dataset, shard_indices(len(dataset), rank, world_size), mapper)
     return DataLoader(samples, batch_size=int(cfg.get("batch_size", 1)), shuffle=False,
-                      collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), num_workers=num_workers,
-                      worker_init_fn=_worker_init if num_workers else None)
+                      collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers))
