@@ -102,9 +102,10 @@ class GeneralizedRCNN(nn.Module):
             roi_losses = self.roi_heads(features, proposals, image_sizes, scales, orig_sizes, targets)
             return {**rpn_losses, **roi_losses}
         results = self.roi_heads(features, proposals, image_sizes, scales, orig_sizes)
-        for r in results:
+        for r in results:  # masks stay where they were pasted (the CPU for the cv2 paste): full-image maps
             for k, v in r.items():
-                r[k] = v.to(device)
+                if k != "masks":
+                    r[k] = v.to(device)
         return results
 
 

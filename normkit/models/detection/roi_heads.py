@@ -98,10 +98,6 @@ class ROIHeads(nn.Module):
     def _bg_label(self) -> int:
         return 0 if self.background_first else self.num_classes
 
-    def _reg_column(self, labels: Tensor) -> Tensor:
-        """Index of each (foreground) label's 4-delta block in bbox_pred."""
-        return labels if self.background_first else labels
-
     # -- training --
 
     def _sample_image(self, proposals: Tensor, target: Mapping[str, Tensor], scale: float):
@@ -196,8 +192,8 @@ class ROIHeads(nn.Module):
         loss_cls = F.cross_entropy(cls_logits, labels_all)
         fg_mask = torch.cat([torch.arange(lab.numel(), device=lab.device) < n for lab, n in zip(labels, fg_counts)])
         fg_idx = torch.nonzero(fg_mask).flatten()
-        cols = self._reg_column(labels_all[fg_idx])
-        pred = deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)[fg_idx, cols]
+        # the 4-delta block of each foreground label (Detectron-1's bbox_pred keeps a background block at 0)
+        pred = deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)[fg_idx, labels_all[fg_idx]]
         loss_box = smooth_l1_loss(pred, reg_all[fg_idx], self.smooth_l1_beta).sum() / max(labels_all.numel(), 1)
         losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box}
         if self.mask_on:
@@ -291,4 +287,4 @@ class ROIHeads(nn.Module):
         paste = paste_masks_detectron if self.mask_paste == "cv2" else paste_masks_grid_sample
         for r, p, size in zip(results, probs.split(counts), orig_sizes):
             size = tuple(int(v) for v in size)
-            r["masks"] = paste(p, r["boxes"], size, self.mask_threshold).to(r["boxes"].device)
+            r["masks"] = paste(p, r["boxes"], size, self.mask_threshold)  # cv2: on the CPU
