@@ -29,6 +29,16 @@ def register_ops(register: Callable[[], None]) -> None:
         raise
 
 
+def register_no_double_backward(backward_qualname: str, op_name: str) -> None:
+    """Makes differentiating a backward op (a gradient of a gradient) raise a clear error instead of failing
+    inside the kernel; the first backward is unaffected."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"normkit.ops.{op_name}: double backward (a gradient of its gradient, e.g. "
+                           f"create_graph=True then backward) is not supported")
+
+    torch.library.register_autograd(backward_qualname, refuse, setup_context=lambda ctx, inputs, output: None)
+
+
 def has_extension() -> bool:
     return LOAD_ERROR is None
 

@@ -4,8 +4,6 @@ Like torchvision's, the modules are scriptable, and FX tracing records each forw
 (`roi_align`, `roi_pool`, `multiscale_roi_align`, wrapped with torch.fx.wrap below), so symbolic tracing,
 feature extraction and FX quantization work on models that contain them.
 """
-from __future__ import annotations
-
 import math
 from typing import Dict, List, Tuple, Union
 
@@ -13,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.ops import roi_align, roi_pool
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair)
+from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair)
 
 __all__ = ["RoIAlign", "RoIPool", "MultiScaleRoIAlign", "assign_boxes_to_levels", "multiscale_roi_align"]
 
@@ -76,24 +74,36 @@ def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canoni
     return levels.to(torch.int64) - min_level
 
 
-def _select_levels(features: Union[Dict[str, Tensor], List[Tensor]], featmap_names: List[str],
-                   num_levels: int) -> List[Tensor]:
-    if torch.jit.isinstance(features, Dict[str, Tensor]):
-        if len(featmap_names) == 0:
-            return list(features.values())[:num_levels]
-        missing: List[str] = []
-        for name in featmap_names:
-            if name not in features:
-                missing.append(name)
-        if len(missing) > 0:
-            raise ValueError(f"MultiScaleRoIAlign: features lack levels {missing}; got {list(features.keys())}")
-        return [features[name] for name in featmap_names]
-    assert not isinstance(features, dict)  # refines the type for TorchScript
+def _levels_from_dict(features: Dict[str, Tensor], featmap_names: List[str], num_levels: int) -> List[Tensor]:
+    if len(featmap_names) == 0:
+        return list(features.values())[:num_levels]
+    missing: List[str] = []
+    for name in featmap_names:
+        if name not in features:
+            missing.append(name)
+    if len(missing) > 0:
+        raise ValueError(f"MultiScaleRoIAlign: features lack levels {missing}; got {list(features.keys())}")
+    return [features[name] for name in featmap_names]
+
+
+def _levels_from_list(features: List[Tensor], featmap_names: List[str], num_levels: int) -> List[Tensor]:
     if len(featmap_names) > 0:
         raise ValueError("MultiScaleRoIAlign: built with featmap_names, so features must be a dict of them")
     if len(features) != num_levels:
         raise ValueError(f"MultiScaleRoIAlign: expected {num_levels} feature levels, got {len(features)}")
     return features
+
+
+def _select_levels(features: Union[Dict[str, Tensor], List[Tensor]], featmap_names: List[str],
+                   num_levels: int) -> List[Tensor]:
+    if not torch.jit.is_scripting():  # (torch.compile cannot trace torch.jit.isinstance)
+        if isinstance(features, dict):
+            return _levels_from_dict(features, featmap_names, num_levels)
+        return _levels_from_list(list(features), featmap_names, num_levels)
+    if torch.jit.isinstance(features, Dict[str, Tensor]):
+        return _levels_from_dict(features, featmap_names, num_levels)
+    assert torch.jit.isinstance(features, List[Tensor])
+    return _levels_from_list(features, featmap_names, num_levels)
 
 
 def _infer_log2_scale(feature: Tensor, image_size: Tuple[int, int]) -> int:
@@ -162,13 +172,15 @@ class MultiScaleRoIAlign(nn.Module):
     order.
     """
 
+    featmap_names: List[str]  # empty when the levels are given by number (typed for TorchScript)
+
     def __init__(self, featmap_names: list[str] | int, output_size: int | tuple[int, int], sampling_ratio: int,
                  *, canonical_scale: float = 224.0, canonical_level: int = 4, aligned: bool = False):
         super().__init__()
         if isinstance(featmap_names, int):
             if featmap_names <= 0:
                 raise ValueError(f"MultiScaleRoIAlign: the number of levels must be positive, got {featmap_names}")
-            self.featmap_names: List[str] = []
+            self.featmap_names = []
             self.num_levels = featmap_names
         else:
             self.featmap_names = list(featmap_names)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from normkit.ops.switch_norm import (num_mixture_weights, switch_norm, switch_norm_input_backward,
+from normkit.ops.switch_norm import (check_momentum, num_mixture_weights, switch_norm, switch_norm_input_backward,
                                      switch_norm_reference, update_running_stats)
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm", "convert_sync_switchnorm"]
@@ -27,8 +27,10 @@ class _SwitchNorm(nn.Module):
                  using_moving_average: bool = True, using_bn: bool = True, last_gamma: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if num_features <= 0:
-            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features}")
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int (the number of channels "
+                             f"C), got {num_features!r}")
+        check_momentum(momentum, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

@@ -1,4 +1,5 @@
 """Functional operators: input checks, autograd and fake registrations, and pure-PyTorch references."""
+import torch
 
 # -- Switchable Normalization --
 from normkit.ops.switch_norm import switch_norm, switch_norm_reference  # noqa: F401
@@ -7,6 +8,10 @@ from normkit.ops.switch_norm import switch_norm, switch_norm_reference  # noqa: 
 from normkit.ops.nms import batched_nms, nms, nms_reference  # noqa: F401
 from normkit.ops.roi_align import roi_align, roi_align_reference  # noqa: F401
 from normkit.ops.roi_pool import roi_pool, roi_pool_reference  # noqa: F401
+
+# FX leaves also when called as normkit.ops.<name>(...) (torch.fx.wrap patches the names of one module's globals).
+for _name in ("batched_nms", "nms", "roi_align", "roi_pool"):
+    torch.fx.wrap(_name)
 
 # -- Conditional classifier --
 from normkit.ops.cond_classifier import (  # noqa: F401

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normkit._extension import register_ops, require_extension
+from normkit._extension import register_no_double_backward, register_ops, require_extension
 
 __all__ = ["class_embedding", "dynamic_classify", "class_embedding_reference", "dynamic_classify_reference"]
 
@@ -192,6 +192,8 @@ def _register() -> None:
 
     torch.library.register_autograd("normkit::dynamic_classify", dynamic_classify_backward,
                                     setup_context=dynamic_classify_setup)
+    register_no_double_backward("normkit::_class_embedding_backward", "class_embedding")
+    register_no_double_backward("normkit::_dynamic_classify_backward", "dynamic_classify")
 
 
 register_ops(_register)

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 
-from normkit._extension import register_ops, require_extension
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
+from normkit._extension import register_no_double_backward, register_ops, require_extension
+from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
                                      check_output_size, check_spatial_scale, dequantized, kernel_memory_format,
                                      opmath_dtype, output_size_pair, register_float32_autocast)
 
@@ -115,6 +115,7 @@ def _register() -> None:
     torch.library.register_autograd("normkit::roi_align", _backward, setup_context=_setup_context)
     # fp16/bf16 features meet fp32 boxes under autocast: compute in fp32, return the features' dtype.
     register_float32_autocast("normkit::roi_align")
+    register_no_double_backward("normkit::_roi_align_backward", "roi_align")
 
 
 register_ops(_register)

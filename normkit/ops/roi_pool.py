@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 
-from normkit._extension import register_ops, require_extension
-from normkit.ops._roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
+from normkit._extension import register_no_double_backward, register_ops, require_extension
+from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
                                      check_output_size, check_spatial_scale, dequantized, opmath_dtype,
                                      output_size_pair, register_float32_autocast)
 
@@ -95,6 +95,7 @@ def _register() -> None:
     torch.library.register_fake("normkit::_roi_pool_backward")(_fake_roi_pool_backward)
     torch.library.register_autograd("normkit::roi_pool", _backward, setup_context=_setup_context)
     register_float32_autocast("normkit::roi_pool")
+    register_no_double_backward("normkit::_roi_pool_backward", "roi_pool")
 
 
 register_ops(_register)

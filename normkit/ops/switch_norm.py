@@ -16,7 +16,7 @@ from torch import Tensor
 
 from normkit._extension import register_ops, require_extension
 
-__all__ = ["switch_norm", "switch_norm_reference", "num_mixture_weights"]
+__all__ = ["switch_norm", "switch_norm_reference", "num_mixture_weights", "check_momentum"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -63,6 +63,14 @@ def _check_inputs(x, weight, bias, mean_weight, var_weight, running_mean, runnin
         raise ValueError("switch_norm: pass both running_mean and running_var, or neither")
 
 
+def check_momentum(momentum, who: str) -> None:
+    """PyTorch convention: running <- (1 - momentum) * running + momentum * batch, so momentum is in [0, 1]."""
+    if (not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or momentum != momentum
+            or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{who}: momentum must be a number in [0, 1] (PyTorch convention: the official 0.997 is "
+                         f"0.003), got {momentum!r}")
+
+
 def _flat(t: Tensor | None) -> Tensor | None:
     # Official checkpoints shape per-channel tensors (1, C, 1, 1) / (1, C, 1); the kernels take (C,).
     return None if t is None else t.reshape(-1)
@@ -91,6 +99,7 @@ def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_
         Tensor with the shape, dtype and memory format of `input`.
     """
     _check_inputs(input, weight, bias, mean_weight, var_weight, running_mean, running_var, using_bn, has_instance)
+    check_momentum(momentum, "switch_norm")
     if input.numel() == 0:
         return input.clone()
     require_extension("switch_norm")

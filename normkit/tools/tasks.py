@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 
 from normkit.data import build_dataset, build_train_loader, build_val_loader
-from normkit.evaluation import evaluate, format_table, results_to_json
+from normkit.data.detection import build_coco_dataset, build_coco_train_loader, build_coco_val_loader
+from normkit.evaluation import evaluate, format_table, inference_on_dataset, results_to_json
+from normkit.evaluation.coco import COCOEvaluator
 
-__all__ = ["SegmentationTask", "TASKS", "task_for"]
+__all__ = ["SegmentationTask", "DetectionTask", "TASKS", "task_for"]
 
 
 class SegmentationTask:
@@ -45,13 +47,57 @@ class SegmentationTask:
     def to_json(results: dict) -> dict:
         return results_to_json(results)
 
+
+
+class DetectionTask:
+    """Object detection and instance segmentation on COCO-format data (`data.dataset: coco`).
+
+    `evaluation:` keys: `tasks` (default bbox, plus segm when `data.mask_on`) and `output_dir` (where the
+    COCO results JSON files go; default: not written)."""
+
+    name = "detection"
+    EVAL_KEYS = ("tasks", "output_dir")
+
+    def __init__(self, cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
+        unknown = set(cfg.get("evaluation") or {}) - set(self.EVAL_KEYS)
+        if unknown:
+            raise ValueError(f"unknown evaluation option(s) {sorted(unknown)} for detection; known: "
+                             f"{', '.join(self.EVAL_KEYS)}")
+        self._train_set = None
+        self.val_set = build_coco_dataset(cfg["data"], "val")
+        self.val_loader = build_coco_val_loader(cfg["data"], rank=rank, world_size=world_size,
+                                                num_workers=num_workers, dataset=self.val_set)
+        self.class_names = tuple(self.val_set.class_names)
+
+    def train_batches(self, start_batch: int, *, batch_size: int, seed: int):
+        if self._train_set is None:
+            self._train_set = build_coco_dataset(self.cfg["data"], "train")
+        return build_coco_train_loader(self.cfg["data"], batch_size, rank=self.rank, world_size=self.world_size,
+                                       seed=seed, start_iter=start_batch, num_workers=self.num_workers,
+                                       dataset=self._train_set)
+
+    def evaluate(self, model, eval_cfg: dict | None = None) -> dict:
+        eval_cfg = dict(self.cfg.get("evaluation") or {}) if eval_cfg is None else dict(eval_cfg)
+        default_tasks = ("bbox", "segm") if self.cfg["data"].get("mask_on") else ("bbox",)
+        evaluator = COCOEvaluator(self.val_set, tasks=eval_cfg.get("tasks", default_tasks),
+                                  output_dir=eval_cfg.get("output_dir"))
+        return inference_on_dataset(model, self.val_loader, evaluator)
+
+    def report(self, results: dict) -> str:
+        lines = []
+        for kind in ("bbox", "segm"):
+            if f"{kind}/AP" in results:
+                lines.append(f"{kind}: AP {results[f'{kind}/AP']:.4f}  AP50 {results[f'{kind}/AP50']:.4f}  "
+                             f"AP75 {results[f'{kind}/AP75']:.4f}")
+        return "\n".join(lines)
+
     @staticmethod
-    def scalars(results: dict) -> dict:
-        """Finite float results, for logging as `val/<key>`."""
-        return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    def to_json(results: dict) -> dict:
+        return {k: (v if math.isfinite(v) else None) for k, v in results.items() if isinstance(v, (int, float))}
 
 
-TASKS = {"segmentation": SegmentationTask}
+TASKS = {"segmentation": SegmentationTask, "detection": DetectionTask}
 # Datasets of other tasks than segmentation (the default).
 DATASET_TASKS = {"coco": "detection"}
 

@@ -140,9 +140,11 @@ def boxes_to_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
 
 
 def check_batch_indices(rois: Tensor, batch: int, op: str) -> None:
-    """Batch indices must be integers in [0, batch). Costs one device sync on GPU; skipped while compiling and for
-    meta tensors (no values)."""
-    if rois.shape[0] == 0 or rois.device.type == "meta" or torch.compiler.is_compiling():
+    """Batch indices must be integers in [0, batch). Costs one device sync on GPU; skipped while compiling or
+    exporting and for meta tensors (no values; the kernels check on CPU)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or rois.device.type == "meta":
+        return
+    if rois.shape[0] == 0:
         return
     index = rois[:, 0]
     bad = ~((index >= 0) & (index < batch) & (index == index.floor()))  # NaN fails every comparison
