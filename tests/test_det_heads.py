@@ -69,20 +69,20 @@ def test_rpn_loss_normalisers():
     rpn, feats, targets = _rpn_loss_setup(cls_loss_normalizer="num_valid", batch_size_per_image=8)
     _, losses = rpn(feats, torch.tensor([[64, 64]]), (64, 64), torch.ones(1), targets)
     # zero head: every logit 0 -> BCE log 2 each; mean over sampled anchors
-    assert losses["loss_rpn_cls"].item() == pytest.approx(math.log(2))
+    assert losses["rpn_cls_loss"].item() == pytest.approx(math.log(2))
     rpn, feats, targets = _rpn_loss_setup(cls_loss_normalizer="batch_size", batch_size_per_image=8)
     _, losses = rpn(feats, torch.tensor([[64, 64]]), (64, 64), torch.ones(1), targets)
     # anchors inside the 64x64 image: cells 1..2 in x and y (legacy (-8,-8,23,23) + 16k): 4 anchors, all sampled
     # (1 tie-positive + fewer negatives than slots -> Detectron draws none) -> only positives count
-    labels_sum = losses["loss_rpn_cls"].item() * 8 / math.log(2)
+    labels_sum = losses["rpn_cls_loss"].item() * 8 / math.log(2)
     assert labels_sum == pytest.approx(round(labels_sum))
-    assert losses["loss_rpn_bbox"].item() > 0
+    assert losses["rpn_bbox_loss"].item() > 0
 
 
 def test_rpn_straddle_and_empty_image_errors():
     rpn, feats, targets = _rpn_loss_setup(straddle_thresh=-1, batch_size_per_image=8)
     _, losses = rpn(feats, torch.tensor([[64, 64]]), (64, 64), torch.ones(1), targets)
-    assert torch.isfinite(losses["loss_rpn_cls"])
+    assert torch.isfinite(losses["rpn_cls_loss"])
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
               "iscrowd": torch.zeros(0, dtype=torch.bool)}]
     with pytest.raises(ValueError, match="no non-crowd ground-truth"):

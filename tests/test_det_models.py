@@ -55,7 +55,7 @@ def test_config_builds_trains_and_predicts(config):
     data = batch(mask_on)
     model.train()
     losses = model(data)
-    expected = {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_box_reg"} | ({"loss_mask"} if mask_on else set())
+    expected = {"rpn_cls_loss", "rpn_bbox_loss", "cls_loss", "box_reg_loss"} | ({"mask_loss"} if mask_on else set())
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     sum(losses.values()).backward()

@@ -27,7 +27,7 @@ class GeneralizedRCNN(nn.Module):
     ``model(batch)`` takes the detection batch (``images`` Tensor[B, 3, Hp, Wp] normalised and padded,
     ``image_sizes`` / ``orig_sizes`` int64 Tensor[B, 2] (h, w), ``scales`` Tensor[B], ``targets``: list of
     dicts with ``boxes`` Tensor[K, 4] xyxy in resized pixels, ``labels`` int64 0..K-1, ``iscrowd``, ``masks``).
-    Training returns ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_box_reg"[, "loss_mask"]}``; eval
+    Training returns ``{"rpn_cls_loss", "rpn_bbox_loss", "cls_loss", "box_reg_loss"[, "mask_loss"]}``; eval
     returns one dict per image with ``boxes`` (original-image xyxy), ``scores``, ``labels`` (0..K-1) and, for
     Mask R-CNN, ``masks`` uint8 Tensor[N, H, W] at the original image size.
 
