@@ -276,7 +276,8 @@ class ROIHeads(nn.Module):
 
     def _predict_masks(self, features, results, scales, orig_sizes) -> None:
         levels = [features[name] for name in self.mask_in_features]
-        rois = [r["boxes"] * float(s) for r, s in zip(results, scales)]
+        # Detectron-1 scales the final boxes back to the input in float64 before casting to float32
+        rois = [(r["boxes"].double() * float(s)).to(r["boxes"].dtype) for r, s in zip(results, scales)]
         counts = [r.shape[0] for r in rois]
         if sum(counts):
             logits = self.mask_head(self.mask_pooler(levels, rois))
