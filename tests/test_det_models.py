@@ -133,5 +133,5 @@ def test_bad_config_keys():
         build_model(cfg)
     cfg = small(next(c for c in CONFIGS if c.stem == "e2e_faster_rcnn_R-50-FPN_2x_sn_8-1"))
     cfg["model"]["roi_heads"]["box_head"]["name"] = "mlp"
-    with pytest.raises(ValueError, match="unknown box head"):
+    with pytest.raises(ValueError, match="box_head.name: unknown box head .mlp."):
         build_model(cfg)

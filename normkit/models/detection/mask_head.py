@@ -1,7 +1,7 @@
 """Mask head (4 convs + 2x2 deconv + per-class 1x1), mask targets inside RoIs, and pasting masks into images."""
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normkit.models.detection.box_heads import msra_fill_
-from normkit.models.detection.registry import BOX_HEADS  # noqa: F401  (one import path for all heads)
 from normkit.nn import build_norm
 from normkit.ops import roi_align
 

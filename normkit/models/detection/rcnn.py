@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from normkit.models.detection.anchors import AnchorGenerator
-from normkit.models.detection.box_heads import BoxPredictor, FastRCNNConvFCHead, Res5BoxHead
+from normkit.models.detection.box_heads import BoxPredictor
 from normkit.models.detection.boxes import check_boxes
 from normkit.models.detection.mask_head import MaskHead
 from normkit.models.detection.poolers import ROIPooler
+from normkit.models.detection.registry import BOX_HEADS, NECKS
 from normkit.models.detection.roi_heads import ROIHeads
 from normkit.models.detection.rpn import RPN
-from normkit.models.necks.fpn import FPN
+import normkit.models.necks.fpn  # noqa: F401  (registers the fpn neck)
 from normkit.models.registry import MODELS, build_backbone
 
 __all__ = ["GeneralizedRCNN", "build_generalized_rcnn"]
@@ -150,11 +150,13 @@ def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
     feat_channels, feat_strides = dict(channels), dict(strides)
     if neck_cfg:
         neck_cfg = dict(neck_cfg)
-        if neck_cfg.pop("name", "fpn") != "fpn":
-            raise ValueError("config model.neck.name: only 'fpn' is available")
+        try:
+            neck_cls = NECKS.get(neck_cfg.pop("name", "fpn"))
+        except ValueError as exc:
+            raise ValueError(f"config model.neck.name: {exc}") from exc
         in_features = tuple(neck_cfg.pop("in_features", bb_features))
         try:
-            neck = FPN(in_features, [channels[f] for f in in_features], **neck_cfg)
+            neck = neck_cls(in_features, [channels[f] for f in in_features], **neck_cfg)
         except TypeError as exc:
             raise ValueError(f"bad keys in config model.neck: {exc}") from exc
         feat_channels = {f: neck.out_channels for f in neck.out_features}
@@ -208,14 +210,10 @@ def _build_roi_heads(cfg: dict, mask_cfg: Optional[Mapping], channels: Mapping[s
     scales = [1.0 / strides[f] for f in in_features]
     pooler = ROIPooler(resolution, scales, sampling, aligned=aligned, legacy_plus_one=legacy)
     head_name = box_cfg.pop("name")
-    in_ch = channels[in_features[0]]
     try:
-        if head_name == "res5":
-            box_head = Res5BoxHead(in_ch, **box_cfg)
-        elif head_name == "conv_fc":
-            box_head = FastRCNNConvFCHead(in_ch, resolution, **box_cfg)
-        else:
-            raise ValueError(f"unknown box head {head_name!r} in config {where}.box_head.name; choose res5 or conv_fc")
+        box_head = BOX_HEADS.get(head_name)(channels[in_features[0]], resolution, **box_cfg)
+    except ValueError as exc:
+        raise ValueError(f"config {where}.box_head.name: {exc}") from exc
     except TypeError as exc:
         raise ValueError(f"bad keys in config {where}.box_head: {exc}") from exc
     predictor = BoxPredictor(box_head.out_channels, num_classes, background)
