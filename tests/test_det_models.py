@@ -135,3 +135,23 @@ def test_bad_config_keys():
     cfg["model"]["roi_heads"]["box_head"]["name"] = "mlp"
     with pytest.raises(ValueError, match="box_head.name: unknown box head .mlp."):
         build_model(cfg)
+
+
+def test_inspect_exposes_every_stage_and_matches_forward():
+    torch.manual_seed(0)
+    model = build_model(small(next(c for c in CONFIGS if c.stem == "e2e_mask_rcnn_R-50-FPN_2x_sn_8-1"))).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[3] = 20.0
+    data = batch(True)
+    details = model.inspect(data)
+    assert list(details["features"]) == ["p2", "p3", "p4", "p5", "p6"]
+    assert [x.shape[1] for x in details["rpn_logits"]] == [3] * 5
+    assert [x.shape[1] for x in details["rpn_deltas"]] == [12] * 5
+    k = sum(p.shape[0] for p in details["proposals"])
+    assert details["cls_scores"].shape == (k, 81) and details["box_deltas"].shape == (k, 324)
+    with torch.no_grad():
+        out = model(data)
+    for a, b in zip(out, details["predictions"]):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+    with pytest.raises(RuntimeError, match="eval"):
+        model.train().inspect(data)

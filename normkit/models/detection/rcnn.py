@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from normkit.models.detection.anchors import AnchorGenerator
@@ -87,6 +88,33 @@ class GeneralizedRCNN(nn.Module):
             if bool(outside.any()):
                 raise ValueError(f"targets[{i}]['boxes']: {int(outside.sum())} box(es) outside the {int(h)}x{int(w)} "
                                  f"image, e.g. {boxes[outside][0].tolist()}; clip boxes in the data pipeline")
+
+    @torch.no_grad()
+    def inspect(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
+        """Every intermediate result of inference on ``batch`` (the model must be in eval mode), for comparing
+        stage by stage with another implementation:
+
+        - ``features``: dict of backbone (and FPN) features;
+        - ``rpn_logits`` / ``rpn_deltas``: per RPN level, Tensor[B, A, H, W] / Tensor[B, 4A, H, W];
+        - ``proposals``: per image Tensor[K_i, 4] in input (resized) pixels, by decreasing objectness;
+        - ``box_features``: Tensor[sum K_i, D] box-head output; ``cls_scores``: softmax Tensor[sum K_i, K+1];
+          ``box_deltas``: Tensor[sum K_i, 4(K+1)] (``bbox_pred``);
+        - ``predictions``: what ``model(batch)`` returns.
+        """
+        if self.training:
+            raise RuntimeError("GeneralizedRCNN.inspect runs inference: call model.eval() first")
+        self._check_batch(batch)
+        images = batch["images"]
+        features = self.features(images)
+        logits, deltas = self.rpn.head([features[name] for name in self.rpn.in_features])
+        proposals, _ = self.rpn(features, batch["image_sizes"], tuple(images.shape[-2:]), batch["scales"])
+        heads = self.roi_heads
+        box_features = heads.box_head(heads.box_pooler([features[name] for name in heads.in_features], proposals))
+        cls_logits, box_deltas = heads.box_predictor(box_features)
+        predictions = heads(features, proposals, batch["image_sizes"], batch["scales"], batch["orig_sizes"])
+        return {"features": features, "rpn_logits": logits, "rpn_deltas": deltas, "proposals": proposals,
+                "box_features": box_features, "cls_scores": torch.softmax(cls_logits, dim=1),
+                "box_deltas": box_deltas, "predictions": predictions}
 
     def forward(self, batch: Mapping[str, Any]):
         self._check_batch(batch)
