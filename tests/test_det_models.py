@@ -43,7 +43,9 @@ def batch(mask_on, size=(64, 96)):
 PUBLISHED = ("e2e_faster_rcnn_R-50-C4_2x_sn", "e2e_faster_rcnn_R-50-FPN_2x_sn", "e2e_faster_rcnn_R-50-FPN_2x_sn_8-1",
              "e2e_mask_rcnn_R-50-FPN_2x_sn_8-1")
 SMOKE = [c if c.stem in PUBLISHED else pytest.param(c, marks=pytest.mark.slow)
-         for c in SN_CONFIGS + [c for c in CONFIGS if c.stem == "e2e_mask_rcnn_R-50-FPN_2x_gn"]]
+         for c in SN_CONFIGS + [c for c in CONFIGS if c.stem in ("e2e_mask_rcnn_R-50-FPN_2x_gn",
+                                                                 "e2e_mask_rcnn_R-50-FPN_2x_bn",
+                                                                 "e2e_faster_rcnn_R-50-C4_2x_bn")]]
 
 
 @pytest.mark.parametrize("config", SMOKE, ids=lambda c: c.stem)
@@ -64,7 +66,8 @@ def test_config_builds_trains_and_predicts(config):
     frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
     assert all(p.grad is None for p in frozen)
     model.eval()
-    with torch.no_grad():  # make some class confident so post-processing and mask pasting run
+    with torch.no_grad():  # make one class confident so post-processing and mask pasting run
+        model.roi_heads.box_predictor.cls_score.weight.zero_()
         model.roi_heads.box_predictor.cls_score.bias[3] = 20.0
         out = model(data)
     assert len(out) == 2
