@@ -232,3 +232,34 @@ def test_heads_shapes_and_norms():
     pred = BoxPredictor(16, 80, "first")
     assert pred.cls_score.out_features == 81 and pred.bbox_pred.out_features == 324
     assert BoxPredictor(16, 80, "last").bbox_pred.out_features == 320
+
+
+def test_roi_sampling_detectron_crowd_rules():
+    heads = _roi_heads(num_classes=3, batch_size_per_image=16)  # at most 4 foreground
+    heads.generator = torch.Generator().manual_seed(0)
+    target = {"boxes": torch.tensor([[0.0, 0.0, 19.0, 19.0], [50.0, 50.0, 89.0, 89.0]]),
+              "labels": torch.tensor([0, 2]), "iscrowd": torch.tensor([False, True])}
+    proposals = torch.tensor([[51.0, 51.0, 89.0, 89.0],     # on the crowd box
+                              [1.0, 1.0, 19.0, 19.0],       # on the real object
+                              [200.0, 200.0, 220.0, 220.0]])  # background
+    rois, labels, reg, num_fg, _ = heads._sample_image(proposals, target, 1.0)
+    # candidates: gt 0 (fg), crowd gt (never), 3 proposals; fg: gt 0 and both overlapping proposals
+    assert num_fg == 3 and rois.shape[0] == 4
+    fg = {tuple(r.tolist()): int(l) for r, l in zip(rois[:num_fg], labels[:num_fg])}
+    assert fg[(51.0, 51.0, 89.0, 89.0)] == 3  # takes the crowd box's class (Detectron-1), predictor index 2 + 1
+    assert fg[(0.0, 0.0, 19.0, 19.0)] == 1
+    assert labels[num_fg:].tolist() == [0]
+    # its regression target points at the best non-crowd box (gt 0), as Detectron's bbox targets
+    crowd_row = [i for i in range(num_fg) if rois[i].tolist() == [51.0, 51.0, 89.0, 89.0]][0]
+    expected = heads.box_coder.encode(rois[crowd_row:crowd_row + 1], target["boxes"][:1])
+    assert torch.allclose(reg[crowd_row], expected[0])
+
+
+def test_roi_training_without_any_candidate_is_an_error():
+    heads = _roi_heads(proposal_append_gt=False)
+    heads.train()
+    target = [{"boxes": torch.tensor([[0.0, 0.0, 3.0, 3.0]]), "labels": torch.tensor([0]),
+               "iscrowd": torch.tensor([False])}]
+    with pytest.raises(ValueError, match="no RoIs to train on"):
+        heads({"f": torch.zeros(1, 4, 4, 4)}, [torch.zeros(0, 4)], torch.tensor([[4, 4]]), torch.ones(1),
+              torch.tensor([[4, 4]]), target)
