@@ -4,7 +4,9 @@
     python tools/convert_checkpoint.py --from csail encoder_epoch_20.pth decoder_epoch_20.pth \
         --out r50d8_ppm_deepsup.pth --config configs/csail/r50d8_ppm_deepsup.yaml
 
-Formats: csail (encoder + decoder files), sn-imagenet, mmseg (CondNet), deeplab-v2. Inputs are read with
+Formats: csail (encoder + decoder files), sn-imagenet, mmseg (CondNet), deeplab-v2, sn-detectron (SN-Detectron
+Faster/Mask R-CNN checkpoints), sn-imagenet-to-c4 / sn-imagenet-to-fpn (SN ImageNet ResNets as detection
+backbones; C4 puts layer4 into the res5 box head). Inputs are read with
 torch.load(weights_only=True). With --config the result is loaded strictly into that config's model
 before it is written, so missing/unexpected keys and shape mismatches are reported up front.
 """

@@ -23,17 +23,19 @@ def msra_fill_(weight: Tensor) -> Tensor:
 
 @BOX_HEADS.register("res5")
 class Res5BoxHead(nn.Module):
-    """The C4 box head: ResNet's res5 stage (3 bottlenecks, 2048 channels, first stride ``stride``) on the
-    14x14 RoI features, then average pooling (7x7 -> 1) -> Tensor[K, 2048].
+    """The C4 box head: ResNet's res5 stage (3 bottlenecks, 2048 channels, first stride ``stride``, by default
+    ``resolution // 7``) on the 14x14 RoI features, then average pooling (7x7 -> 1) -> Tensor[K, 2048].
 
     ``norm`` is the backbone's norm; in training an SN/BN layer here takes its batch statistics over the RoIs.
     Parameter names (``res5.{0,1,2}.conv1``, ``.bn1``, ``.downsample.0/1``) follow the backbone's stages so
     ImageNet ``layer4`` weights load into it.
     """
 
-    def __init__(self, in_channels: int = 1024, *, stride: int = 2, dilation: int = 1, num_blocks: int = 3,
-                 norm="bn", norm_kwargs: Optional[Mapping] = None, stride_in_1x1: bool = False):
+    def __init__(self, in_channels: int = 1024, resolution: int = 14, *, stride: Optional[int] = None,
+                 dilation: int = 1, num_blocks: int = 3, norm="bn", norm_kwargs: Optional[Mapping] = None,
+                 stride_in_1x1: bool = False):
         super().__init__()
+        stride = stride or max(resolution // 7, 1)  # Detectron: ROI_XFORM_RESOLUTION // 7, so res5 outputs 7x7
         planes = 512
         self.res5 = make_stage(Bottleneck, in_channels, planes, num_blocks, stride=stride,
                                dilations=[(dilation, dilation)] * num_blocks, norm=norm,

@@ -1,7 +1,7 @@
 """Mask head (4 convs + 2x2 deconv + per-class 1x1), mask targets inside RoIs, and pasting masks into images."""
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normkit.models.detection.box_heads import msra_fill_
-from normkit.models.detection.registry import BOX_HEADS  # noqa: F401  (one import path for all heads)
 from normkit.nn import build_norm
 from normkit.ops import roi_align
 
@@ -151,29 +150,3 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, image_size: Tuple[int,
     grid = torch.stack((gx[:, None, :].expand(n, h_img, w_img), gy[:, :, None].expand(n, h_img, w_img)), dim=3)
     pasted = F.grid_sample(masks[:, None].to(torch.float32), grid, align_corners=False)[:, 0]
     return (pasted >= threshold).to(torch.uint8)
-
-
-def mask_targets(instance_masks: List, gt_boxes: Tensor, rois: Tensor, matched: Optional[Tensor], size: int,
-                 legacy_plus_one: bool) -> Tensor:
-    """Binary targets Tensor[R, size, size] for foreground RoIs Tensor[R, 4] of one image.
-
-    ``instance_masks`` holds the image's (non-crowd) instances, each a list of polygons or a bitmap
-    Tensor[H, W]. Detectron-1 (``matched=None``) gives each RoI the instance whose polygons' tight box has
-    the highest IoU with it; otherwise ``matched`` gives the instance index of each RoI.
-    """
-    from normkit.models.detection.boxes import box_iou
-
-    if rois.shape[0] == 0:
-        return rois.new_zeros((0, size, size))
-    if matched is None:
-        tight = torch.stack([polygons_bounding_box(m) if isinstance(m, (list, tuple)) else b.to(torch.float32)
-                             for m, b in zip(instance_masks, gt_boxes)]).to(rois)
-        matched = box_iou(rois, tight, legacy_plus_one).argmax(dim=1)
-    out = []
-    for roi, index in zip(rois, matched.tolist()):
-        instance = instance_masks[index]
-        if isinstance(instance, (list, tuple)):
-            out.append(polygons_to_mask_in_box(instance, roi.tolist(), size))
-        else:
-            out.append(bitmap_to_mask_in_box(instance, roi, size).cpu())
-    return torch.stack(out).to(rois.device)

@@ -7,13 +7,14 @@ import torch
 from torch import Tensor, nn
 
 from normkit.models.detection.anchors import AnchorGenerator
-from normkit.models.detection.box_heads import BoxPredictor, FastRCNNConvFCHead, Res5BoxHead
+from normkit.models.detection.box_heads import BoxPredictor
 from normkit.models.detection.boxes import check_boxes
 from normkit.models.detection.mask_head import MaskHead
 from normkit.models.detection.poolers import ROIPooler
+from normkit.models.detection.registry import BOX_HEADS, NECKS
 from normkit.models.detection.roi_heads import ROIHeads
 from normkit.models.detection.rpn import RPN
-from normkit.models.necks.fpn import FPN
+import normkit.models.necks.fpn  # noqa: F401  (registers the fpn neck)
 from normkit.models.registry import MODELS, build_backbone
 
 __all__ = ["GeneralizedRCNN", "build_generalized_rcnn"]
@@ -27,7 +28,7 @@ class GeneralizedRCNN(nn.Module):
     ``model(batch)`` takes the detection batch (``images`` Tensor[B, 3, Hp, Wp] normalised and padded,
     ``image_sizes`` / ``orig_sizes`` int64 Tensor[B, 2] (h, w), ``scales`` Tensor[B], ``targets``: list of
     dicts with ``boxes`` Tensor[K, 4] xyxy in resized pixels, ``labels`` int64 0..K-1, ``iscrowd``, ``masks``).
-    Training returns ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_box_reg"[, "loss_mask"]}``; eval
+    Training returns ``{"rpn_cls_loss", "rpn_bbox_loss", "cls_loss", "box_reg_loss"[, "mask_loss"]}``; eval
     returns one dict per image with ``boxes`` (original-image xyxy), ``scores``, ``labels`` (0..K-1) and, for
     Mask R-CNN, ``masks`` uint8 Tensor[N, H, W] at the original image size.
 
@@ -88,6 +89,33 @@ class GeneralizedRCNN(nn.Module):
                 raise ValueError(f"targets[{i}]['boxes']: {int(outside.sum())} box(es) outside the {int(h)}x{int(w)} "
                                  f"image, e.g. {boxes[outside][0].tolist()}; clip boxes in the data pipeline")
 
+    @torch.no_grad()
+    def inspect(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
+        """Every intermediate result of inference on ``batch`` (the model must be in eval mode), for comparing
+        stage by stage with another implementation:
+
+        - ``features``: dict of backbone (and FPN) features;
+        - ``rpn_logits`` / ``rpn_deltas``: per RPN level, Tensor[B, A, H, W] / Tensor[B, 4A, H, W];
+        - ``proposals``: per image Tensor[K_i, 4] in input (resized) pixels, by decreasing objectness;
+        - ``box_features``: Tensor[sum K_i, D] box-head output; ``cls_scores``: softmax Tensor[sum K_i, K+1];
+          ``box_deltas``: Tensor[sum K_i, 4(K+1)] (``bbox_pred``);
+        - ``predictions``: what ``model(batch)`` returns.
+        """
+        if self.training:
+            raise RuntimeError("GeneralizedRCNN.inspect runs inference: call model.eval() first")
+        self._check_batch(batch)
+        images = batch["images"]
+        features = self.features(images)
+        logits, deltas = self.rpn.head([features[name] for name in self.rpn.in_features])
+        proposals, _ = self.rpn(features, batch["image_sizes"], tuple(images.shape[-2:]), batch["scales"])
+        heads = self.roi_heads
+        box_features = heads.box_head(heads.box_pooler([features[name] for name in heads.in_features], proposals))
+        cls_logits, box_deltas = heads.box_predictor(box_features)
+        predictions = heads(features, proposals, batch["image_sizes"], batch["scales"], batch["orig_sizes"])
+        return {"features": features, "rpn_logits": logits, "rpn_deltas": deltas, "proposals": proposals,
+                "box_features": box_features, "cls_scores": torch.softmax(cls_logits, dim=1),
+                "box_deltas": box_deltas, "predictions": predictions}
+
     def forward(self, batch: Mapping[str, Any]):
         self._check_batch(batch)
         images = batch["images"]
@@ -102,9 +130,10 @@ class GeneralizedRCNN(nn.Module):
             roi_losses = self.roi_heads(features, proposals, image_sizes, scales, orig_sizes, targets)
             return {**rpn_losses, **roi_losses}
         results = self.roi_heads(features, proposals, image_sizes, scales, orig_sizes)
-        for r in results:
+        for r in results:  # masks stay where they were pasted (the CPU for the cv2 paste): full-image maps
             for k, v in r.items():
-                r[k] = v.to(device)
+                if k != "masks":
+                    r[k] = v.to(device)
         return results
 
 
@@ -149,11 +178,13 @@ def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
     feat_channels, feat_strides = dict(channels), dict(strides)
     if neck_cfg:
         neck_cfg = dict(neck_cfg)
-        if neck_cfg.pop("name", "fpn") != "fpn":
-            raise ValueError("config model.neck.name: only 'fpn' is available")
+        try:
+            neck_cls = NECKS.get(neck_cfg.pop("name", "fpn"))
+        except ValueError as exc:
+            raise ValueError(f"config model.neck.name: {exc}") from exc
         in_features = tuple(neck_cfg.pop("in_features", bb_features))
         try:
-            neck = FPN(in_features, [channels[f] for f in in_features], **neck_cfg)
+            neck = neck_cls(in_features, [channels[f] for f in in_features], **neck_cfg)
         except TypeError as exc:
             raise ValueError(f"bad keys in config model.neck: {exc}") from exc
         feat_channels = {f: neck.out_channels for f in neck.out_features}
@@ -207,14 +238,10 @@ def _build_roi_heads(cfg: dict, mask_cfg: Optional[Mapping], channels: Mapping[s
     scales = [1.0 / strides[f] for f in in_features]
     pooler = ROIPooler(resolution, scales, sampling, aligned=aligned, legacy_plus_one=legacy)
     head_name = box_cfg.pop("name")
-    in_ch = channels[in_features[0]]
     try:
-        if head_name == "res5":
-            box_head = Res5BoxHead(in_ch, **box_cfg)
-        elif head_name == "conv_fc":
-            box_head = FastRCNNConvFCHead(in_ch, resolution, **box_cfg)
-        else:
-            raise ValueError(f"unknown box head {head_name!r} in config {where}.box_head.name; choose res5 or conv_fc")
+        box_head = BOX_HEADS.get(head_name)(channels[in_features[0]], resolution, **box_cfg)
+    except ValueError as exc:
+        raise ValueError(f"config {where}.box_head.name: {exc}") from exc
     except TypeError as exc:
         raise ValueError(f"bad keys in config {where}.box_head: {exc}") from exc
     predictor = BoxPredictor(box_head.out_channels, num_classes, background)

@@ -41,9 +41,9 @@ class ROIHeads(nn.Module):
         mask_paste: ``"cv2"`` (Detectron-1 ``segm_results``) or ``"grid_sample"`` (detectron2).
         mask_threshold: 0.5.
 
-    In training, forward returns ``loss_cls`` (cross-entropy, mean over sampled RoIs), ``loss_box_reg``
+    In training, forward returns ``cls_loss`` (cross-entropy, mean over sampled RoIs), ``box_reg_loss``
     (smooth-L1 summed over the 4 coordinates of the ground-truth class / number of sampled RoIs) and
-    ``loss_mask`` (per-pixel BCE of the ground-truth class's map, mean over foreground RoIs and pixels); in
+    ``mask_loss`` (per-pixel BCE of the ground-truth class's map, mean over foreground RoIs and pixels); in
     eval, a list of per-image prediction dicts in original-image coordinates.
     """
 
@@ -97,10 +97,6 @@ class ROIHeads(nn.Module):
     @property
     def _bg_label(self) -> int:
         return 0 if self.background_first else self.num_classes
-
-    def _reg_column(self, labels: Tensor) -> Tensor:
-        """Index of each (foreground) label's 4-delta block in bbox_pred."""
-        return labels if self.background_first else labels
 
     # -- training --
 
@@ -193,15 +189,15 @@ class ROIHeads(nn.Module):
         cls_logits, deltas = self.box_predictor(self.box_head(self.box_pooler(levels, rois)))
         labels_all = torch.cat(labels)
         reg_all = torch.cat(reg_targets)
-        loss_cls = F.cross_entropy(cls_logits, labels_all)
+        cls_loss = F.cross_entropy(cls_logits, labels_all)
         fg_mask = torch.cat([torch.arange(lab.numel(), device=lab.device) < n for lab, n in zip(labels, fg_counts)])
         fg_idx = torch.nonzero(fg_mask).flatten()
-        cols = self._reg_column(labels_all[fg_idx])
-        pred = deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)[fg_idx, cols]
+        # the 4-delta block of each foreground label (Detectron-1's bbox_pred keeps a background block at 0)
+        pred = deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)[fg_idx, labels_all[fg_idx]]
         loss_box = smooth_l1_loss(pred, reg_all[fg_idx], self.smooth_l1_beta).sum() / max(labels_all.numel(), 1)
-        losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+        losses = {"cls_loss": cls_loss, "box_reg_loss": loss_box}
         if self.mask_on:
-            losses["loss_mask"] = self._mask_loss(features, fg_rois, fg_rois_f, labels, fg_counts, scales, targets)
+            losses["mask_loss"] = self._mask_loss(features, fg_rois, fg_rois_f, labels, fg_counts, scales, targets)
         return losses
 
     def _mask_loss(self, features, fg_rois, fg_rois_f, labels, fg_counts, scales, targets) -> Tensor:
@@ -280,7 +276,8 @@ class ROIHeads(nn.Module):
 
     def _predict_masks(self, features, results, scales, orig_sizes) -> None:
         levels = [features[name] for name in self.mask_in_features]
-        rois = [r["boxes"] * float(s) for r, s in zip(results, scales)]
+        # Detectron-1 scales the final boxes back to the input in float64 before casting to float32
+        rois = [(r["boxes"].double() * float(s)).to(r["boxes"].dtype) for r, s in zip(results, scales)]
         counts = [r.shape[0] for r in rois]
         if sum(counts):
             logits = self.mask_head(self.mask_pooler(levels, rois))
@@ -291,4 +288,4 @@ class ROIHeads(nn.Module):
         paste = paste_masks_detectron if self.mask_paste == "cv2" else paste_masks_grid_sample
         for r, p, size in zip(results, probs.split(counts), orig_sizes):
             size = tuple(int(v) for v in size)
-            r["masks"] = paste(p, r["boxes"], size, self.mask_threshold).to(r["boxes"].device)
+            r["masks"] = paste(p, r["boxes"], size, self.mask_threshold)  # cv2: on the CPU

@@ -275,7 +275,7 @@ class RPN(nn.Module):
             box = (box * weights[fg]).sum() / num_images
         else:
             box = box.sum() / (self.batch_size_per_image * num_images)
-        return {"loss_rpn_cls": cls, "loss_rpn_bbox": box}
+        return {"rpn_cls_loss": cls, "rpn_bbox_loss": box}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, pre_nms_topk={self.pre_nms_topk}, "
