@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from normkit.ops.layout import FLOAT_DTYPES
 from normkit.ops.switch_norm import (check_momentum, num_mixture_weights, switch_norm, switch_norm_input_backward,
                                      switch_norm_reference, update_running_stats)
 
@@ -194,7 +195,7 @@ class SyncSwitchNorm(_SwitchNorm):
         self._check_input_dim(x)
         if not self._synchronized():
             return self._normalize(x)
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"SyncSwitchNorm: input must be floating point, got {x.dtype}")
         # Empty local batches still take part in the collectives.
         y, bn_stats = _SyncSwitchNormFunction.apply(x, self.weight, self.bias, self.mean_weight, self.var_weight,

@@ -19,28 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normkit.ops.layout import FLOAT_DTYPES, kernel_memory_format
 from normkit._extension import register_no_double_backward, register_ops, require_extension
 
 __all__ = ["class_embedding", "dynamic_classify", "class_embedding_reference", "dynamic_classify_reference"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _uses_channels_last(features: Tensor) -> bool:
-    # Mirrors cond_classifier::uses_channels_last in csrc/common/cond_classifier_ops.h.
-    return (features.dim() == 4 and not features.is_contiguous()
-            and features.is_contiguous(memory_format=torch.channels_last))
-
-
 def _nchw_empty_like_layout(features: Tensor, shape, like: Tensor) -> Tensor:
-    fmt = torch.channels_last if _uses_channels_last(features) else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    # csrc/common/cond_classifier_ops.h follows the same layout rule as the other kernels.
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=kernel_memory_format(features))
 
 
 def _check_float(name: str, tensor: Tensor) -> None:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
+    if tensor.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
 
 

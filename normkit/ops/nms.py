@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from normkit._extension import register_ops, require_extension
-from normkit.ops.roi_common import check_same_device_and_dtype, describe, dequantized, opmath_dtype
+from normkit.ops.layout import opmath_dtype
+from normkit.ops.roi_common import check_same_device_and_dtype, describe, dequantized
 
 __all__ = ["nms", "batched_nms", "nms_reference"]
 

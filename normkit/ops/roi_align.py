@@ -13,8 +13,9 @@ from torch.jit.annotations import BroadcastingList2
 
 from normkit._extension import register_no_double_backward, register_ops, require_extension
 from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
-                                     check_output_size, check_spatial_scale, dequantized, kernel_memory_format,
-                                     opmath_dtype, output_size_pair, register_float32_autocast)
+                                     check_output_size, check_spatial_scale, dequantized, output_size_pair,
+                                     register_float32_autocast)
+from normkit.ops.layout import kernel_memory_format, opmath_dtype
 
 __all__ = ["roi_align", "roi_align_reference"]
 

@@ -153,15 +153,3 @@ def check_batch_indices(rois: Tensor, batch: int, op: str) -> None:
                          f"{batch}, got {index[bad][0].item()}")
 
 
-def is_channels_last(t: Tensor) -> bool:
-    """The kernels' layout rule (csrc/common/roi_checks.h is_channels_last), mirrored for the fake kernels."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def kernel_memory_format(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of the kernels: float32 for half/bfloat16, otherwise the dtype itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -11,8 +11,9 @@ from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 
 from normkit._extension import register_no_double_backward, register_ops, require_extension
+from normkit.ops.layout import opmath_dtype
 from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_batch_indices, check_boxes, check_feature_map,
-                                     check_output_size, check_spatial_scale, dequantized, opmath_dtype,
+                                     check_output_size, check_spatial_scale, dequantized,
                                      output_size_pair, register_float32_autocast)
 
 __all__ = ["roi_pool", "roi_pool_reference"]

@@ -14,11 +14,11 @@ import math
 import torch
 from torch import Tensor
 
+from normkit.ops.layout import FLOAT_DTYPES
 from normkit._extension import register_ops, require_extension
 
 __all__ = ["switch_norm", "switch_norm_reference", "num_mixture_weights", "check_momentum"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def num_mixture_weights(using_bn: bool, has_instance: bool) -> int:
@@ -33,7 +33,7 @@ def _check_vector(name: str, t: Tensor | None, length: int, x: Tensor, *, floati
         raise TypeError(f"switch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.numel() != length:
         raise ValueError(f"switch_norm: {name} must have {length} elements, got shape {tuple(t.shape)}")
-    if floating and t.dtype not in _FLOAT_DTYPES:
+    if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"switch_norm: {name} must be floating point, got {t.dtype}")
     if t.device != x.device:
         raise RuntimeError(f"switch_norm: {name} is on {t.device} but input is on {x.device}")
@@ -44,7 +44,7 @@ def _check_inputs(x, weight, bias, mean_weight, var_weight, running_mean, runnin
         raise TypeError(f"switch_norm: input must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"switch_norm: input must be (N, C, *), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"switch_norm: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
     channels = x.shape[1]
     k = num_mixture_weights(using_bn, has_instance)

@@ -40,7 +40,6 @@ from pathlib import Path
 # step 4.5 s spinning vs 0.6 s sleeping, eval 1.0 s vs 0.04 s per image); on an idle machine it costs little.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,  # noqa: E402

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normkit.models.registry import SEG_HEADS
-from normkit.nn import ConditionalClassifier, ConvModule, DepthwiseSeparableConvModule, build_norm, dice_loss
+from normkit.nn import ConditionalClassifier, ConvModule, DepthwiseSeparableConvModule, dice_loss
 from normkit.models.segmentation.common import resize_labels
 
 __all__ = ["CondASPPHead", "CondDepthwiseSeparableASPPHead",

@@ -5,7 +5,7 @@ Module names follow the DeepLab-v2 PyTorch port (``layer5.conv2d_list.i`` become
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
