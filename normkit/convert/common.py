@@ -13,6 +13,7 @@ import torch
 
 from normkit.io import atomic_save
 from normkit.models.checkpoint import SYNCBN_BOOKKEEPING
+from normkit.nn.switch_norm import flatten_official_sn  # noqa: F401 - re-exported for the converters
 
 __all__ = ["StateDict", "IGNORED_SOURCE_BUFFERS", "rename_keys", "flatten_official_sn",
            "save_state_dict"]
@@ -59,22 +60,6 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], *, sou
     if unmatched:
         raise RuntimeError(f"{source}: {len(unmatched)} unexpected keys no rename rule covers: "
                            f"{', '.join(unmatched[:20])}" + (" ..." if len(unmatched) > 20 else ""))
-    return out
-
-
-def flatten_official_sn(state: StateDict) -> StateDict:
-    """Official SN stores weight/bias as (1, C, 1, 1) and running stats as (1, C, 1); normkit stores (C,).
-
-    Only modules that have ``mean_weight`` (i.e. SN layers) are touched, so a 1-output conv is never
-    mistaken for one.
-    """
-    sn_prefixes = {k[: -len("mean_weight")] for k in state if k.endswith("mean_weight")}
-    out = dict(state)
-    for prefix in sn_prefixes:
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            key = prefix + name
-            if key in out and out[key].dim() > 1:
-                out[key] = out[key].reshape(-1)
     return out
 
 

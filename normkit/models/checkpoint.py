@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normkit.io import read_tensor_dict
+from normkit.nn.switch_norm import flatten_official_sn
 
 __all__ = ["SYNCBN_BOOKKEEPING", "IGNORABLE_BUFFERS", "read_state_dict", "load_state_dict_strict"]
 
@@ -39,11 +40,10 @@ def load_state_dict_strict(model: nn.Module, source: Union[str, os.PathLike, Map
 
     Raises RuntimeError listing the missing keys, the unexpected keys and the shape mismatches. Keys of
     :data:`IGNORABLE_BUFFERS` and checkpoint keys starting with one of ``ignore_prefixes`` are exempt.
-    Tensors that differ from the model's only by size-1 dimensions (official SN weights shaped
-    (1, C, 1, 1), running stats (1, C, 1)) are reshaped.
+    Official SN tensors (weights shaped (1, C, 1, 1), running stats (1, C, 1)) are flattened to normkit's (C,).
     """
-    state = {k: v for k, v in read_state_dict(source).items()
-             if not any(k.startswith(p) for p in ignore_prefixes)}
+    state = flatten_official_sn({k: v for k, v in read_state_dict(source).items()
+                                 if not any(k.startswith(p) for p in ignore_prefixes)})
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not _is_ignorable(k)]
     unexpected = [k for k in state if k not in expected and not _is_ignorable(k)]
@@ -53,12 +53,8 @@ def load_state_dict_strict(model: nn.Module, source: Union[str, os.PathLike, Map
             continue
         target = expected[key]
         if value.shape != target.shape:
-            if value.numel() == target.numel() and [s for s in value.shape if s != 1] == \
-                    [s for s in target.shape if s != 1]:
-                value = value.reshape(target.shape)
-            else:
-                mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target.shape)}")
-                continue
+            mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target.shape)}")
+            continue
         to_load[key] = value
     if missing or unexpected or mismatched:
         parts = []

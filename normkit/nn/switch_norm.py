@@ -7,6 +7,7 @@ reshaped to normkit's (C,) on load.
 from __future__ import annotations
 
 import math
+from typing import Dict, Mapping
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,24 @@ from normkit.ops.layout import FLOAT_DTYPES
 from normkit.ops.switch_norm import (check_momentum, num_mixture_weights, switch_norm, switch_norm_input_backward,
                                      switch_norm_reference, update_running_stats)
 
-__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm", "convert_sync_switchnorm"]
+__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm", "convert_sync_switchnorm",
+           "flatten_official_sn"]
+
+
+def flatten_official_sn(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Official SN stores weight/bias as (1, C, 1, 1) and running stats as (1, C, 1); normkit stores (C,).
+
+    Only modules that have ``mean_weight`` (i.e. SN layers) are touched, so a 1-output conv is never
+    mistaken for one.
+    """
+    sn_prefixes = {k[: -len("mean_weight")] for k in state if k.endswith("mean_weight")}
+    out = dict(state)
+    for prefix in sn_prefixes:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            key = prefix + name
+            if key in out and out[key].dim() > 1:
+                out[key] = out[key].reshape(-1)
+    return out
 
 
 class _SwitchNorm(nn.Module):
@@ -90,11 +108,8 @@ class _SwitchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            key = prefix + name
-            value = state_dict.get(key)
-            if value is not None and value.dim() > 1 and value.numel() == self.num_features:
-                state_dict[key] = value.reshape(self.num_features)
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        state_dict.update(flatten_official_sn(own))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
