@@ -15,12 +15,13 @@ from typing import Callable, Dict, IO, Mapping, Sequence, Union
 import torch
 import yaml
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict", "load_yaml"]
+__all__ = ["fsync_dir", "atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict", "load_yaml"]
 
 PathLike = Union[str, os.PathLike]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Makes a rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,7 +46,7 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], *, binary: bool = 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normkit.convert import CONVERTERS, convert
+from normkit.convert import CONVERTERS, convert, save_state_dict
 from normkit.convert.sn_detectron import convert_sn_imagenet_for_detection, describe_sn_detectron
 from normkit.models import build_model, read_config
 from normkit.nn import SwitchNorm2d
@@ -109,8 +109,10 @@ def test_imagenet_backbone_fills_the_detector(tmp_path, config, layout, using_bn
     if layout == "c4":  # res5 goes into the box head, not lost
         assert any(k.startswith("roi_heads.box_head.res5.2.") for k in state)
         assert not any(k.startswith("backbone.layer4") for k in state)
+    converted = tmp_path / "init.pth"
+    save_state_dict(state, converted)
     cfg = read_config(ROOT / "configs" / "detection" / f"{config}.yaml")
-    cfg["model"]["backbone"]["pretrained"] = str(path)
+    cfg["model"]["backbone"]["pretrained"] = str(converted)
     model = build_model(cfg)
     own = model.state_dict()
     for k, v in state.items():

@@ -20,13 +20,11 @@ import re
 from typing import List, Mapping, Tuple
 
 import torch
-from torch import nn
 
 from normkit.convert.common import StateDict, flatten_official_sn, rename_keys
-from normkit.models.checkpoint import read_tensor_dict
+from normkit.io import read_tensor_dict
 
-__all__ = ["convert_sn_detectron", "convert_sn_imagenet_for_detection", "describe_sn_detectron",
-           "load_imagenet_backbone"]
+__all__ = ["convert_sn_detectron", "convert_sn_imagenet_for_detection", "describe_sn_detectron"]
 
 logger = logging.getLogger("normkit.convert")
 
@@ -132,29 +130,6 @@ def convert_sn_imagenet_for_detection(path, layout: str) -> StateDict:
         logger.info("sn-imagenet: %s -> %s", key, new)
         out[new] = value
     return out
-
-
-def load_imagenet_backbone(model: nn.Module, path_or_state) -> None:
-    """Load ImageNet ResNet weights into a built ``GeneralizedRCNN``: every backbone tensor (and, for C4, every
-    tensor of the res5 box head) must be provided with the right shape; nothing else may be."""
-    has_res5_head = hasattr(getattr(model.roi_heads, "box_head", None), "res5")
-    state = convert_sn_imagenet_for_detection(path_or_state, "c4" if has_res5_head else "fpn")
-    if not hasattr(model.backbone, "layer4"):
-        state = {k: v for k, v in state.items() if not k.startswith("backbone.layer4.")}
-    own = model.state_dict()
-    targets = [k for k in own if k.startswith("backbone.") or k.startswith("roi_heads.box_head.res5.")]
-    missing = [k for k in targets if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        raise RuntimeError("ImageNet backbone does not match the detector: "
-                           + "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:8])}" for name, keys in
-                                       (("missing", missing), ("unexpected", unexpected),
-                                        ("shape mismatch", mismatched)) if keys))
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
 
 
 def _register() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normkit.io import _fsync_dir, atomic_save, load_checkpoint
+from normkit.io import fsync_dir, atomic_save, load_checkpoint
 
 __all__ = ["atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state", "Checkpointer"]
 
@@ -99,7 +99,7 @@ class Checkpointer:
             atomic_save(load_checkpoint(path), self.latest_path)
             return
         os.replace(tmp, self.latest_path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def load(self, path: str | os.PathLike | None = None) -> dict:
         return load_checkpoint(self.latest_path if path is None else path)

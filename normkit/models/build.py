@@ -27,7 +27,7 @@ from typing import Mapping, Union
 from torch import nn
 
 # Importing the model packages registers their parts.
-from normkit.models import backbones, segmentation  # noqa: F401
+from normkit.models import backbones, detection, necks, segmentation  # noqa: F401
 from normkit.io import load_yaml
 from normkit.models.checkpoint import load_state_dict_strict
 from normkit.models.registry import MODELS, config_section

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
-__all__ = ["Registry", "BACKBONES", "NECKS", "SEG_HEADS", "PROPOSAL_GENERATORS", "ROI_HEADS", "MODELS",
+__all__ = ["Registry", "BACKBONES", "NECKS", "SEG_HEADS", "PROPOSAL_GENERATORS", "ROI_HEADS", "BOX_HEADS", "MODELS",
            "config_section", "build_from_cfg", "call_with_config", "build_backbone", "build_head"]
 
 
@@ -52,6 +52,7 @@ NECKS = Registry("neck")
 SEG_HEADS = Registry("segmentation head")
 PROPOSAL_GENERATORS = Registry("proposal generator")
 ROI_HEADS = Registry("ROI head")
+BOX_HEADS = Registry("box head")
 MODELS = Registry("model")
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.models.backbones.resnet import Bottleneck, make_stage
-from normkit.models.detection.registry import BOX_HEADS
+from normkit.models.registry import BOX_HEADS
 from normkit.models.necks.fpn import xavier_fill_
 from normkit.nn import build_norm
 

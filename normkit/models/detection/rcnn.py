@@ -11,11 +11,13 @@ from normkit.models.detection.box_heads import BoxPredictor
 from normkit.models.detection.boxes import check_boxes
 from normkit.models.detection.mask_head import MaskHead
 from normkit.models.detection.poolers import ROIPooler
-from normkit.models.detection.registry import BOX_HEADS, NECKS
+from normkit.models import necks  # noqa: F401  (registers the FPN neck)
+from normkit.models.registry import BOX_HEADS, NECKS
 from normkit.models.detection.roi_heads import ROIHeads
 from normkit.models.detection.rpn import RPN
-import normkit.models.necks.fpn  # noqa: F401  (registers the fpn neck)
+from normkit.models.checkpoint import IGNORABLE_BUFFERS, read_state_dict
 from normkit.models.registry import MODELS, build_backbone
+from normkit.nn.switch_norm import flatten_official_sn
 
 __all__ = ["GeneralizedRCNN", "build_generalized_rcnn"]
 
@@ -196,9 +198,31 @@ def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
     _check_empty(cfg, "model")
     model = GeneralizedRCNN(backbone, bb_features, rpn, roi_heads, neck=neck, legacy_plus_one=legacy)
     if pretrained:
-        from normkit.convert.sn_detectron import load_imagenet_backbone
-        load_imagenet_backbone(model, pretrained)
+        load_backbone_init(model, pretrained)
     return model
+
+
+def load_backbone_init(model: nn.Module, source) -> None:
+    """Loads a detector's initialisation (`tools/convert_checkpoint.py --from sn-imagenet-to-c4|fpn` output, or
+    any state dict of ``backbone.*`` and, for C4, ``roi_heads.box_head.res5.*`` tensors): every such tensor of
+    the model must be provided with its shape, and nothing else may be."""
+    state = flatten_official_sn(read_state_dict(source))
+    own = model.state_dict()
+    targets = [k for k in own if k.startswith(("backbone.", "roi_heads.box_head.res5."))
+               and k.rsplit(".", 1)[-1] not in IGNORABLE_BUFFERS]
+    missing = [k for k in targets if k not in state]
+    unexpected = [k for k in state if k not in own or not k.startswith(("backbone.", "roi_heads.box_head.res5."))]
+    unexpected = [k for k in unexpected if k.rsplit(".", 1)[-1] not in IGNORABLE_BUFFERS]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise RuntimeError("backbone initialisation does not match the detector: "
+                           + "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:8])}" for name, keys in
+                                       (("missing", missing), ("unexpected", unexpected),
+                                        ("shape mismatch", mismatched)) if keys))
+    with torch.no_grad():
+        for k in targets:
+            own[k].copy_(state[k])
 
 
 def _build_rpn(cfg: dict, channels: Mapping[str, int], strides: Mapping[str, int], legacy: bool) -> RPN:

@@ -13,7 +13,7 @@ from normkit.models.detection.mask_head import (PASTE_MODES, paste_masks_detectr
                                                 polygons_bounding_box, polygons_to_mask_in_box,
                                                 bitmap_to_mask_in_box)
 from normkit.models.detection.poolers import ROIPooler
-from normkit.models.detection.registry import ROI_HEADS
+from normkit.models.registry import ROI_HEADS
 from normkit.models.detection.sampling import sample_rois
 from normkit.ops import batched_nms, nms
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from normkit.models.detection.anchors import AnchorGenerator
 from normkit.models.detection.boxes import BoxCoder, box_iou, clip_boxes, smooth_l1_loss
-from normkit.models.detection.registry import PROPOSAL_GENERATORS
+from normkit.models.registry import PROPOSAL_GENERATORS
 from normkit.models.detection.sampling import rpn_anchor_labels
 from normkit.ops import nms
 

@@ -6,7 +6,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normkit.models.detection.registry import NECKS
+from normkit.models.registry import NECKS
 from normkit.nn import build_norm
 
 __all__ = ["FPN", "xavier_fill_"]
