@@ -89,14 +89,25 @@ def test_mmseg_loss_upsamples_logits():
     torch.testing.assert_close(losses["decode_loss"], F.cross_entropy(logits, labels, ignore_index=255))
 
 
-def test_eval_returns_logits_at_input_resolution():
+def test_eval_upsamples_the_logits_bilinearly_to_the_input_resolution():
     model = _seg_model(PPMDeepSup).eval()
     images = torch.randn(2, 3, 40, 24)
     with torch.no_grad():
+        assert model(images).shape == (2, K, 40, 24)
+
+    class Ramp(torch.nn.Module):
+        """Stand-in head: logits equal to the column index of the stride-8 map (5 x 3 for a 40 x 24 input)."""
+
+        def forward(self, features):
+            h, w = features[-1].shape[-2:]
+            return {"logits": torch.arange(w, dtype=torch.float32).expand(2, K, h, w)}
+
+    model.decode_head = Ramp()
+    with torch.no_grad():
         logits = model(images)
-        small = model.decode_head(list(model.backbone(images).values()))["logits"]
-    assert logits.shape == (2, K, 40, 24)
-    torch.testing.assert_close(logits, F.interpolate(small, size=(40, 24), mode="bilinear", align_corners=False))
+    # bilinear, align_corners=False: output column x samples input column (x + 0.5) * 3 / 24 - 0.5, clamped
+    expected = ((torch.arange(24, dtype=torch.float32) + 0.5) / 8 - 0.5).clamp(0, 2)
+    torch.testing.assert_close(logits, expected.expand(2, K, 40, 24))
 
 
 def test_all_ignored_labels_give_zero_loss():
