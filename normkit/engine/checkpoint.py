@@ -59,7 +59,8 @@ def non_finite_entries(obj, prefix: str = "") -> list[str]:
         items = enumerate(obj)
     else:
         return []
-    return [name for key, value in items for name in non_finite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
+    return [name for key, value in items
+            for name in non_finite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 class Checkpointer:
@@ -152,7 +153,8 @@ class Checkpointer:
         """
         bad = non_finite_entries(state)
         if bad:
-            kept = f"; {self.latest_path} still holds the last good one" if self.enabled and self.has_checkpoint() else ""
+            kept = (f"; {self.latest_path} still holds the last good one"
+                    if self.enabled and self.has_checkpoint() else "")
             raise FloatingPointError(f"not saving the checkpoint of iteration {iteration}: non-finite values in "
                                      f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}{kept}")
         if not self.enabled:

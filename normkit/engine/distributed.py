@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "move_to_device", "init_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
-           "convert_sync_norm", "wrap_ddp", "unwrap_model", "all_gather_objects", "broadcast_object", "mean_over_ranks", "seed_all",
+           "convert_sync_norm", "wrap_ddp", "unwrap_model", "all_gather_objects", "broadcast_object",
+           "mean_over_ranks", "seed_all",
            "setup_logging", "destroy_distributed"]
 
 
