@@ -37,6 +37,15 @@ def require_file(path, what: str) -> Path:
     return path
 
 
+def require_listed_files(paths, source: str) -> None:
+    """Every file a dataset lists must exist: checked when the dataset is built, so a training run stops before
+    its first step rather than when it reaches a missing file (the validation split only after training)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) listed by {source} not found: {', '.join(missing[:5])}"
+                                + (" ..." if len(missing) > 5 else ""))
+
+
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 array [H, W, 3]; a clear error names a missing or undecodable file."""
     require_file(path, "image file")
@@ -103,6 +112,7 @@ class SegmentationDataset(Dataset):
         self.class_names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(num_classes))
         if len(self.class_names) != num_classes:
             raise ValueError(f"{description}: {len(self.class_names)} class names given for num_classes={num_classes}")
+        require_listed_files([path for s in samples for path in (s.image, s.label)], description)
         self.lut = lut
         self.description = description
         self._sizes: list[tuple[int, int] | None] = [s.size for s in samples]

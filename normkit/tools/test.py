@@ -69,6 +69,7 @@ class CheckpointEvaluator:
     def __init__(self, cfg: dict, eval_cfg: dict, info, num_workers: int = 0):
         self.cfg, self.eval_cfg, self.info = cfg, eval_cfg, info
         self.task = task_for(cfg)(cfg, rank=info.rank, world_size=info.world_size, num_workers=num_workers)
+        self.task.check_eval_config(eval_cfg)
 
     def __call__(self, checkpoint) -> dict:
         model = build_model(self.cfg, checkpoint=checkpoint).to(self.info.device)
