@@ -222,6 +222,29 @@ def test_test_tool_rejects_non_positive_numbers(option, capsys):
 
 
 def test_test_tool_rejects_a_non_positive_slide_stride_before_evaluating(setup):
-    with pytest.raises(ValueError, match=r"evaluation.stride must be a positive int or \[height, width\], got \[0, 8\]"):
+    with pytest.raises(ValueError, match=r"evaluation.stride must be a positive int or \[height, width\], "
+                                         r"got \[0, 8\]"):
         load_tool("test").main(["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "missing.pth"),
                                 "--mode", "slide", "--crop-size", "8", "8", "--stride", "0", "8"])
+
+
+def test_demo_never_overwrites_its_inputs(setup, tmp_path):
+    demo = load_tool("demo")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = folder / "photo.png"
+    with Image.open(setup["root"] / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000001.jpg") as im:
+        im.save(image)
+    original = image.read_bytes()
+    common = ["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "iter_0000010.pth")]
+    for image_arg, out in ((image, image), (folder, folder), (image, folder)):
+        with pytest.raises(ValueError, match="would overwrite or mix with the input images"):
+            demo.main([*common, "--image", str(image_arg), "--out", str(out)])
+    assert image.read_bytes() == original and sorted(p.name for p in folder.iterdir()) == ["photo.png"]
+
+
+@pytest.mark.parametrize("option", [["--scales", "0"], ["--alpha", "5"], ["--alpha", "nan"], ["--alpha", "-0.1"]])
+def test_demo_rejects_meaningless_numbers(option, capsys):
+    with pytest.raises(SystemExit):
+        load_tool("demo").parse_args(["--config", "c", "--checkpoint", "k", "--image", "i", *option])
+    assert "must" in capsys.readouterr().err
