@@ -38,8 +38,9 @@ test: build cuda-check
 test-all: build cuda-check
 	$(PY) -m pytest -q -m ""
 
+# --resume: a second `make train` continues (or, when finished, re-evaluates) the run instead of refusing its work dir.
 train: build
-	$(PY) tools/train.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --work-dir work_dirs/mini
+	$(PY) tools/train.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --work-dir work_dirs/mini --resume
 
 demo: build
 	$(PY) tools/demo.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --checkpoint work_dirs/mini/latest.pth \

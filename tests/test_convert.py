@@ -362,3 +362,29 @@ def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_checkpoint.main(["--from", "caffe", "a.pth", "--out", "b.pth"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_converter_output_keeps_the_size_of_what_it_read(tmp_path):
+    # a tiny file holding an expanded (stride-0) tensor of 10M elements, and a slice of a 1M-element storage
+    source = tmp_path / "hostile.pth"
+    fc_bias = torch.arange(1_000_000, dtype=torch.float32)[:10]
+    torch.save({"state_dict": {"module.conv1.weight": torch.ones(1).expand(1000, 1000, 10, 1),
+                               "module.fc.bias": fc_bias}}, source)
+    assert source.stat().st_size > 4_000_000  # the slice drags its whole storage into the source file
+    out = tmp_path / "out.pth"
+    assert convert_checkpoint.main(["--from", "sn-imagenet", str(source), "--out", str(out), "--quiet"]) == 0
+    assert out.stat().st_size < 100_000  # neither the expanded tensor nor the unused storage is written
+    state = torch.load(out, weights_only=True)
+    weight = state["conv1.weight"]
+    assert weight.shape == (1000, 1000, 10, 1) and weight.untyped_storage().nbytes() == 4
+    assert bool((weight == 1).all())
+    assert torch.equal(state["fc.bias"], torch.arange(10, dtype=torch.float32))
+
+
+def test_converter_refuses_a_directory_as_output_before_converting(tmp_path, capsys):
+    source = tmp_path / "in.pth"
+    torch.save({"state_dict": {"module.conv1.weight": torch.ones(1).expand(1000, 1000, 10, 1)}}, source)
+    with pytest.raises(SystemExit):
+        convert_checkpoint.main(["--from", "sn-imagenet", str(source), "--out", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth"]  # no temporary file left

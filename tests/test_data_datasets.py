@@ -189,3 +189,30 @@ def test_config_errors(ade_root):
     with pytest.raises(ValueError, match="3 class names for num_classes=150"):
         build_dataset({"dataset": "ade20k", "root": str(ade_root), "num_classes": 150,
                        "class_names": ["a", "b", "c"]}, "train")
+
+
+def test_16_bit_images_keep_their_values(tmp_path):
+    from normkit.data.base import read_image
+    grey = np.array([[0, 257 * 100, 65535], [128, 257 * 200, 30000]], np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # stored as 16 bits
+    rgb = read_image(path)
+    expected = np.array([[0, 100, 255], [0, 200, 117]], np.uint8)  # round(v / 257): 128 -> 0, 30000 -> 117
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+    colour = tmp_path / "rgb48.png"  # 16 bits per channel: written by OpenCV (PIL cannot write it), BGR order
+    cv2.imwrite(str(colour), np.array([[[65535, 0, 257 * 10]]], np.uint16))
+    np.testing.assert_array_equal(read_image(colour), [[[10, 0, 255]]])
+
+
+def test_decompression_bombs_name_the_file(tmp_path, monkeypatch):
+    from normkit.data.base import image_size, read_image
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (60, 60)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 3600 pixels: more than twice the limit
+    for read in (read_image, image_size):
+        with pytest.raises(RuntimeError, match=r"cannot decode image file .*bomb.png: .*decompression bomb"):
+            read(path)

@@ -111,3 +111,69 @@ def test_rng_state_survives_a_file_round_trip(tmp_path):
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
     restore_rng_state(load_checkpoint(tmp_path / "rng.pth")["rng"])
     assert _draws() == expected
+
+
+def _saved(directory, *iterations, max_keep=None):
+    checkpointer = Checkpointer(directory, max_keep=max_keep)
+    for iteration in iterations:
+        checkpointer.save(_state(float(iteration)), iteration)
+    return checkpointer
+
+
+def test_pruning_touches_only_this_runs_files(tmp_path):
+    _saved(tmp_path, 10, 20, 30)  # an earlier run's checkpoints, numbered higher than the new run's
+    _saved(tmp_path, 1, 2, 3, max_keep=2)
+    names = sorted(p.name for p in tmp_path.glob("iter_*.pth"))
+    assert names == ["iter_0000002.pth", "iter_0000003.pth", "iter_0000010.pth", "iter_0000020.pth",
+                     "iter_0000030.pth"]
+    assert load_checkpoint(tmp_path / "latest.pth")["iteration"] == 3
+
+
+def test_a_resumed_run_prunes_the_files_it_continues(tmp_path):
+    _saved(tmp_path, 1, 2, 3)
+    checkpointer = Checkpointer(tmp_path, max_keep=2)
+    path, state = checkpointer.resume()
+    assert (path.name, state["iteration"]) == ("iter_0000003.pth", 3)
+    checkpointer.save(_state(4.0), 4)
+    assert [p.name for p in checkpointer.iteration_files()] == ["iter_0000003.pth", "iter_0000004.pth"]
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path, caplog):
+    _saved(tmp_path, 1, 2)
+    (tmp_path / "latest.pth").unlink()  # iteration files without latest.pth still resume
+    newest = tmp_path / "iter_0000002.pth"
+    newest.write_bytes(newest.read_bytes()[:200])
+    with caplog.at_level("WARNING"):
+        path, state = Checkpointer(tmp_path).resume()
+    assert (path.name, state["iteration"]) == ("iter_0000001.pth", 1)
+    assert "cannot resume from" in caplog.text and "iter_0000002.pth" in caplog.text
+    assert Checkpointer(tmp_path / "empty").resume() is None
+    (tmp_path / "iter_0000001.pth").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="no checkpoint in .* can be read"):
+        Checkpointer(tmp_path).resume()
+
+
+def test_stale_temporaries_are_removed_and_latest_as_a_folder_is_refused(tmp_path):
+    _saved(tmp_path, 1)
+    stale = [tmp_path / ".iter_0000002.pth.tmp-4242", tmp_path / ".latest.pth.tmp-4242"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    unrelated = tmp_path / ".notes.tmp-1"
+    unrelated.write_text("mine")
+    assert sorted(Checkpointer(tmp_path).remove_stale_temporaries()) == sorted(stale)
+    assert not any(p.exists() for p in stale) and unrelated.exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "latest.pth").mkdir()
+    with pytest.raises(IsADirectoryError, match="latest.pth exists but is not a file"):
+        Checkpointer(tmp_path / "other")
+
+
+def test_non_finite_states_are_never_written(tmp_path):
+    checkpointer = _saved(tmp_path, 1)
+    state = _state(2.0)
+    state["optimizer"] = {"state": {0: {"momentum_buffer": torch.tensor([1.0, float("inf")])}}}
+    with pytest.raises(FloatingPointError, match=r"iteration 2: non-finite values in optimizer\.state\.0\."
+                                                 r"momentum_buffer; .*latest.pth still holds the last good one"):
+        checkpointer.save(state, 2)
+    assert [p.name for p in checkpointer.iteration_files()] == ["iter_0000001.pth"]
+    assert checkpointer.load()["iteration"] == 1

@@ -25,7 +25,7 @@ def test_load_config_checks_the_top_level(tmp_path):
     path.write_text("model: {name: x}\ntrain: {max_iter: 3}\n")
     assert load_config(path) == {"model": {"name": "x"}, "train": {"max_iter": 3}, "data": {}, "evaluation": {}}
     path.write_text("modle: {}\n")
-    with pytest.raises(ValueError, match=r"unknown top-level keys \['modle'\]"):
+    with pytest.raises(ValueError, match=r"c.yaml: unknown config key modle \(did you mean model\?\)"):
         load_config(path)
     with pytest.raises(FileNotFoundError, match="nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")

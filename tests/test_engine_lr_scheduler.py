@@ -65,7 +65,7 @@ def test_state_round_trip_sets_the_same_rate():
 def test_builder_rejects_bad_configs():
     with pytest.raises(ValueError, match="unknown train.lr_schedule.policy 'cosine'"):
         build_lr_scheduler(_optimizer([0.1]), {"policy": "cosine"}, 10)
-    with pytest.raises(ValueError, match=r"unknown train.lr_schedule keys \['gama'\]"):
+    with pytest.raises(ValueError, match=r"train.lr_schedule.gama \(did you mean train.lr_schedule.gamma\?\)"):
         build_lr_scheduler(_optimizer([0.1]), {"policy": "step", "steps": [2], "gama": 0.1}, 10)
     with pytest.raises(ValueError, match="steps is required"):
         build_lr_scheduler(_optimizer([0.1]), {"policy": "step"}, 10)

@@ -74,7 +74,7 @@ def test_bad_optimizer_configs_are_reported():
         build_param_groups(Net(), 0.1, 0.0, lr_mult={"head": 10})
     with pytest.raises(ValueError, match="unknown train.optimizer.name 'rmsprop'"):
         build_optimizer(Net(), {"name": "rmsprop", "lr": 0.1})
-    with pytest.raises(ValueError, match=r"unknown train.optimizer keys \['momentun'\]"):
+    with pytest.raises(ValueError, match=r"train.optimizer.momentun \(did you mean train.optimizer.momentum\?\)"):
         build_optimizer(Net(), {"name": "sgd", "lr": 0.1, "momentun": 0.9})
     with pytest.raises(ValueError, match="train.optimizer.lr is required"):
         build_optimizer(Net(), {"name": "sgd"})

@@ -1,8 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from engine_toys import ToySegNet, toy_loader_fn
-from normkit.engine import Checkpointer, HookBase, PeriodicCheckpointer, PolyLR, Trainer
+from normkit.engine import Checkpointer, HookBase, MetricsWriter, PeriodicCheckpointer, PolyLR, Trainer
 
 
 class RecordLosses(HookBase):
@@ -118,3 +120,66 @@ def test_bad_arguments_and_models_are_reported():
         _trainer(NoLoss(), toy_loader_fn(), 2).train()
     with pytest.raises(ValueError, match="not a training checkpoint"):
         _trainer(ToySegNet(), toy_loader_fn(), 2).load_state_dict({"model": {}})
+
+
+class BlowUpAt(HookBase):
+    """Gives the optimizer step of `iteration` an absurd learning rate: the loss of that step is finite (it is
+    computed before the step) but the weights it leaves are not."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] = float("inf")
+
+
+def test_a_step_that_makes_the_weights_non_finite_is_never_checkpointed(tmp_path):
+    trainer = _trainer(_model(), toy_loader_fn(), max_iter=6)
+    checkpointer = Checkpointer(tmp_path, max_keep=1)  # pruning must not delete the last good checkpoint either
+    trainer.register_hooks([BlowUpAt(3), PeriodicCheckpointer(checkpointer, period=2)])
+    with pytest.raises(FloatingPointError, match=r"not saving the checkpoint of iteration 4: non-finite values in "
+                                                 r"model\.backbone\.0\.weight"):
+        trainer.train()
+    assert [p.name for p in checkpointer.iteration_files()] == ["iter_0000002.pth"]
+    state = checkpointer.load()
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    resumed = _trainer(_model(seed=3), toy_loader_fn(), max_iter=6)
+    resumed.load_state_dict(checkpointer.resume()[1])
+    resumed.train()
+    assert resumed.iter == 6
+
+
+def test_resume_applies_the_configured_hyperparameters(tmp_path, caplog):
+    first = _trainer(_model(), toy_loader_fn(), max_iter=4, lr=0.1)
+    checkpointer = Checkpointer(tmp_path)
+    first.register_hooks([PeriodicCheckpointer(checkpointer, period=2), StopAt(2)])
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    # the resumed run is configured with lr 0.01 and weight decay 0 instead of 0.1 and 1e-4
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    resumed = Trainer(model, optimizer, PolyLR(optimizer, 4, power=0.9), toy_loader_fn(), max_iter=4)
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(checkpointer.load())
+    assert "base lr 0.1 (checkpoint) -> 0.01 (configured)" in caplog.text
+    assert "weight_decay 0.0001 (checkpoint) -> 0.0 (configured)" in caplog.text
+    group = resumed.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)  # poly at iteration 2 of 4 from the new base
+    assert group["weight_decay"] == 0.0
+    saved_momentum = checkpointer.load()["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(resumed.optimizer.state[group["params"][0]]["momentum_buffer"], saved_momentum)
+
+
+def test_metrics_of_a_resumed_run_list_every_iteration_once(tmp_path):
+    lines = [json.dumps({"iteration": i, "total_loss": 10.0 + i}) for i in (1, 2, 3)] + ['{"iteration": 4, "tot']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # a run killed at iteration 4, mid-line
+    trainer = _trainer(_model(), toy_loader_fn(), max_iter=4)
+    trainer.iter = 2  # resumed from its checkpoint of iteration 2
+    trainer.register_hooks([MetricsWriter(tmp_path, period=1, tensorboard=False)])
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert [r["total_loss"] for r in records[:2]] == [11.0, 12.0]  # the records before the checkpoint are kept

@@ -1,9 +1,11 @@
 """Hostile inputs to the ops (issue 14): direct dispatcher calls with inconsistent arguments, unbounded RoIAlign
 work, batched NMS on inf/NaN/huge boxes and large category ids, and argument-naming error messages."""
 import math
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +196,27 @@ def test_roi_ops_on_meta_tensors():
     assert roi_pool(x, rois, 2).shape == (4, 3, 2, 2)
     assert roi_align(x.to(memory_format=torch.channels_last), rois, 2).is_contiguous(
         memory_format=torch.channels_last)
+
+
+# ---- tools and files: clear messages ----
+
+def test_check_cuda_compile_help_starts_no_build(tmp_path):
+    # a stand-in nvcc first on the PATH records any call: --help must not reach it
+    fake = tmp_path / "nvcc"
+    fake.write_text(f"#!/bin/sh\necho called >> {tmp_path / 'calls'}\nexit 1\n")
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "tools" / "check_cuda_compile.py"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout and "--jobs" in done.stdout
+    assert not (tmp_path / "calls").exists()
+
+
+def test_state_dicts_and_configs_of_the_wrong_kind_are_named(tmp_path):
+    from normkit.engine import load_config
+    from normkit.models.checkpoint import read_state_dict
+    with pytest.raises(ValueError, match=r"entries are not tensors: \['conv.weight'\] \(list; wrong file or format"):
+        read_state_dict({"conv.weight": [1.0, 2.0], "conv.bias": torch.zeros(2)})
+    with pytest.raises(IsADirectoryError, match="is a directory, expected a YAML file"):
+        load_config(tmp_path)

@@ -109,7 +109,7 @@ def test_evaluate_on_known_predictions():
     assert r["per_class_iou"] == pytest.approx([3 / 6, 5 / 8])
     assert r["pixel_acc"] == pytest.approx(8 / 11)
     assert not math.isnan(r["score"])
-    with pytest.raises(ValueError, match="unknown evaluation option"):
+    with pytest.raises(ValueError, match=r"unknown config key evaluation.scale \(did you mean evaluation.scales\?\)"):
         evaluate(model, batches, {"scale": [1.0]}, num_classes=2)
 
 

@@ -192,6 +192,33 @@ def test_recompute_batch_stats_gives_total_statistics():
         recompute_batch_stats(model, iter([]), 2)
 
 
+def _stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_recompute_batch_stats_keeps_the_previous_statistics_when_it_fails():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SwitchNorm2d(4), nn.BatchNorm2d(4))
+    model.train()
+    for _ in range(3):  # statistics worth keeping
+        model(torch.randn(4, 3, 5, 5) + 2)
+    before = _stats(model)
+    assert before["1.running_mean"].abs().sum() > 0 and int(before["2.num_batches_tracked"]) == 3
+
+    def failing_second_batch():
+        yield torch.randn(4, 3, 5, 5)
+        raise OSError("corrupt image")
+
+    with pytest.raises(OSError, match="corrupt image"):
+        recompute_batch_stats(model, failing_second_batch(), 5)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        recompute_batch_stats(model, iter([]), 5)
+    after = _stats(model)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
 def test_frozen_batchnorm_matches_eval_batchnorm():
     bn = nn.BatchNorm2d(5)
     _randomize(bn)

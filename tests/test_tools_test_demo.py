@@ -193,3 +193,58 @@ def test_demo_on_a_folder_and_a_file(setup, tmp_path, capsys):
     assert f"{MINI_ADE_CLASSES[top]} {100 * counts[top] / pred.size:.1f}%" in line
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         demo.main(["--config", str(setup["config"]), "--checkpoint", "x", "--image", str(tmp_path / "nothing_here")])
+
+
+def test_watch_survives_missing_folders_unreadable_checkpoints_and_log_lines(setup, tmp_path, capsys):
+    tool = load_tool("test")
+    base = ["--config", str(setup["config"]), "--poll", "0.01", "--idle-timeout", "0.1"]
+    assert tool.main([*base, "--watch", str(tmp_path / "not_yet")]) == []
+    assert "not_yet does not exist (yet); waiting" in capsys.readouterr().out
+    work = tmp_path / "watched"
+    work.mkdir()
+    good = (setup["work"] / "iter_0000010.pth").read_bytes()
+    (work / "iter_0000010.pth").write_bytes(good[:len(good) // 2])  # still being copied
+    (work / "iter_0000020.pth").write_bytes((setup["work"] / "iter_0000020.pth").read_bytes())
+    (work / "eval_watch.jsonl").write_text('{"checkpoint": "iter_0000005.pth", "iteration": 5}\n{"checkp\n')
+    records = tool.main([*base, "--watch", str(work)])
+    assert [r["checkpoint"] for r in records] == ["iter_0000020.pth"]  # the torn file does not block newer ones
+    out = capsys.readouterr().out
+    assert "skipping iter_0000010.pth for now" in out and "eval_watch.jsonl:2: unreadable record skipped" in out
+    (work / "iter_0000010.pth").write_bytes(good)  # the copy completed: evaluated by the next watcher
+    assert [r["checkpoint"] for r in tool.main([*base, "--watch", str(work)])] == ["iter_0000010.pth"]
+
+
+@pytest.mark.parametrize("option", [["--poll", "-1"], ["--poll", "0"], ["--scales", "0"], ["--scales", "1", "-1"]])
+def test_test_tool_rejects_non_positive_numbers(option, capsys):
+    with pytest.raises(SystemExit):
+        load_tool("test").parse_args(["--config", "c.yaml", "--watch", "dir", *option])
+    assert "must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_test_tool_rejects_a_non_positive_slide_stride_before_evaluating(setup):
+    with pytest.raises(ValueError, match=r"evaluation.stride must be a positive int or \[height, width\], "
+                                         r"got \[0, 8\]"):
+        load_tool("test").main(["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "missing.pth"),
+                                "--mode", "slide", "--crop-size", "8", "8", "--stride", "0", "8"])
+
+
+def test_demo_never_overwrites_its_inputs(setup, tmp_path):
+    demo = load_tool("demo")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = folder / "photo.png"
+    with Image.open(setup["root"] / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000001.jpg") as im:
+        im.save(image)
+    original = image.read_bytes()
+    common = ["--config", str(setup["config"]), "--checkpoint", str(setup["work"] / "iter_0000010.pth")]
+    for image_arg, out in ((image, image), (folder, folder), (image, folder)):
+        with pytest.raises(ValueError, match="would overwrite or mix with the input images"):
+            demo.main([*common, "--image", str(image_arg), "--out", str(out)])
+    assert image.read_bytes() == original and sorted(p.name for p in folder.iterdir()) == ["photo.png"]
+
+
+@pytest.mark.parametrize("option", [["--scales", "0"], ["--alpha", "5"], ["--alpha", "nan"], ["--alpha", "-0.1"]])
+def test_demo_rejects_meaningless_numbers(option, capsys):
+    with pytest.raises(SystemExit):
+        load_tool("demo").parse_args(["--config", "c", "--checkpoint", "k", "--image", "i", *option])
+    assert "must" in capsys.readouterr().err

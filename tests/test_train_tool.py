@@ -62,5 +62,93 @@ def test_train_evaluates_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch,
 
 
 def test_unknown_train_keys_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown train keys \['max_iters'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key train.max_iters \(did you mean train.max_iter\?\)"):
         _load_tool().main(_args(tmp_path, tmp_path / "w", "train.max_iters=3"))
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in Path(directory).glob("*.pth")}
+
+
+def test_a_used_work_dir_is_never_overwritten_silently(tmp_path):
+    tool = _load_tool()
+    work_dir = tmp_path / "w"
+    tool.main(_args(tmp_path, work_dir))
+    first_run = _files(work_dir)
+    assert {"iter_0000002.pth", "iter_0000004.pth", "latest.pth"} <= set(first_run)
+    with pytest.raises(FileExistsError, match="is not empty .*--resume.*--new-run"):
+        tool.main(_args(tmp_path, work_dir, "train.max_iter=2"))
+    assert _files(work_dir) == first_run
+    tool.main(_args(tmp_path, work_dir, "train.max_iter=2", "--new-run"))
+    assert _files(work_dir / "previous" / "1") == first_run  # every earlier checkpoint kept, byte for byte
+    assert load_checkpoint(work_dir / "latest.pth")["iteration"] == 2
+    assert sorted(_losses(work_dir)) == [1, 2]
+
+
+def test_resume_uses_the_newest_readable_checkpoint(tmp_path, capsys):
+    tool = _load_tool()
+    work_dir = tmp_path / "w"
+    tool.main(_args(tmp_path, work_dir))
+    reference = _losses(work_dir)
+    # the state after a kill while iteration 4 was written: no latest.pth, a torn iter_4 and its temporary file
+    (work_dir / "latest.pth").unlink()
+    newest = work_dir / "iter_0000004.pth"
+    newest.write_bytes(newest.read_bytes()[:300])
+    (work_dir / ".iter_0000004.pth.tmp-99999").write_bytes(b"partial")
+    capsys.readouterr()
+    tool.main(_args(tmp_path, work_dir, "--resume"))
+    log = capsys.readouterr().out  # the tool logs to stdout
+    assert "cannot resume from" in log and "iter_0000002.pth at iteration 2" in log
+    assert not (work_dir / ".iter_0000004.pth.tmp-99999").exists()
+    assert load_checkpoint(work_dir / "latest.pth")["iteration"] == 4
+    assert _losses(work_dir) == reference  # iterations 3 and 4 once each, with the uninterrupted run's values
+    assert len((work_dir / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def _no_step(self):
+    raise AssertionError("a training step ran before the config and data were checked")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.meen=[0.5, 0.5, 0.5]", r"data.meen \(did you mean data.mean\?\)"),
+    ("data.train.short_side=[32]", r"data.train.short_side \(did you mean data.train.short_sides\?\)"),
+    ("data.train.lst=x.odgt", r"data.train.lst \(did you mean data.train.list\?\)"),
+    ("evaluation.scale=[1.0]", r"evaluation.scale \(did you mean evaluation.scales\?\)"),
+    ("evaluation.scales=[0]", r"evaluation.scales must be a non-empty list of positive numbers"),
+    ("model.backbone.ouput_stride=8", r"model.backbone.ouput_stride \(did you mean model.backbone.output_stride\?\)"),
+    ("train.optimizer.lr_mul={}", r"train.optimizer.lr_mul \(did you mean train.optimizer.lr_mult\?\)"),
+    ("train.max_iter=2.9", r"train.max_iter must be an integer, got 2.9"),
+    ("train.max_iter=four", r"train.max_iter must be an integer, got 'four'"),
+    ("train.checkpoint_period=-1", r"train.checkpoint_period must be >= 0, got -1"),
+    ("train.tensorboard=maybe", r"train.tensorboard must be true or false, got 'maybe'"),
+    ("train=null", r"override 'train=null': train is a config section, a mapping"),
+    ("data.root=", r"override 'data.root=' has no value"),
+    ("data.root=null", r"data.root must be the path of the dataset folder, got None"),
+    ("data.num_classes=300", r"data.num_classes must be at most 255"),
+    ("model.num_classes=300", r"model.num_classes \(300\) differs from data.num_classes \(7\)"),
+])
+def test_config_errors_stop_the_run_before_anything_is_written(tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(Trainer, "run_step", _no_step)
+    with pytest.raises(ValueError, match=message):
+        _load_tool().main(_args(tmp_path, tmp_path / "w", override))
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_data_files_of_either_split_stop_the_run_before_training(tmp_path, monkeypatch):
+    from normkit.data.synthetic import generate_mini_ade
+    root = generate_mini_ade(tmp_path / "data", num_train=6, num_val=2, size=32, seed=0)
+    monkeypatch.setattr(Trainer, "run_step", _no_step)
+    for split in ("validation", "training"):
+        image = sorted((root / "ADEChallengeData2016" / "images" / split).glob("*.jpg"))[-1]
+        image.rename(image.with_suffix(".moved"))
+        with pytest.raises(FileNotFoundError, match=f"listed by ADE20K .*{split}.odgt not found: .*{image.name}"):
+            _load_tool().main(_args(tmp_path, tmp_path / "w", "data.synthetic=null"))
+        image.with_suffix(".moved").rename(image)
+    assert not (tmp_path / "w").exists()
+
+
+def test_latest_as_a_folder_is_reported_before_training(tmp_path, monkeypatch):
+    (tmp_path / "w" / "latest.pth").mkdir(parents=True)
+    monkeypatch.setattr(Trainer, "run_step", _no_step)
+    with pytest.raises(IsADirectoryError, match="latest.pth exists but is not a file"):
+        _load_tool().main(_args(tmp_path, tmp_path / "w", "--resume"))

@@ -5,6 +5,7 @@ unseen. The CPU torch wheel ships the CUDA headers except the generated `c10/cud
 an empty stand-in is supplied in a temporary include directory. Objects are cached under build/cuda_check
 and recompiled only when a source or header under csrc/ changed.
 """
+import argparse
 import glob
 import os
 import shutil
@@ -41,7 +42,18 @@ def compile_one(nvcc: str, source: str, out_dir: str, stub_dir: str) -> tuple[st
     return source, proc.returncode, proc.stdout + proc.stderr, time.time() - start
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")),
+                        help="parallel nvcc processes (default: $MAX_JOBS or 2)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("nvcc not found: skipping the CUDA compile check")
@@ -60,8 +72,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as stub_dir:
         os.makedirs(os.path.join(stub_dir, "c10", "cuda", "impl"))
         open(os.path.join(stub_dir, "c10", "cuda", "impl", "cuda_cmake_macros.h"), "w").close()
-        jobs = int(os.environ.get("MAX_JOBS", "2"))
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for src, rc, log, secs in pool.map(lambda s: compile_one(nvcc, s, out_dir, stub_dir), stale):
                 name = os.path.relpath(src, ROOT)
                 if rc != 0:

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config whose model must load the result strictly")
     parser.add_argument("--quiet", action="store_true", help="do not log each rename")
     args = parser.parse_args(argv)
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory; give the path of the .pth file to write")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     state = convert(args.source_format, args.inputs)

@@ -4,7 +4,8 @@
     python tools/demo.py --config CFG --checkpoint CKPT --image IMG_OR_DIR [--out OUT] [--scales ...] [--flip]
 
 OUT: a .png/.jpg file for a single image, otherwise a folder receiving <image name>.png per image
-(default: demo_out/). Inference options default to the config's `evaluation:` section.
+(default: demo_out/), which must not be the input (an input image is never overwritten). Inference options
+default to the config's `evaluation:` section.
 """
 from __future__ import annotations
 
@@ -24,8 +25,20 @@ from normkit.data.build import resolve_class_names  # noqa: E402
 from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor  # noqa: E402
 from normkit.engine import apply_overrides, load_config  # noqa: E402
 from normkit.evaluation import inference, overlay  # noqa: E402
+from normkit.tools.test import positive_float  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def opacity(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", default="demo_out", help="output .png for one image, else a folder")
-    parser.add_argument("--scales", type=float, nargs="+", help="test scales (default: evaluation.scales or 1.0)")
+    parser.add_argument("--scales", type=positive_float, nargs="+",
+                        help="test scales, > 0 (default: evaluation.scales or 1.0)")
     parser.add_argument("--flip", action="store_true")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument("--alpha", type=opacity, default=0.5, help="overlay opacity in [0, 1]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     return parser.parse_args(argv)
@@ -59,6 +73,16 @@ def output_paths(images: list[Path], out: Path) -> list[Path]:
     return [out / f"{p.stem}.png" for p in images]
 
 
+def refuse_overwriting_inputs(images: list[Path], outputs: list[Path], image_arg: Path, out: Path) -> None:
+    """The overlays must never replace an input image, nor land in the input folder (a later run would take
+    them for inputs)."""
+    inputs = {p.resolve() for p in images}
+    clashes = [o for o in outputs if o.resolve() in inputs]
+    if clashes or (image_arg.is_dir() and out.resolve() == image_arg.resolve()):
+        what = ", ".join(map(str, clashes[:3])) or "the input folder"
+        raise ValueError(f"--out {out} would overwrite or mix with the input images ({what}); choose another --out")
+
+
 def describe(pred: np.ndarray, class_names) -> str:
     """Classes found, by area: "wall 41.2%, floor 30.0%, ..."."""
     counts = np.bincount(pred.ravel(), minlength=len(class_names))
@@ -75,6 +99,7 @@ def main(argv=None) -> dict[str, np.ndarray]:
     mean, std = tuple(data_cfg.get("mean", IMAGENET_MEAN)), tuple(data_cfg.get("std", IMAGENET_STD))
     images = list_images(Path(args.image))
     outputs = output_paths(images, Path(args.out))
+    refuse_overwriting_inputs(images, outputs, Path(args.image), Path(args.out))
     model = normkit.build_model(cfg, checkpoint=args.checkpoint).to(args.device).eval()
     predictions = {}
     for image_path, out_path in zip(images, outputs):

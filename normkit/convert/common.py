@@ -63,6 +63,15 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], *, sou
     return out
 
 
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` stored in no more bytes than it needs: a view into a larger storage is copied out, while a tensor
+    whose storage is smaller than its elements (expanded, stride 0) is kept as it is. Materialising the latter
+    would turn a tiny file into GBs (a 1.5 KB checkpoint can hold a 1e9-element expanded tensor)."""
+    needed = tensor.numel() * tensor.element_size()
+    return tensor.clone() if tensor.untyped_storage().nbytes() > needed else tensor
+
+
 def save_state_dict(state: StateDict, path: str | os.PathLike) -> None:
-    """Write atomically (:func:`normkit.io.atomic_save`): a partial file never replaces a good one."""
-    atomic_save({k: v.contiguous() for k, v in state.items()}, path)
+    """Write atomically (:func:`normkit.io.atomic_save`): a partial file never replaces a good one, and no
+    temporary file stays behind on failure. Each tensor is written with at most the storage it needs."""
+    atomic_save({k: _compact(v) for k, v in state.items()}, path)

@@ -37,13 +37,44 @@ def require_file(path, what: str) -> Path:
     return path
 
 
+def require_listed_files(paths, source: str) -> None:
+    """Every file a dataset lists must exist: checked when the dataset is built, so a training run stops before
+    its first step rather than when it reaches a missing file (the validation split only after training)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) listed by {source} not found: {', '.join(missing[:5])}"
+                                + (" ..." if len(missing) > 5 else ""))
+
+
+# What PIL raises for files it cannot decode, including images whose size exceeds Image.MAX_IMAGE_PIXELS
+# (decompression bombs: a few KB that would decode to GBs).
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+# Integer single-channel modes of 16-bit PNGs ("I" in older Pillow); PIL's convert("RGB") clips them to 255.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _rgb(im: Image.Image, path: Path) -> np.ndarray:
+    if im.mode in _WIDE_GREY_MODES:
+        values = np.array(im).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise RuntimeError(f"image file {path}: mode {im.mode} values outside 0..65535 (expected an 8- or "
+                               "16-bit image)")
+        grey = ((values + 128) // 257).astype(np.uint8)  # 0..65535 -> 0..255, rounded
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise RuntimeError(f"image file {path}: floating-point images (mode F) are not supported; expected an 8- "
+                           "or 16-bit image")
+    return np.array(im.convert("RGB"))
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 array [H, W, 3]; a clear error names a missing or undecodable file."""
+    """RGB uint8 array [H, W, 3]; 16-bit grey images are scaled to 8 bits. A clear error names a missing,
+    undecodable or oversized (decompression bomb) file."""
     require_file(path, "image file")
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            return _rgb(im, path)
+    except _DECODE_ERRORS as exc:
         raise RuntimeError(f"cannot decode image file {path}: {exc}") from exc
 
 
@@ -56,7 +87,7 @@ def read_label(path: Path) -> np.ndarray:
                 raise RuntimeError(f"label file {path} must be a single-channel 8-bit PNG (mode L or P), "
                                    f"got mode {im.mode}")
             return np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise RuntimeError(f"cannot decode label file {path}: {exc}") from exc
 
 
@@ -66,7 +97,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.height, im.width
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise RuntimeError(f"cannot decode image file {path}: {exc}") from exc
 
 
@@ -103,6 +134,7 @@ class SegmentationDataset(Dataset):
         self.class_names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(num_classes))
         if len(self.class_names) != num_classes:
             raise ValueError(f"{description}: {len(self.class_names)} class names given for num_classes={num_classes}")
+        require_listed_files([path for s in samples for path in (s.image, s.label)], description)
         self.lut = lut
         self.description = description
         self._sizes: list[tuple[int, int] | None] = [s.size for s in samples]

@@ -39,22 +39,26 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
         source: odgt             # voc: ImageSets/Segmentation/val.txt + SegmentationClass,
         list: validation.odgt    # pascal_context: ImageSets/SegmentationContext/val.txt
 
+Unknown keys in `data:`, `data.train` (by pipeline) and `data.val` are errors naming the closest valid key.
 Labels everywhere: classes 0..K-1, 255 = ignored (ADE20K 0 and Context background included; padding too).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from normkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
-from normkit.data.base import SegmentationDataset, worker_options
+from normkit.data.base import IGNORE_INDEX, SegmentationDataset, worker_options
 from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
 from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
 from normkit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, CSAILTrainTransform, MMSegTrainTransform,
                                      pad_batch, to_tensor)
 from normkit.data.synthetic import generate_mini_ade, manifest_class_names
 from normkit.data.voc import VOC_CLASSES, VOCDataset
+from normkit.schema import check_keys, config_int, config_mapping
 
 SPLITS = ("train", "val")
 DATASETS = ("ade20k", "voc", "pascal_context")
@@ -70,6 +74,39 @@ _DEFAULTS = {
                        "val": {"list": "ImageSets/SegmentationContext/val.txt", "img_dir": "JPEGImages",
                                "ann_dir": "SegmentationClassContext"}},
 }
+
+
+DATA_KEYS = ("dataset", "root", "num_classes", "class_names", "mean", "std", "synthetic", "train", "val")
+# The keys of data.train / data.val: which files (every split), how to augment (train, per pipeline).
+FILE_KEYS = ("source", "list", "split", "img_dir", "ann_dir")
+TRAIN_KEYS = ("pipeline", "flip", "pad_multiple")
+PIPELINE_KEYS = {"csail": ("short_sides", "max_long_side"),
+                 "mmseg": ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric")}
+
+
+def check_data_config(data_cfg: dict) -> None:
+    """Every key of the segmentation `data:` section and of `data.train` / `data.val` is known (a typo names
+    the closest valid key), `root` is a path and `num_classes` an integer that labels can hold."""
+    check_keys(data_cfg, DATA_KEYS, "data")
+    root = _require(data_cfg, "root")
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        raise ValueError(f"data.root must be the path of the dataset folder, got {root!r}")
+    num_classes = config_int(data_cfg, "num_classes", None, "data", minimum=1)
+    if num_classes is None:
+        raise ValueError("the data config needs `data.num_classes`")
+    if num_classes > IGNORE_INDEX:
+        raise ValueError(f"data.num_classes must be at most {IGNORE_INDEX} (label files are 8-bit with "
+                         f"{IGNORE_INDEX} = ignore), got {num_classes}")
+    for split in SPLITS:
+        split_cfg = config_mapping(data_cfg, split, "data")
+        allowed = FILE_KEYS
+        if split == "train":
+            pipeline = split_cfg.get("pipeline", "csail")
+            if pipeline not in PIPELINES:
+                raise ValueError(f"unknown pipeline {pipeline!r} (data.train.pipeline); choose one of "
+                                 f"{', '.join(PIPELINES)}")
+            allowed = FILE_KEYS + TRAIN_KEYS + PIPELINE_KEYS[pipeline]
+        check_keys(split_cfg, allowed, f"data.{split}")
 
 
 def _require(data_cfg: dict, key: str):
@@ -119,6 +156,7 @@ def resolve_class_names(data_cfg: dict) -> tuple[str, ...]:
 
 def build_dataset(data_cfg: dict, split: str) -> SegmentationDataset:
     """The decoded dataset of `split` ("train" | "val"): items are dicts with uint8 image/label (no pipeline)."""
+    check_data_config(data_cfg)
     cfg = split_config(data_cfg, split)
     root = _require(data_cfg, "root")
     num_classes = int(_require(data_cfg, "num_classes"))
@@ -261,4 +299,5 @@ def build_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_
     `loader.dataset` (a SegmentationValMapper) states `num_classes`, `class_names`, `mean` and `std`."""
     dataset = dataset if dataset is not None else build_dataset(data_cfg, "val")
     samples = SegmentationValMapper(dataset, shard_indices(len(dataset), rank, world_size), *_normalisation(data_cfg))
-    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(), **worker_options(num_workers))
+    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(),
+                      **worker_options(num_workers))

@@ -44,7 +44,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from normkit.data.base import read_image, require_dir, require_file
+from normkit.data.base import read_image, require_dir, require_file, require_listed_files
 
 __all__ = ["COCO_SPLITS", "COCODetection", "load_coco_json"]
 
@@ -171,6 +171,7 @@ class COCODetection(Dataset):
             logger.info("%s: dropped %d annotations with zero or negative size or no valid polygon, and %d images "
                         "without usable annotations%s", self.ann_file, dropped_anns, dropped_images,
                         "" if filter_empty else " (none: empty images are kept for evaluation)")
+        require_listed_files([r["file"] for r in self.records], f"{self.ann_file} (images in {self.img_dir})")
         if not self.records:
             raise ValueError(f"{self.ann_file}: no image left"
                              + (" with a usable annotation (training drops images without one)" if filter_empty

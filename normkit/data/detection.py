@@ -19,7 +19,8 @@ x' = W - 1 - x or W - x, RLE bitmaps mirrored), pixel normalisation on the float
 scale = max_size / max(h, w); the resized size is (round(h * scale), round(w * scale)) and boxes and polygons
 are multiplied by scale, bitmaps resized with nearest neighbour.
 
-`data:` config keys read here (every key but `root` is optional; defaults shown)::
+`data:` config keys read here (every key but `root` is optional; defaults shown; any other key is an error
+naming the closest valid one)::
 
     data:
       dataset: coco
@@ -59,6 +60,8 @@ without a usable non-crowd annotation; validation keeps every image.
 """
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import torch
@@ -68,10 +71,12 @@ from torch.utils.data import DataLoader, Dataset
 from normkit.data.base import worker_options
 from normkit.data.coco import COCODetection
 from normkit.data.samplers import SampleKey, global_batches, sample_rng, shard_indices
+from normkit.schema import check_keys, config_mapping
 
 __all__ = ["CAFFE_BGR_MEAN", "IMAGENET_RGB_MEAN", "IMAGENET_RGB_STD", "DetectionBatchSampler", "DetectionCollate",
            "DetectionMapper", "PixelNormalizer", "build_coco_dataset", "build_coco_train_loader",
-           "build_coco_val_loader", "compute_scale", "flip_boxes", "pad_images", "pixel_normalizer",
+           "build_coco_val_loader", "check_coco_data_config", "compute_scale", "flip_boxes", "pad_images",
+           "pixel_normalizer",
            "resize_scale_info", "sorted_block_batches"]
 
 CAFFE_BGR_MEAN = (102.9801, 115.9465, 122.7717)
@@ -311,13 +316,31 @@ def _synthetic(data_cfg: dict) -> None:
         torch.distributed.barrier()
 
 
+DATA_KEYS = ("dataset", "root", "num_classes", "class_names", "legacy_plus_one", "mask_on", "pixel_order",
+             "pixel_scale", "mean", "std", "size_divisibility", "synthetic", "train", "val")
+SPLIT_KEYS = {"train": ("split", "ann_file", "img_dir", "short_sides", "max_size", "flip", "grouping"),
+              "val": ("split", "ann_file", "img_dir", "short_side", "max_size", "batch_size")}
+
+
+def check_coco_data_config(data_cfg: dict) -> None:
+    """Every key of the detection `data:` section and of `data.train` / `data.val` is known (a typo names the
+    closest valid key) and `root` is a path."""
+    check_keys(data_cfg, DATA_KEYS, "data")
+    for split, keys in SPLIT_KEYS.items():
+        check_keys(config_mapping(data_cfg, split, "data"), keys, f"data.{split}")
+    if "root" not in data_cfg:
+        raise ValueError("the data config needs `data.root`")
+    root = data_cfg["root"]
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        raise ValueError(f"data.root must be the path of the dataset folder, got {root!r}")
+
+
 def build_coco_dataset(data_cfg: dict, split: str) -> COCODetection:
     """The COCODetection of `split` ("train" | "val") from the `data:` config; training drops images without
     usable annotations. Checks data.num_classes and data.class_names against the annotation file."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split '{split}'; choose train or val")
-    if "root" not in data_cfg:
-        raise ValueError("the data config needs `data.root`")
+    check_coco_data_config(data_cfg)
     if data_cfg.get("synthetic"):
         _synthetic(data_cfg)
     cfg = data_cfg.get(split) or {}
@@ -399,7 +422,8 @@ def build_coco_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, w
     sampler = DetectionBatchSampler(ratios, batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter, grouping=cfg.get("grouping", "orientation"))
     loader = DataLoader(_TrainSamples(dataset, mapper, seed, flip == "double"), batch_sampler=sampler,
-                        collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers), pin_memory=torch.cuda.is_available())
+                        collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers),
+                        pin_memory=torch.cuda.is_available())
     return DetectionTrainLoader(loader, dataset)
 
 

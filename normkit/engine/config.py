@@ -9,8 +9,9 @@ from pathlib import Path
 import yaml
 
 from normkit.io import load_yaml
+from normkit.schema import check_keys
 
-__all__ = ["load_config", "apply_overrides", "parse_value", "SECTIONS"]
+__all__ = ["load_config", "apply_overrides", "check_sections", "parse_value", "SECTIONS"]
 
 SECTIONS = ("model", "data", "train", "evaluation")
 
@@ -20,11 +21,23 @@ def load_config(path: str | Path) -> dict:
     cfg = load_yaml(path)
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path} must be a mapping with sections {list(SECTIONS)}, got {type(cfg).__name__}")
-    unknown = set(cfg) - set(SECTIONS)
-    if unknown:
-        raise ValueError(f"config {path} has unknown top-level keys {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+    try:
+        check_keys(cfg, SECTIONS, "")
+    except ValueError as exc:
+        raise ValueError(f"config {path}: {exc}") from None
     for section in SECTIONS:
         cfg.setdefault(section, {})
+    return check_sections(cfg)
+
+
+def check_sections(cfg: dict) -> dict:
+    """Each section present is a mapping (an empty one, `evaluation:` with nothing under it, becomes {})."""
+    for section in SECTIONS:
+        value = cfg.get(section, {})
+        if value is None:
+            cfg[section] = {}
+        elif not isinstance(value, dict):
+            raise ValueError(f"config section {section} must be a mapping of keys to values, got {value!r}")
     return cfg
 
 
@@ -37,6 +50,8 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like dotted.key=value")
+        if not raw.strip():
+            raise ValueError(f"override {item!r} has no value (write {key}=null to set null)")
         parts = key.split(".")
         node = cfg
         for depth, part in enumerate(parts[:-1]):
@@ -44,8 +59,12 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise KeyError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section of the config")
             node = child
-        node[parts[-1]] = parse_value(raw)
-    return cfg
+        value = parse_value(raw)
+        if len(parts) == 1 and key in SECTIONS and not isinstance(value, dict):
+            raise ValueError(f"override {item!r}: {key} is a config section, a mapping; set one of its entries "
+                             f"({key}.<key>=...) or give a mapping ({key}={{...}})")
+        node[parts[-1]] = value
+    return check_sections(cfg)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

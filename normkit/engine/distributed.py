@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "move_to_device", "init_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
-           "convert_sync_norm", "wrap_ddp", "unwrap_model", "all_gather_objects", "mean_over_ranks", "seed_all",
+           "convert_sync_norm", "wrap_ddp", "unwrap_model", "all_gather_objects", "broadcast_object",
+           "mean_over_ranks", "seed_all",
            "setup_logging", "destroy_distributed"]
 
 
@@ -107,6 +108,15 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (e.g. a decision only rank 0 can make); `obj` in a single process."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from normkit.engine.checkpoint import Checkpointer
 from normkit.engine.trainer import HookBase
+from normkit.io import atomic_write_text
 
 __all__ = ["PeriodicCheckpointer", "EvalHook", "MetricsWriter", "ProgressBar"]
 
@@ -60,7 +61,8 @@ class EvalHook(HookBase):
 
 class MetricsWriter(HookBase):
     """Every `period` iterations (and at the end) appends the trainer's scalars to `metrics.jsonl` and, with
-    `tensorboard=True`, writes them as tensorboard scalars under `directory`. Create it on rank 0 only."""
+    `tensorboard=True`, writes them as tensorboard scalars under `directory`. Create it on rank 0 only.
+    Before training, records past the iteration the run starts from are removed from `metrics.jsonl`."""
 
     def __init__(self, directory: str | Path, period: int = 20, *, tensorboard: bool = True):
         self.directory = Path(directory)
@@ -70,9 +72,32 @@ class MetricsWriter(HookBase):
 
     def before_train(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._drop_records_after(self.trainer.start_iter)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
             self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def _drop_records_after(self, iteration: int) -> None:
+        """Removes the records of iterations after `iteration` (a resumed run writes them again) and lines a
+        kill left unreadable, so that every iteration appears once."""
+        path = self.directory / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept, unreadable = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                step = int(record["iteration"])
+            except (ValueError, TypeError, KeyError):
+                unreadable += 1
+                continue
+            if step <= iteration:
+                kept.append(line)
+        if unreadable:
+            logger.warning("%s: dropped %d unreadable line(s)", path, unreadable)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def after_step(self) -> None:
         trainer = self.trainer

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from normkit.schema import check_keys, config_int
+
 __all__ = ["IterationLRScheduler", "PolyLR", "WarmupStepLR", "build_lr_scheduler"]
 
 
@@ -116,10 +118,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, max_iter: in
     if policy not in _POLICIES:
         raise ValueError(f"unknown train.lr_schedule.policy {policy!r}; choose one of {sorted(_POLICIES)}")
     cls, keys = _POLICIES[policy]
-    unknown = set(cfg) - keys - _WARMUP_KEYS
-    if unknown:
-        raise ValueError(f"unknown train.lr_schedule keys {sorted(unknown)} for policy {policy!r}; "
-                         f"allowed: {sorted(keys | _WARMUP_KEYS)}")
+    check_keys(cfg, keys | _WARMUP_KEYS, "train.lr_schedule")
+    if "warmup_iters" in cfg:
+        cfg["warmup_iters"] = config_int(cfg, "warmup_iters", 0, "train.lr_schedule", minimum=0)
     if policy == "poly":
         return PolyLR(optimizer, max_iter, **cfg)
     if "steps" not in cfg:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normkit.schema import check_keys
+
 __all__ = ["build_param_groups", "build_optimizer"]
 
 
@@ -70,10 +72,7 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     name = cfg.get("name", "sgd")
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown train.optimizer.name {name!r}; choose one of {sorted(_OPTIMIZERS)}")
-    unknown = set(cfg) - _GROUP_KEYS - _OPTIMIZERS[name]
-    if unknown:
-        raise ValueError(f"unknown train.optimizer keys {sorted(unknown)} for {name}; "
-                         f"allowed: {sorted(_GROUP_KEYS | _OPTIMIZERS[name])}")
+    check_keys(cfg, _GROUP_KEYS | _OPTIMIZERS[name], "train.optimizer")
     if "lr" not in cfg:
         raise ValueError("train.optimizer.lr is required")
     lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))

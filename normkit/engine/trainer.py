@@ -98,14 +98,36 @@ class Trainer:
                 "rng": all_gather_objects(capture_rng_state())}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores everything `state_dict` saved; training then continues at `state["iteration"]`."""
+        """Restores everything `state_dict` saved; training then continues at `state["iteration"]`.
+
+        Hyperparameters stay those of the optimizer and schedule as constructed (the config, so that a resumed
+        run can change e.g. the learning rate): each param group's base learning rate, momentum, weight decay
+        and other settings that differ from the checkpoint's are set back to the constructed values and
+        logged. Their state (momentum buffers, the iteration) comes from the checkpoint.
+        """
         missing = {"iteration", "model", "optimizer", "scheduler", "grad_scaler", "rng"} - set(state)
         if missing:
             raise ValueError(f"checkpoint lacks {sorted(missing)}; it is not a training checkpoint "
                              "(weights-only files load with build_model(config, checkpoint=...) instead)")
+        configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                      for group in self.optimizer.param_groups]
+        configured_base_lrs = list(self.scheduler.base_lrs)
         unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for index, (group, settings) in enumerate(zip(self.optimizer.param_groups, configured)):
+            for key, value in settings.items():
+                if not isinstance(value, torch.Tensor) and group.get(key) != value:
+                    logger.warning("resume: param group %d %s %r (checkpoint) -> %r (configured)", index, key,
+                                   group.get(key), value)
+                    group[key] = value
+        if configured_base_lrs != self.scheduler.base_lrs:
+            for index, (old, new) in enumerate(zip(self.scheduler.base_lrs, configured_base_lrs)):
+                if old != new:
+                    logger.warning("resume: param group %d base lr %g (checkpoint) -> %g (configured)", index, old, new)
+            for group, base_lr in zip(self.optimizer.param_groups, configured_base_lrs):
+                group["initial_lr"] = base_lr
+            self.scheduler.load_state_dict({"iteration": self.scheduler.iteration, "base_lrs": configured_base_lrs})
         if state["grad_scaler"]:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.iter = self.start_iter = int(state["iteration"])

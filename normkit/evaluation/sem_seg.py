@@ -29,6 +29,7 @@ from normkit.evaluation.evaluator import DatasetEvaluator, inference_on_dataset
 from normkit.evaluation.inference import MODES, inference
 from normkit.evaluation.metrics import SegmentationMetric
 from normkit.evaluation.visualize import denormalize, side_by_side
+from normkit.schema import check_keys
 
 __all__ = ["EVAL_KEYS", "SegmentationEvaluator", "SegmentationInference", "evaluate", "image_scales"]
 
@@ -38,9 +39,7 @@ EVAL_KEYS = ("scales", "short_sides", "max_long_side", "flip", "mode", "crop_siz
 def check_eval_config(eval_cfg: dict | None) -> dict:
     """The `evaluation:` section with its keys and values checked (clear errors before any work starts)."""
     eval_cfg = dict(eval_cfg or {})
-    unknown = set(eval_cfg) - set(EVAL_KEYS)
-    if unknown:
-        raise ValueError(f"unknown evaluation option(s) {sorted(unknown)}; known: {', '.join(EVAL_KEYS)}")
+    check_keys(eval_cfg, EVAL_KEYS, "evaluation")
     for key in ("scales", "short_sides"):
         values = eval_cfg.get(key)
         if values is not None and (not isinstance(values, (list, tuple)) or not values

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
+from normkit.schema import check_keys
+
 __all__ = ["Registry", "BACKBONES", "NECKS", "SEG_HEADS", "PROPOSAL_GENERATORS", "ROI_HEADS", "BOX_HEADS", "MODELS",
            "config_section", "build_from_cfg", "call_with_config", "build_backbone", "build_head"]
 
@@ -74,7 +76,13 @@ def build_from_cfg(registry: Registry, cfg: Mapping, where: str, *args, **kwargs
 
 
 def call_with_config(builder: Callable, where: str, *args, **kwargs):
-    """``builder(*args, **kwargs)``, turning a wrong or missing keyword into an error naming the config section."""
+    """``builder(*args, **kwargs)``, turning a wrong or missing keyword into an error naming the config section
+    (an unknown key also names the closest keyword the builder takes)."""
+    params = list(inspect.signature(builder).parameters.values())
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        keywords = [p.name for p in params[len(args):] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                      inspect.Parameter.KEYWORD_ONLY)]
+        check_keys(kwargs, keywords, where)
     try:
         return builder(*args, **kwargs)
     except TypeError as exc:

@@ -123,7 +123,8 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable[Any], num_batches:
     average of the batch means and its variance the variance over all batches (law of total variance for SN; the
     average of batch variances for torch BatchNorm, as detectron2's precise BN). Batches are fed with
     `forward(model, batch)` (default: `model(batch)`, the trainer's contract) in train mode without
-    gradients; training mode and layer settings are restored afterwards. Returns the number of batches used.
+    gradients; training mode and layer settings are restored afterwards, and so are the previous statistics when
+    it fails (no batch, or an error while feeding one). Returns the number of batches used.
     """
     if num_batches <= 0:
         raise ValueError(f"recompute_batch_stats: num_batches must be positive, got {num_batches}")
@@ -135,6 +136,10 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable[Any], num_batches:
     was_training = model.training
     saved_sn = [(m.using_moving_average, m.momentum) for m in sn_layers]
     saved_bn = [m.momentum for m in bn_layers]
+    # The statistics before the call, restored if it fails (an error in a batch, or no batch at all), so that
+    # a failure never leaves the model with wiped or partial estimates.
+    saved_buffers = [{name: buf.clone() for name, buf in m.named_buffers(recurse=False)}
+                     for m in (*sn_layers, *bn_layers)]
     for m in sn_layers:
         m.reset_running_stats()
         m.using_moving_average = False  # accumulate sums of E[x] and E[x^2] terms
@@ -143,21 +148,28 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable[Any], num_batches:
         m.momentum = None  # cumulative average
     model.train()
     used = 0
+    completed = False
     try:
         for batch in batches:
             if used == num_batches:
                 break
             model(batch) if forward is None else forward(model, batch)
             used += 1
+        completed = used > 0
     finally:
         for m, (moving, momentum) in zip(sn_layers, saved_sn):
-            if used:
+            if completed:
                 m.running_mean.div_(used)
                 m.running_var.div_(used).sub_(m.running_mean ** 2)
             m.using_moving_average, m.momentum = moving, momentum
         for m, momentum in zip(bn_layers, saved_bn):
             m.momentum = momentum
+        if not completed:
+            with torch.no_grad():
+                for m, buffers in zip((*sn_layers, *bn_layers), saved_buffers):
+                    for name, value in buffers.items():
+                        getattr(m, name).copy_(value)
         model.train(was_training)
-    if used == 0:
-        raise ValueError("recompute_batch_stats: `batches` yielded no batch")
+    if not completed:
+        raise ValueError("recompute_batch_stats: `batches` yielded no batch (the previous statistics are kept)")
     return used

@@ -1,7 +1,8 @@
 """What differs between tasks when training and testing: the loaders, the evaluator and the report.
 
 A task is chosen from the config (`task_for(cfg)`); the trainer, the hooks and the command-line tools stay
-the same for every task.
+the same for every task. Each task checks its `evaluation:` section and builds its val split when created;
+`train_set()` builds (and checks) the training split.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from normkit.data import build_dataset, build_train_loader, build_val_loader
 from normkit.data.detection import build_coco_dataset, build_coco_train_loader, build_coco_val_loader
 from normkit.evaluation import evaluate, format_table, inference_on_dataset, results_to_json
 from normkit.evaluation.coco import COCOEvaluator
+from normkit.evaluation.sem_seg import check_eval_config
+from normkit.schema import check_keys
 
 __all__ = ["SegmentationTask", "DetectionTask", "TASKS", "task_for"]
 
@@ -22,17 +25,30 @@ class SegmentationTask:
 
     def __init__(self, cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0):
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
+        self.check_eval_config(cfg.get("evaluation"))
         self._train_set = None
         self.val_loader = build_val_loader(cfg["data"], rank=rank, world_size=world_size, num_workers=num_workers)
+        model_classes, data_classes = (cfg.get("model") or {}).get("num_classes"), cfg["data"]["num_classes"]
+        if model_classes is not None and model_classes != data_classes:
+            raise ValueError(f"model.num_classes ({model_classes}) differs from data.num_classes ({data_classes}): "
+                             "the model must predict exactly the dataset's classes")
         self.class_names = tuple(self.val_loader.dataset.class_names)
+
+    @staticmethod
+    def check_eval_config(eval_cfg: dict | None) -> None:
+        check_eval_config(eval_cfg)
+
+    def train_set(self):
+        """The training split, built (and its files checked) on first use."""
+        if self._train_set is None:
+            self._train_set = build_dataset(self.cfg["data"], "train")
+        return self._train_set
 
     def train_batches(self, start_batch: int, *, batch_size: int, seed: int):
         """The rank's training batches from micro-batch `start_batch` on (deterministic in seed and position)."""
-        if self._train_set is None:
-            self._train_set = build_dataset(self.cfg["data"], "train")
         return build_train_loader(self.cfg["data"], batch_size, rank=self.rank, world_size=self.world_size,
                                   seed=seed, start_iter=start_batch, num_workers=self.num_workers,
-                                  dataset=self._train_set)
+                                  dataset=self.train_set())
 
     def evaluate(self, model, eval_cfg: dict | None = None) -> dict:
         """Dataset-wide metrics of `model` on the val split (collective under torch.distributed)."""
@@ -60,22 +76,27 @@ class DetectionTask:
 
     def __init__(self, cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0):
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
-        unknown = set(cfg.get("evaluation") or {}) - set(self.EVAL_KEYS)
-        if unknown:
-            raise ValueError(f"unknown evaluation option(s) {sorted(unknown)} for detection; known: "
-                             f"{', '.join(self.EVAL_KEYS)}")
+        self.check_eval_config(cfg.get("evaluation"))
         self._train_set = None
         self.val_set = build_coco_dataset(cfg["data"], "val")
         self.val_loader = build_coco_val_loader(cfg["data"], rank=rank, world_size=world_size,
                                                 num_workers=num_workers, dataset=self.val_set)
         self.class_names = tuple(self.val_set.class_names)
 
-    def train_batches(self, start_batch: int, *, batch_size: int, seed: int):
+    @classmethod
+    def check_eval_config(cls, eval_cfg: dict | None) -> None:
+        check_keys(eval_cfg or {}, cls.EVAL_KEYS, "evaluation")
+
+    def train_set(self):
+        """The training split, built (and its files checked) on first use."""
         if self._train_set is None:
             self._train_set = build_coco_dataset(self.cfg["data"], "train")
+        return self._train_set
+
+    def train_batches(self, start_batch: int, *, batch_size: int, seed: int):
         return build_coco_train_loader(self.cfg["data"], batch_size, rank=self.rank, world_size=self.world_size,
                                        seed=seed, start_iter=start_batch, num_workers=self.num_workers,
-                                       dataset=self._train_set)
+                                       dataset=self.train_set())
 
     def evaluate(self, model, eval_cfg: dict | None = None) -> dict:
         eval_cfg = dict(self.cfg.get("evaluation") or {}) if eval_cfg is None else dict(eval_cfg)

@@ -10,24 +10,40 @@ pixel accuracy, mIoU, score).
 Command-line options override the config's `evaluation:` section (see normkit.evaluation.sem_seg).
 `--watch` evaluates every `iter_*.pth` in WORK_DIR once, oldest first, then keeps polling for new ones
 (until --idle-timeout seconds pass without one, or Ctrl-C); results are appended to WORK_DIR/eval_watch.jsonl,
-which also tells a restarted watcher what it has already done.
+which also tells a restarted watcher what it has already done (an unreadable line in it is skipped with a
+warning). A WORK_DIR that does not exist yet is waited for; a checkpoint that cannot be read yet is skipped
+with a warning and retried at the next poll.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import re
 import time
 from pathlib import Path
 
-import torch
-
-from normkit.engine import apply_overrides, destroy_distributed, init_distributed, load_config
+from normkit.engine import (apply_overrides, broadcast_object, destroy_distributed, init_distributed, load_checkpoint,
+                            load_config, setup_logging)
 from normkit.models import build_model
 from normkit.tools.tasks import task_for
 
+logger = logging.getLogger("normkit.test")
+
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 WATCH_LOG = "eval_watch.jsonl"
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="checkpoint to evaluate (training checkpoint or weights)")
     target.add_argument("--watch", metavar="DIR", help="evaluate each new iter_*.pth appearing in DIR")
-    parser.add_argument("--scales", type=float, nargs="+", help="test scales, probabilities averaged")
+    parser.add_argument("--scales", type=positive_float, nargs="+", help="test scales (> 0), probabilities averaged")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     parser.add_argument("--mode", choices=("whole", "slide"), help="whole-image or sliding-window inference")
     parser.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="slide window size")
@@ -44,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--show-dir", help="write image | prediction | label panels here")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers per rank")
-    parser.add_argument("--poll", type=float, default=30.0, help="--watch: seconds between directory scans")
+    parser.add_argument("--poll", type=positive_float, default=30.0,
+                        help="--watch: seconds between directory scans (> 0)")
     parser.add_argument("--idle-timeout", type=float, default=None,
                         help="--watch: stop after this many seconds without a new checkpoint (default: never)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
@@ -69,6 +86,7 @@ class CheckpointEvaluator:
     def __init__(self, cfg: dict, eval_cfg: dict, info, num_workers: int = 0):
         self.cfg, self.eval_cfg, self.info = cfg, eval_cfg, info
         self.task = task_for(cfg)(cfg, rank=info.rank, world_size=info.world_size, num_workers=num_workers)
+        self.task.check_eval_config(eval_cfg)
 
     def __call__(self, checkpoint) -> dict:
         model = build_model(self.cfg, checkpoint=checkpoint).to(self.info.device)
@@ -86,45 +104,71 @@ def pending_checkpoints(directory: Path, done: set[str]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _broadcast(obj):
-    """Rank 0's value on every rank (the ranks must agree on which checkpoint to evaluate)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
+def read_watch_log(log: Path) -> set[str]:
+    """The checkpoints eval_watch.jsonl records as evaluated; unreadable lines (a watcher killed mid-write) are
+    skipped with a warning, so they never stop a restarted watcher."""
+    done = set()
+    if not log.is_file():
+        return done
+    for lineno, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(str(json.loads(line)["checkpoint"]))
+        except (ValueError, TypeError, KeyError):
+            logger.warning("%s:%d: unreadable record skipped: %.80s", log, lineno, line)
+    return done
 
 
 def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_timeout: float | None) -> list[dict]:
-    """Evaluate checkpoints in `directory` as they appear; returns the records written to eval_watch.jsonl."""
+    """Evaluate checkpoints in `directory` as they appear; returns the records written to eval_watch.jsonl.
+
+    A folder that does not exist yet is waited for (said once). A checkpoint that cannot be read (still being
+    copied, truncated) is skipped with a warning and tried again `poll` seconds later; newer ones go ahead."""
+    if not poll > 0:
+        raise ValueError(f"--poll must be a positive number of seconds, got {poll}")
     log = directory / WATCH_LOG
     main = evaluator.info.is_main
-    done = set()
-    if main and log.is_file():
-        done = {json.loads(line)["checkpoint"] for line in log.read_text().splitlines() if line.strip()}
+    done = read_watch_log(log) if main else set()
+    retry_at: dict[str, float] = {}  # unreadable checkpoints -> when to try them again
     records = []
     last_new = time.monotonic()
+    said_missing = False
     while True:
-        path = None
+        path, state = None, None
         if main:
-            pending = pending_checkpoints(directory, done) if directory.is_dir() else []
-            path = str(pending[0]) if pending else None
+            if not directory.is_dir() and not said_missing:
+                logger.warning("--watch: %s does not exist (yet); waiting for checkpoints to appear in it", directory)
+                said_missing = True
+            now = time.monotonic()
+            pending = [p for p in pending_checkpoints(directory, done) if retry_at.get(p.name, 0.0) <= now] \
+                if directory.is_dir() else []
+            for candidate in pending:
+                try:
+                    state = load_checkpoint(candidate)
+                except FileNotFoundError:  # deleted by the trainer's max_keep before we got to it
+                    done.add(candidate.name)
+                    continue
+                except RuntimeError as exc:
+                    logger.warning("--watch: skipping %s for now, will retry in %gs: %s", candidate.name, poll, exc)
+                    retry_at[candidate.name] = now + poll
+                    continue
+                path = str(candidate)
+                break
             if path is None and idle_timeout is not None and time.monotonic() - last_new >= idle_timeout:
                 path = ""  # tells every rank to stop
-        path = _broadcast(path)
+        path = broadcast_object(path)
         if path == "":
             return records
         if path is None:
             time.sleep(poll)
             continue
         name = Path(path).name
-        try:
-            results = evaluator(path)
-        except FileNotFoundError:  # deleted by the trainer's max_keep before we got to it
-            results = None
+        results = evaluator(state if state is not None else path)
         done.add(name)
+        retry_at.pop(name, None)
         last_new = time.monotonic()
-        if results is None or not main:
+        if not main:
             continue
         evaluator.report(results, name)
         record = {"checkpoint": name, "iteration": int(CHECKPOINT_PATTERN.match(name).group(1)),
@@ -137,7 +181,8 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
 def main(argv=None):
     args = parse_args(argv)
     cfg = apply_overrides(load_config(args.config), args.set)
-    info = init_distributed(str(cfg.get("train", {}).get("device", "auto")))
+    info = init_distributed(str(cfg["train"].get("device", "auto")))
+    setup_logging(info.rank)
     try:
         evaluator = CheckpointEvaluator(cfg, evaluation_config(cfg, args), info, args.num_workers)
         if args.watch:

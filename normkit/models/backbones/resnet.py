@@ -7,6 +7,7 @@ only; the norm modules are called ``bn*`` whatever norm they hold. The deep stem
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -352,24 +353,9 @@ class ResNet(nn.Module):
         return f"depth={self.depth}, stem={self.stem!r}, output_stride={self.output_stride}"
 
 
-@BACKBONES.register("resnet18")
-def resnet18(**kwargs) -> ResNet:
-    return ResNet(18, **kwargs)
-
-
-@BACKBONES.register("resnet34")
-def resnet34(**kwargs) -> ResNet:
-    return ResNet(34, **kwargs)
-
-
-@BACKBONES.register("resnet50")
-def resnet50(**kwargs) -> ResNet:
-    return ResNet(50, **kwargs)
-
-
-@BACKBONES.register("resnet101")
-def resnet101(**kwargs) -> ResNet:
-    return ResNet(101, **kwargs)
+# functools.partial keeps ResNet's keyword signature, so a mistyped backbone key is named with the closest valid one.
+for _depth in ARCH_SETTINGS:
+    BACKBONES.register(f"resnet{_depth}", functools.partial(ResNet, _depth))
 
 
 @MODELS.register("resnet")

@@ -1,6 +1,7 @@
 """Building blocks and loss helpers shared by the segmentation heads."""
 from __future__ import annotations
 
+import difflib
 from typing import Mapping, Optional, Tuple
 
 import torch
@@ -102,7 +103,9 @@ def build_segmentation_parts(cfg: dict, head_keys: Tuple[str, ...]) -> Tuple[int
     norm."""
     for key in ("num_classes", "backbone", head_keys[0]):
         if key not in cfg:
-            raise ValueError(f"config model.{key} is required")
+            typo = difflib.get_close_matches(key, [str(k) for k in cfg], n=1)
+            raise ValueError(f"config model.{key} is required"
+                             + (f" (is model.{typo[0]} a misspelling of it?)" if typo else ""))
     num_classes = cfg.pop("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"config model.num_classes must be a positive int, got {num_classes!r}")
