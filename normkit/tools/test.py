@@ -3,9 +3,9 @@ pixel accuracy, mIoU, score).
 
     normkit-test --config CFG --checkpoint CKPT [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--flip]
                          [--mode whole|slide --crop-size 512 512 --stride 341 341] [--show-dir DIR]
-                         [--out results.json] [--set data.root=... ...]
+                         [--out results.json] [--data-dir DIR] [--set data.root=... ...]
     normkit-test --config CFG --watch WORK_DIR [--poll 30] [--idle-timeout 3600]
-    torchrun --nproc_per_node N tools/test.py ...          (each rank evaluates a shard; counts are summed)
+    torchrun --nproc_per_node N -m normkit.tools.test ...   (each rank evaluates a shard; counts are summed)
 
 Command-line options override the config's `evaluation:` section (see normkit.evaluation.sem_seg).
 `--watch` evaluates every `iter_*.pth` in WORK_DIR once, oldest first, then keeps polling for new ones
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from normkit.engine import apply_overrides, destroy_distributed, init_distributed, load_config
+from normkit.engine import destroy_distributed, init_distributed
 from normkit.models import build_model
+from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.tasks import task_for
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
@@ -32,7 +33,7 @@ WATCH_LOG = "eval_watch.jsonl"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (model, data, evaluation)")
+    add_config_arguments(parser)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="checkpoint to evaluate (training checkpoint or weights)")
     target.add_argument("--watch", metavar="DIR", help="evaluate each new iter_*.pth appearing in DIR")
@@ -47,7 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=30.0, help="--watch: seconds between directory scans")
     parser.add_argument("--idle-timeout", type=float, default=None,
                         help="--watch: stop after this many seconds without a new checkpoint (default: never)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     return parser.parse_args(argv)
 
 
@@ -136,7 +136,7 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.set)
+    cfg = load_run_config(args)
     info = init_distributed(str(cfg.get("train", {}).get("device", "auto")))
     try:
         evaluator = CheckpointEvaluator(cfg, evaluation_config(cfg, args), info, args.num_workers)

@@ -1,7 +1,8 @@
 """Train a config, then evaluate it on the val split and print the results.
 
-    normkit-train --config configs/mini/r18d8_sn_c1_deepsup.yaml [--work-dir DIR] [--resume]
+    normkit-train --config mini/r18d8_sn_c1_deepsup [--work-dir DIR] [--data-dir DIR] [--resume]
                           [--set train.max_iter=100 train.amp=bf16 ...]
+    normkit-train --list-configs
     torchrun --nproc_per_node N -m normkit.tools.train --config ...        (same command, DDP; NCCL on GPU, gloo on CPU)
 
 The `train:` section (defaults shown)::
@@ -24,7 +25,8 @@ The `train:` section (defaults shown)::
       log_period: 20             # iterations between metrics.jsonl / tensorboard records
       tensorboard: true
 
-The task (segmentation, or detection for COCO data) follows from `data.dataset`.
+The task (segmentation, or detection for COCO data) follows from `data.dataset`. A relative `data.root` is
+taken from --data-dir (see normkit.tools.cli); the mini configs generate their data set there on first use.
 The work dir receives config.yaml, iter_*.pth, latest.pth, metrics.jsonl, tensorboard/ and eval_results.json.
 """
 from __future__ import annotations
@@ -44,11 +46,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,  # noqa: E402
-                            Trainer, apply_overrides, build_lr_scheduler, build_optimizer, convert_sync_norm,
-                            destroy_distributed, init_distributed, load_config, seed_all, setup_logging,
-                            wrap_ddp)
+                            Trainer, build_lr_scheduler, build_optimizer, convert_sync_norm, destroy_distributed,
+                            init_distributed, seed_all, setup_logging, wrap_ddp)
 from normkit.io import atomic_write_text  # noqa: E402
 from normkit.models import build_model  # noqa: E402
+from normkit.tools.cli import add_config_arguments, load_run_config  # noqa: E402
 from normkit.tools.tasks import task_for  # noqa: E402
 
 __all__ = ["TRAIN_KEYS", "parse_args", "build_trainer", "train", "main"]
@@ -62,11 +64,9 @@ TRAIN_KEYS = {"device", "seed", "max_iter", "batch_size", "iter_size", "num_work
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (model, data, train, evaluation)")
+    add_config_arguments(parser)
     parser.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/latest.pth if it exists")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config entries, e.g. train.max_iter=100 train.optimizer.lr=0.01")
     return parser.parse_args(argv)
 
 
@@ -133,7 +133,7 @@ def train(cfg: dict, work_dir: Path, resume: bool, info):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.set)
+    cfg = load_run_config(args)
     info = init_distributed(str(cfg["train"].get("device", "auto")))
     setup_logging(info.rank)
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
