@@ -48,7 +48,7 @@ def make_extension():
     # torch's choice of -gencode flags (TORCH_CUDA_ARCH_LIST or its defaults), given explicitly so that the same
     # list is recorded in the library for collect_env (torch adds none of its own once any is given).
     arch_flags = _get_cuda_arch_flags()
-    targets = ",".join(re.findall(r"code=(\w+)", " ".join(arch_flags)))
+    targets = ",".join(re.findall(r",code=(\w+)", " ".join(arch_flags)))  # of -gencode=arch=compute_80,code=sm_80
     print(f"normkit: building CPU and CUDA kernels for {targets}")
     return CUDAExtension(
         "normkit._C", sources, include_dirs=include_dirs,

@@ -8,8 +8,9 @@
 #ifndef NORMKIT_CUDA_ARCHS
 #define NORMKIT_CUDA_ARCHS
 #endif
-#define NORMKIT_STRINGIFY_EXPANDED(x) #x
-#define NORMKIT_STRINGIFY(x) NORMKIT_STRINGIFY_EXPANDED(x)
+// Variadic: the list's commas would otherwise split it into several macro arguments.
+#define NORMKIT_STRINGIFY_EXPANDED(...) #__VA_ARGS__
+#define NORMKIT_STRINGIFY(...) NORMKIT_STRINGIFY_EXPANDED(__VA_ARGS__)
 
 // `import normkit._C` loads this library, which registers the ops below with the dispatcher. The module's one
 // attribute, cuda_archs, tells bug reports (python -m normkit.collect_env) what the CUDA kernels were built for.
