@@ -7,7 +7,7 @@ BUILT  := $(VENV)/.ext-built
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: setup build cuda-check test test-all train demo bench clean
+.PHONY: setup build cuda-check test test-all sdist-check train demo bench clean
 
 setup: $(DEPS)
 
@@ -38,12 +38,18 @@ test: build cuda-check
 test-all: build cuda-check
 	$(PY) -m pytest -q -m ""
 
+# Installs like a user: builds the source archive, installs it (compiling the ops) into a fresh virtual
+# environment with the pinned torch, and uses it from a folder outside the checkout (tools/check_sdist.py).
+# A few minutes on 2 cores, so `make test` leaves it out; .ci/run runs both.
+sdist-check: $(DEPS)
+	$(PY) tools/check_sdist.py
+
 # --resume: a second `make train` continues (or, when finished, re-evaluates) the run instead of refusing its work dir.
 train: build
-	$(PY) tools/train.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --work-dir work_dirs/mini --resume
+	$(PY) tools/train.py --config mini/r18d8_sn_c1_deepsup --work-dir work_dirs/mini --resume
 
 demo: build
-	$(PY) tools/demo.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --checkpoint work_dirs/mini/latest.pth \
+	$(PY) tools/demo.py --config mini/r18d8_sn_c1_deepsup --checkpoint work_dirs/mini/latest.pth \
 		--image data/mini_ade/ADEChallengeData2016/images/validation --out work_dirs/mini/demo
 
 bench: build

@@ -4,10 +4,24 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// `import normkit._C` loads this library, which registers the ops below with the dispatcher.
+// setup.py passes the CUDA code targets compiled for (e.g. sm_80,sm_90,compute_90); empty in a CPU-only build.
+#ifndef NORMKIT_CUDA_ARCHS
+#define NORMKIT_CUDA_ARCHS
+#endif
+// Variadic: the list's commas would otherwise split it into several macro arguments.
+#define NORMKIT_STRINGIFY_EXPANDED(...) #__VA_ARGS__
+#define NORMKIT_STRINGIFY(...) NORMKIT_STRINGIFY_EXPANDED(__VA_ARGS__)
+
+// `import normkit._C` loads this library, which registers the ops below with the dispatcher. The module's one
+// attribute, cuda_archs, tells bug reports (python -m normkit.collect_env) what the CUDA kernels were built for.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "normkit compiled operators", -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "cuda_archs", NORMKIT_STRINGIFY(NORMKIT_CUDA_ARCHS)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(normkit, m) {

@@ -1,9 +1,10 @@
 """normkit: fused Switchable Normalization, ROI and conditional-classifier ops, and the models built on them."""
 from normkit._extension import has_extension
+from normkit.io import list_configs
 
 __version__ = "0.1.0"
 
-__all__ = ["has_extension", "build_model", "__version__"]
+__all__ = ["has_extension", "build_model", "list_configs", "__version__"]
 
 
 def __getattr__(name):

@@ -5,7 +5,9 @@ from typing import Callable
 
 import torch  # noqa: F401  (loads libtorch/libc10, which normkit._C links against)
 
-BUILD_COMMAND = "`pip install --no-build-isolation -e .` (or `make build`) in the normkit checkout"
+# The ops are compiled at install time against the installed torch; no prebuilt library is shipped.
+BUILD_COMMAND = ("`pip install --no-build-isolation normkit-<version>.tar.gz` (needs a C++ compiler; in a checkout: "
+                 "`make build` or `pip install --no-build-isolation -e .`)")
 
 try:
     from normkit import _C  # noqa: F401  (registers the torch.ops.normkit operators)

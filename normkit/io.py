@@ -1,13 +1,18 @@
-"""File I/O shared by every layer: safe checkpoint reading, atomic writes, YAML.
+"""File I/O shared by every layer: safe checkpoint reading, atomic writes, YAML, experiment config files.
 
 - Checkpoints are read with ``torch.load(weights_only=True)``: loading a file never runs code from it.
 - Writes go to a temporary file in the target's folder, are fsynced and then renamed over the target, so a
   crash or a kill leaves either the old file or the complete new one, and no temporary file behind.
 - YAML is parsed with the safe loader; a key given twice in one mapping is an error (PyYAML would silently
   keep the last one).
+- A config is named by a YAML path or by the name of a config shipped in the package (``normkit/configs/``,
+  e.g. ``"csail/r50d8_ppm_deepsup"``); an existing file wins over a shipped name. A top-level ``_base_: NAME``
+  starts the config from another one (a shipped name, or a path relative to the including file): mappings
+  merge key by key, any other value replaces the base's.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Callable, Dict, IO, Mapping, Sequence, Union
@@ -15,9 +20,14 @@ from typing import Callable, Dict, IO, Mapping, Sequence, Union
 import torch
 import yaml
 
-__all__ = ["fsync_dir", "atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict", "load_yaml"]
+__all__ = ["fsync_dir", "atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict",
+           "load_yaml", "CONFIG_DIR", "list_configs", "resolve_config_path", "load_config_file", "merge_configs"]
 
 PathLike = Union[str, os.PathLike]
+
+# In a checkout this is a symlink to the top-level configs/; installs copy the files into the package.
+CONFIG_DIR = Path(__file__).parent / "configs"
+BASE_KEY = "_base_"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -133,3 +143,58 @@ def load_yaml(path: PathLike):
             return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ValueError(f"cannot parse YAML file {path}: {exc}") from exc
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in the package (``"csail/r50d8_ppm_deepsup"``, ...), sorted."""
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config_path(config: PathLike, relative_to: Union[PathLike, None] = None) -> Path:
+    """The YAML file that ``config`` names: an existing file (a relative path is taken from ``relative_to``,
+    default the current directory), else a shipped config name, with or without ``.yaml``."""
+    path = Path(config)
+    candidate = Path(relative_to) / path if relative_to is not None else path
+    if candidate.is_dir():
+        raise IsADirectoryError(f"{candidate} is a directory, expected a YAML file or a shipped config name")
+    if candidate.is_file():
+        return candidate
+    shipped = CONFIG_DIR / (path if path.suffix in (".yaml", ".yml") else path.with_name(path.name + ".yaml"))
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(path.with_suffix("").as_posix() if path.suffix else path.as_posix(),
+                                      list_configs(), n=3)
+    raise FileNotFoundError(f"config file {candidate} does not exist and {os.fspath(config)!r} is not the name of a "
+                            f"shipped config" + (f" (close: {', '.join(close)})" if close else "")
+                            + "; list them with `normkit-train --list-configs` or normkit.list_configs()")
+
+
+def load_config_file(config: PathLike, relative_to: Union[PathLike, None] = None, _including: tuple = ()):
+    """The parsed YAML of a config path or shipped name (see :func:`resolve_config_path`), with its ``_base_``
+    chain merged in."""
+    path = resolve_config_path(config, relative_to)
+    cfg = load_yaml(path)
+    if not isinstance(cfg, dict) or BASE_KEY not in cfg:
+        return cfg
+    base = cfg.pop(BASE_KEY)
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: {BASE_KEY} must be one config name or path, got {base!r}")
+    identity = path.resolve()
+    if identity in _including:
+        chain = " -> ".join(os.fspath(p) for p in _including + (identity,))
+        raise ValueError(f"{BASE_KEY} cycle: {chain}")
+    base_cfg = load_config_file(base, path.parent, _including + (identity,))
+    if not isinstance(base_cfg, dict):
+        raise ValueError(f"{path}: its {BASE_KEY} {base!r} is not a mapping")
+    return merge_configs(base_cfg, cfg)
+
+
+def merge_configs(base: dict, override: Mapping) -> dict:
+    """``base`` with ``override`` applied: mappings present in both merge recursively, other values replace."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -18,7 +18,6 @@ import yaml
 from PIL import Image
 from torch import nn
 
-import normkit.tools.test
 from normkit.data import MINI_ADE_CLASSES, build_val_loader, generate_mini_ade
 from normkit.models import MODELS
 
@@ -27,12 +26,8 @@ NUM_CLASSES = len(MINI_ADE_CLASSES)
 
 
 def load_tool(name):
-    if name == "test":  # tools/test.py is a thin wrapper over normkit.tools.test
-        return normkit.tools.test
-    spec = importlib.util.spec_from_file_location(f"normkit_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The tool's module: tools/<name>.py in a checkout is a thin wrapper over normkit.tools.<name>."""
+    return importlib.import_module(f"normkit.tools.{name}")
 
 
 def tiny_model():

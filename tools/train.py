@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a config, then evaluate it on the val split and print the results (see normkit/tools/train.py).
 
-    python tools/train.py --config configs/mini/r18d8_sn_c1_deepsup.yaml [--work-dir DIR] [--resume | --new-run] [--set k=v ...]
+    python tools/train.py --config mini/r18d8_sn_c1_deepsup [--work-dir DIR] [--resume | --new-run] [--set k=v ...]
     torchrun --nproc_per_node N tools/train.py --config ...
 """
 import sys

@@ -1,4 +1,5 @@
-"""Experiment configs: one YAML file with top-level `model`, `data`, `train`, `evaluation`; `--set` overrides."""
+"""Experiment configs: one YAML file (a path or a shipped config name, optionally starting from a `_base_` config;
+see normkit.io) with top-level `model`, `data`, `train`, `evaluation`; `--set` overrides."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from normkit.io import load_yaml
+from normkit.io import load_config_file
 from normkit.schema import check_keys
 
 __all__ = ["load_config", "apply_overrides", "check_sections", "parse_value", "SECTIONS"]
@@ -17,8 +18,9 @@ SECTIONS = ("model", "data", "train", "evaluation")
 
 
 def load_config(path: str | Path) -> dict:
-    """Parses the YAML file (safe loader) and checks its top level: the sections, each present afterwards."""
-    cfg = load_yaml(path)
+    """Reads the config (a YAML path or a shipped config name) and checks its top level: the sections, each
+    present afterwards."""
+    cfg = load_config_file(path)
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path} must be a mapping with sections {list(SECTIONS)}, got {type(cfg).__name__}")
     try:

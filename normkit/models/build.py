@@ -28,7 +28,7 @@ from torch import nn
 
 # Importing the model packages registers their parts.
 from normkit.models import backbones, detection, necks, segmentation  # noqa: F401
-from normkit.io import load_yaml
+from normkit.io import load_config_file
 from normkit.models.checkpoint import load_state_dict_strict
 from normkit.models.registry import MODELS, config_section
 
@@ -36,16 +36,17 @@ __all__ = ["build_model", "read_config"]
 
 
 def read_config(config: Union[str, os.PathLike, Mapping]) -> dict:
-    """A config dict from a YAML path or a mapping (copied: builders never change the caller's config)."""
+    """A config dict from a YAML path, a shipped config name (``"csail/r50d8_ppm_deepsup"``) or a mapping
+    (copied: builders never change the caller's config)."""
     if isinstance(config, (str, os.PathLike)):
-        config = load_yaml(config)
+        config = load_config_file(config)
     if not isinstance(config, Mapping):
         raise ValueError(f"a config must be a mapping, got {type(config).__name__}")
     return copy.deepcopy(dict(config))
 
 
 def build_model(config: Union[str, os.PathLike, Mapping], checkpoint=None) -> nn.Module:
-    """Build the model of ``config["model"]`` (config: YAML path or dict) and optionally load
+    """Build the model of ``config["model"]`` (config: YAML path, shipped config name or dict) and optionally load
     ``checkpoint`` (a path read with ``torch.load(weights_only=True)``, or a state dict) strictly:
     missing, unexpected or mis-shaped keys raise RuntimeError naming them."""
     config = read_config(config)

@@ -3,9 +3,9 @@ pixel accuracy, mIoU, score).
 
     normkit-test --config CFG --checkpoint CKPT [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--flip]
                          [--mode whole|slide --crop-size 512 512 --stride 341 341] [--show-dir DIR]
-                         [--out results.json] [--set data.root=... ...]
+                         [--out results.json] [--data-dir DIR] [--set data.root=... ...]
     normkit-test --config CFG --watch WORK_DIR [--poll 30] [--idle-timeout 3600]
-    torchrun --nproc_per_node N tools/test.py ...          (each rank evaluates a shard; counts are summed)
+    torchrun --nproc_per_node N -m normkit.tools.test ...   (each rank evaluates a shard; counts are summed)
 
 Command-line options override the config's `evaluation:` section (see normkit.evaluation.sem_seg).
 `--watch` evaluates every `iter_*.pth` in WORK_DIR once, oldest first, then keeps polling for new ones
@@ -24,9 +24,9 @@ import re
 import time
 from pathlib import Path
 
-from normkit.engine import (apply_overrides, broadcast_object, destroy_distributed, init_distributed, load_checkpoint,
-                            load_config, setup_logging)
+from normkit.engine import broadcast_object, destroy_distributed, init_distributed, load_checkpoint, setup_logging
 from normkit.models import build_model
+from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.tasks import task_for
 
 logger = logging.getLogger("normkit.test")
@@ -48,7 +48,7 @@ def positive_float(text: str) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (model, data, evaluation)")
+    add_config_arguments(parser)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="checkpoint to evaluate (training checkpoint or weights)")
     target.add_argument("--watch", metavar="DIR", help="evaluate each new iter_*.pth appearing in DIR")
@@ -64,7 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="--watch: seconds between directory scans (> 0)")
     parser.add_argument("--idle-timeout", type=float, default=None,
                         help="--watch: stop after this many seconds without a new checkpoint (default: never)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     return parser.parse_args(argv)
 
 
@@ -180,7 +179,7 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.set)
+    cfg = load_run_config(args)
     info = init_distributed(str(cfg["train"].get("device", "auto")))
     setup_logging(info.rank)
     try:

@@ -1,7 +1,8 @@
 """Train a config, then evaluate it on the val split and print the results.
 
-    normkit-train --config configs/mini/r18d8_sn_c1_deepsup.yaml [--work-dir DIR] [--resume | --new-run]
+    normkit-train --config mini/r18d8_sn_c1_deepsup [--work-dir DIR] [--data-dir DIR] [--resume | --new-run]
                           [--set train.max_iter=100 train.amp=bf16 ...]
+    normkit-train --list-configs
     torchrun --nproc_per_node N -m normkit.tools.train --config ...        (same command, DDP; NCCL on GPU, gloo on CPU)
 
 The `train:` section (defaults shown)::
@@ -24,7 +25,8 @@ The `train:` section (defaults shown)::
       log_period: 20             # iterations between metrics.jsonl / tensorboard records
       tensorboard: true
 
-The task (segmentation, or detection for COCO data) follows from `data.dataset`.
+The task (segmentation, or detection for COCO data) follows from `data.dataset`. A relative `data.root` is
+taken from --data-dir (see normkit.tools.cli); the mini configs generate their data set there on first use.
 The work dir receives config.yaml, iter_*.pth, latest.pth, metrics.jsonl, tensorboard/ and eval_results.json.
 The whole config (every section, with the closest valid key named for a typo) and the data files of both
 splits are checked before the work dir is touched. A work dir that is not empty is never reused silently:
@@ -48,13 +50,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml  # noqa: E402
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,  # noqa: E402
-                            Trainer, apply_overrides, broadcast_object, build_lr_scheduler, build_optimizer,
-                            convert_sync_norm,
-                            destroy_distributed, init_distributed, load_config, seed_all, setup_logging,
-                            wrap_ddp)
+                            Trainer, broadcast_object, build_lr_scheduler, build_optimizer, convert_sync_norm,
+                            destroy_distributed, init_distributed, seed_all, setup_logging, wrap_ddp)
 from normkit.io import atomic_write_text  # noqa: E402
 from normkit.models import build_model  # noqa: E402
 from normkit.schema import check_keys, config_bool, config_int, config_mapping  # noqa: E402
+from normkit.tools.cli import add_config_arguments, load_run_config  # noqa: E402
 from normkit.tools.tasks import task_for  # noqa: E402
 
 __all__ = ["TRAIN_KEYS", "PREVIOUS_RUNS", "parse_args", "check_train_config", "build_trainer", "move_previous_run",
@@ -76,7 +77,7 @@ PREVIOUS_RUNS = "previous"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (model, data, train, evaluation)")
+    add_config_arguments(parser)
     parser.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     reuse = parser.add_mutually_exclusive_group()
     reuse.add_argument("--resume", action="store_true",
@@ -86,8 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="start from scratch although --work-dir is not empty: its files are first moved into "
                             f"<work-dir>/{PREVIOUS_RUNS}/<n>/ (nothing is deleted); without --resume or --new-run "
                             "a non-empty work dir is refused")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config entries, e.g. train.max_iter=100 train.optimizer.lr=0.01")
     return parser.parse_args(argv)
 
 
@@ -204,7 +203,7 @@ def train(cfg: dict, work_dir: Path, resume: bool, info, *, new_run: bool = Fals
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.set)
+    cfg = load_run_config(args)
     info = init_distributed(str(cfg["train"].get("device", "auto")))
     setup_logging(info.rank)
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
