@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -195,3 +196,19 @@ def worker_options(num_workers: int) -> dict:
     if num_workers == 0:
         return {"num_workers": 0}
     return {"num_workers": num_workers, "worker_init_fn": _worker_init, "multiprocessing_context": "forkserver"}
+
+
+def prepare_synthetic(data_cfg: dict, generate: Callable[..., object]) -> None:
+    """Generates the mini set of `data.synthetic` ({num_train, num_val, size, seed}) into `data.root` with
+    `generate(root, **options)` unless it is already there; in a distributed run rank 0 writes while the
+    others wait."""
+    options = data_cfg["synthetic"]
+    allowed = {"num_train", "num_val", "size", "seed"}
+    if not isinstance(options, dict) or set(options) - allowed:
+        raise ValueError(f"data.synthetic must be a mapping with keys among {sorted(allowed)}, got {options!r}")
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        generate(data_cfg["root"], **options)
+    if distributed:
+        dist.barrier()

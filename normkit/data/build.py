@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from normkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
-from normkit.data.base import IGNORE_INDEX, SegmentationDataset, worker_options
+from normkit.data.base import IGNORE_INDEX, SegmentationDataset, prepare_synthetic, worker_options
 from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
 from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
 from normkit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, CSAILTrainTransform, MMSegTrainTransform,
@@ -125,19 +125,6 @@ def split_config(data_cfg: dict, split: str) -> dict:
     return {**_DEFAULTS[name][split], **(data_cfg.get(split) or {})}
 
 
-def _prepare_synthetic(data_cfg: dict) -> None:
-    """Generate the mini set once; in a distributed run rank 0 writes while the others wait."""
-    options = data_cfg["synthetic"]
-    allowed = {"num_train", "num_val", "size", "seed"}
-    if not isinstance(options, dict) or set(options) - allowed:
-        raise ValueError(f"data.synthetic must be a mapping with keys among {sorted(allowed)}, got {options!r}")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
-        generate_mini_ade(data_cfg["root"], **options)
-    if distributed:
-        torch.distributed.barrier()
-
-
 def resolve_class_names(data_cfg: dict) -> tuple[str, ...]:
     """`data.class_names`, else the dataset's standard names when num_classes matches them, else the names
     in a generated mini set's manifest under `root`, else class_0, class_1, ..."""
@@ -161,7 +148,7 @@ def build_dataset(data_cfg: dict, split: str) -> SegmentationDataset:
     root = _require(data_cfg, "root")
     num_classes = int(_require(data_cfg, "num_classes"))
     if data_cfg.get("synthetic"):
-        _prepare_synthetic(data_cfg)
+        prepare_synthetic(data_cfg, generate_mini_ade)
     class_names = resolve_class_names(data_cfg)
     name = data_cfg["dataset"]
     if name == "ade20k":

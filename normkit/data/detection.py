@@ -68,9 +68,10 @@ import torch
 from pycocotools import mask as mask_util
 from torch.utils.data import DataLoader, Dataset
 
-from normkit.data.base import worker_options
+from normkit.data.base import prepare_synthetic, worker_options
 from normkit.data.coco import COCODetection
 from normkit.data.samplers import SampleKey, global_batches, sample_rng, shard_indices
+from normkit.data.synthetic_coco import generate_mini_coco
 from normkit.schema import check_keys, config_mapping
 
 __all__ = ["CAFFE_BGR_MEAN", "IMAGENET_RGB_MEAN", "IMAGENET_RGB_STD", "DetectionBatchSampler", "DetectionCollate",
@@ -302,20 +303,6 @@ class DetectionBatchSampler:
 
 
 # ----------------------------------------------------------------------------------------------- datasets
-def _synthetic(data_cfg: dict) -> None:
-    """Generate the mini COCO set once; in a distributed run rank 0 writes while the others wait."""
-    from normkit.data.synthetic_coco import generate_mini_coco
-    options = data_cfg["synthetic"]
-    allowed = {"num_train", "num_val", "size", "seed"}
-    if not isinstance(options, dict) or set(options) - allowed:
-        raise ValueError(f"data.synthetic must be a mapping with keys among {sorted(allowed)}, got {options!r}")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
-        generate_mini_coco(data_cfg["root"], **options)
-    if distributed:
-        torch.distributed.barrier()
-
-
 DATA_KEYS = ("dataset", "root", "num_classes", "class_names", "legacy_plus_one", "mask_on", "pixel_order",
              "pixel_scale", "mean", "std", "size_divisibility", "synthetic", "train", "val")
 SPLIT_KEYS = {"train": ("split", "ann_file", "img_dir", "short_sides", "max_size", "flip", "grouping"),
@@ -342,7 +329,7 @@ def build_coco_dataset(data_cfg: dict, split: str) -> COCODetection:
         raise ValueError(f"unknown split '{split}'; choose train or val")
     check_coco_data_config(data_cfg)
     if data_cfg.get("synthetic"):
-        _synthetic(data_cfg)
+        prepare_synthetic(data_cfg, generate_mini_coco)
     cfg = data_cfg.get(split) or {}
     dataset = COCODetection(data_cfg["root"], cfg.get("split", "train2017" if split == "train" else "val2017"),
                             ann_file=cfg.get("ann_file"), img_dir=cfg.get("img_dir"), filter_empty=split == "train",

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from normkit.io import atomic_write_text
 
 MINI_ADE_CLASSES = ("wall", "floor", "ball", "box", "tent", "fence", "rug")
 GENERATOR_VERSION = 1
@@ -222,29 +223,30 @@ def generate_mini_ade(root, num_train: int = 400, num_val: int = 100, size: int 
             records.append({"fpath_img": f"ADEChallengeData2016/images/{split}/{name}.jpg",
                             "fpath_segm": f"ADEChallengeData2016/annotations/{split}/{name}.png",
                             "width": int(image.shape[1]), "height": int(image.shape[0])})
-        _write_atomic(root / f"{split}.odgt", "".join(json.dumps(r) + "\n" for r in records))
-    _write_atomic(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(root / f"{split}.odgt", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return root
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data/mini_ade", help="output folder (default: data/mini_ade)")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=112)
+def generator_cli(argv, generate, *, description: str, layout: str, root: str, num_train: int, num_val: int,
+                  size: int, classes) -> None:
+    """The command line of a mini-set generator: ``generate(root, num_train, num_val, size, seed, force)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--root", default=root, help=f"output folder (default: {root})")
+    parser.add_argument("--num-train", type=int, default=num_train)
+    parser.add_argument("--num-val", type=int, default=num_val)
+    parser.add_argument("--size", type=int, default=size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
     args = parser.parse_args(argv)
-    root = generate_mini_ade(args.root, args.num_train, args.num_val, args.size, args.seed, args.force)
-    print(f"mini ADE20K-layout set ready in {root} ({args.num_train} train / {args.num_val} val, "
-          f"{len(MINI_ADE_CLASSES)} classes: {', '.join(MINI_ADE_CLASSES)})")
+    out = generate(args.root, args.num_train, args.num_val, args.size, args.seed, args.force)
+    print(f"mini {layout}-layout set ready in {out} ({args.num_train} train / {args.num_val} val, "
+          f"{len(classes)} classes: {', '.join(classes)})")
+
+
+def main(argv=None) -> None:
+    generator_cli(argv, generate_mini_ade, description=__doc__.splitlines()[0], layout="ADE20K",
+                  root="data/mini_ade", num_train=400, num_val=100, size=112, classes=MINI_ADE_CLASSES)
 
 
 if __name__ == "__main__":

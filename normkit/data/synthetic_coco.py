@@ -30,15 +30,16 @@ CLI: ``python -m normkit.data.synthetic_coco --root data/mini_coco [--num-train 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
+
+from normkit.data.synthetic import generator_cli
+from normkit.io import atomic_write_text
 
 __all__ = ["MINI_COCO_CATEGORIES", "MINI_COCO_CLASSES", "generate_mini_coco", "render_coco_scene"]
 
@@ -190,12 +191,6 @@ def _is_complete(root: Path, manifest: dict) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def generate_mini_coco(root, num_train: int = 500, num_val: int = 100, size: int = 128, seed: int = 0,
                        force: bool = False) -> Path:
     """Write the mini COCO-layout set under `root` (skipped when an identical one is already there).
@@ -234,23 +229,14 @@ def generate_mini_coco(root, num_train: int = 500, num_val: int = 100, size: int
                          "year": 2024},
                 "licenses": [{"id": 1, "name": "generated", "url": ""}],
                 "images": images, "annotations": annotations, "categories": list(MINI_COCO_CATEGORIES)}
-        _write_atomic(root / "annotations" / f"instances_{split}.json", json.dumps(data, separators=(",", ":")))
-    _write_atomic(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(root / "annotations" / f"instances_{split}.json", json.dumps(data, separators=(",", ":")))
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return root
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data/mini_coco", help="output folder (default: data/mini_coco)")
-    parser.add_argument("--num-train", type=int, default=500)
-    parser.add_argument("--num-val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    args = parser.parse_args(argv)
-    root = generate_mini_coco(args.root, args.num_train, args.num_val, args.size, args.seed, args.force)
-    print(f"mini COCO-layout set ready in {root} ({args.num_train} train / {args.num_val} val, "
-          f"{len(MINI_COCO_CLASSES)} classes: {', '.join(MINI_COCO_CLASSES)})")
+    generator_cli(argv, generate_mini_coco, description=__doc__.splitlines()[0], layout="COCO",
+                  root="data/mini_coco", num_train=500, num_val=100, size=128, classes=MINI_COCO_CLASSES)
 
 
 if __name__ == "__main__":

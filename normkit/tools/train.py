@@ -39,24 +39,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
-# Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning. On a CPU shared with other jobs,
-# spinning workers wait for descheduled peers at every parallel op (measured here on 2 busy cores: a ResNet-18
-# step 4.5 s spinning vs 0.6 s sleeping, eval 1.0 s vs 0.04 s per image); on an idle machine it costs little.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import yaml
 
-import yaml  # noqa: E402
-
-from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,  # noqa: E402
+from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,
                             Trainer, broadcast_object, build_lr_scheduler, build_optimizer, convert_sync_norm,
                             destroy_distributed, init_distributed, seed_all, setup_logging, wrap_ddp)
-from normkit.io import atomic_write_text  # noqa: E402
-from normkit.models import build_model  # noqa: E402
-from normkit.schema import check_keys, config_bool, config_int, config_mapping  # noqa: E402
-from normkit.tools.cli import add_config_arguments, load_run_config  # noqa: E402
-from normkit.tools.tasks import task_for  # noqa: E402
+from normkit.io import atomic_write_text
+from normkit.models import build_model
+from normkit.schema import check_keys, config_bool, config_int, config_mapping
+from normkit.tools.cli import add_config_arguments, load_run_config
+from normkit.tools.tasks import task_for
 
 __all__ = ["TRAIN_KEYS", "PREVIOUS_RUNS", "parse_args", "check_train_config", "build_trainer", "move_previous_run",
            "train", "main"]
