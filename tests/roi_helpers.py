@@ -1,4 +1,4 @@
-"""Box sets shared by the ROI op tests: random boxes plus the edge cases DESIGN.md §4 names."""
+"""Box sets shared by the ROI op tests: random boxes plus the edge cases docs/design.md ("ROI ops and NMS") names."""
 import math
 
 import torch

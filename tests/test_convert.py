@@ -245,7 +245,7 @@ def test_csail_errors_name_the_keys(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Round trips: a normkit model's state dict renamed into the source layout (from DESIGN §8's key scheme),
+# Round trips: a normkit model's state dict renamed into the source layout (from the key scheme in docs/design.md),
 # converted back, loaded, outputs equal.
 
 def _randomize_all(model):

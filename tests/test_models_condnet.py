@@ -1,4 +1,4 @@
-"""CondNet heads against a functional reference written from DESIGN §5 and the DeepLabV3(+) structure."""
+"""CondNet heads against a functional reference written from docs/design.md ("Conditional classifier") and the DeepLabV3(+) structure."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ def _dsconv(m, x):
 
 
 def reference_conditional_classifier(x, guidance_w, guidance_b, filter_w, filter_b, with_bias=True):
-    """DESIGN §5: guidance G, class embeddings E, grouped kernel generation (first K*C outputs are the
+    """docs/design.md: guidance G, class embeddings E, grouped kernel generation (first K*C outputs are the
     weights, the last K the biases), dynamic classification."""
     b, c, h, w = x.shape
     k = guidance_w.shape[0]
