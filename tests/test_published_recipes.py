@@ -6,11 +6,12 @@ way a loss is computed must fail here.
 """
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from normkit.models import build_model
+from normkit.models import build_model, read_config
 from normkit.models.segmentation import DeepLabV2, SegmentationModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -117,3 +118,30 @@ def test_condnet_guidance_loss_is_0_2_times_dice_of_the_guidance_logits_at_their
     guidance = outputs["guidance_logits"]
     small = F.interpolate(labels[:, None].float(), size=guidance.shape[-2:], mode="nearest")[:, 0].long()
     torch.testing.assert_close(losses["guidance_loss"], 0.2 * dice_loss(guidance, small, ignore_index=255))
+
+
+# -- input encoding per recipe -------------------------------------------------------------------------------------
+# One RGB pixel (R, G, B) = (10, 20, 30) as each original feeds it to its network:
+# SwitchNorm_Segmentation: BGR 0..255 minus [102.98, 115.95, 122.77]; DeepLab v2 port: BGR minus
+# [104.008, 116.669, 122.675]; CSAIL and mmseg: RGB / 255, ImageNet mean and std.
+_IMAGENET = [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]
+PUBLISHED_INPUT = {
+    "sn/r50d8_sn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "sn/r50d8_gn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "sn/r50d8_syncbn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "deeplab/r101_deeplab_v2_voc": [30 - 104.008, 20 - 116.669, 10 - 122.675],
+    "csail/r50d8_ppm_deepsup": _IMAGENET,
+    "csail/r50_upernet": _IMAGENET,
+    "condnet/r50d8_cond_sep_aspp_ade20k": _IMAGENET,
+    "condnet/r101d8_cond_sep_aspp_pascal_context59": _IMAGENET,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_INPUT))
+def test_configs_encode_the_input_as_their_original(name):
+    from normkit.data.build import segmentation_normalizer
+    normalizer = segmentation_normalizer(read_config(name)["data"])
+    pixel = np.array([[[10, 20, 30]]], np.uint8)
+    x = normalizer.to_tensor(pixel)
+    assert x[:, 0, 0].tolist() == pytest.approx(PUBLISHED_INPUT[name], abs=1e-4)
+    assert normalizer.denormalize(x).tolist() == pixel.tolist()  # what --show-dir panels display

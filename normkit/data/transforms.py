@@ -19,10 +19,6 @@ import torch
 
 from normkit.data.base import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
     """Bilinear image, nearest label (label values must never be interpolated)."""
     if (height, width) == image.shape[:2]:
@@ -33,12 +29,6 @@ def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
 
 def hflip_pair(image: np.ndarray, label: np.ndarray):
     return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
-
-
-def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (or float 0..255) RGB [H, W, 3] -> float32 [3, H, W], (x / 255 - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
 class CSAILTrainTransform:
