@@ -145,3 +145,51 @@ def test_configs_encode_the_input_as_their_original(name):
     x = normalizer.to_tensor(pixel)
     assert x[:, 0, 0].tolist() == pytest.approx(PUBLISHED_INPUT[name], abs=1e-4)
     assert normalizer.denormalize(x).tolist() == pixel.tolist()  # what --show-dir panels display
+
+
+# -- DeepLab v2 port -----------------------------------------------------------------------------------------------
+def test_deeplab_v2_upsamples_its_output_with_align_corners_true():
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg(name="deeplab_v2", decode_head={"name": "aspp_sum"})).eval()
+    images = torch.randn(1, 3, 41, 45)
+    with torch.no_grad():
+        fused = model.forward_scales(images)[-1]
+        logits = model(images)
+    # nn.UpsamplingBilinear2d of the port: corner pixels of input and output coincide
+    expected = F.interpolate(fused, size=(41, 45), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits[..., 0, 0], fused[..., 0, 0])
+    torch.testing.assert_close(logits[..., -1, -1], fused[..., -1, -1])
+
+
+def test_deeplab_v2_schedule_counts_as_the_port():
+    train = read_config("deeplab/r101_deeplab_v2_voc")["train"]
+    # train.py: maxIter 20000 images of batch 1, optimizer.step() every iterSize = 10 images
+    assert (train["batch_size"], train["iter_size"], train["max_iter"]) == (1, 10, 2000)
+    assert train["max_iter"] * train["iter_size"] * train["batch_size"] == 20000
+    optimizer = train["optimizer"]
+    assert (optimizer["lr"], optimizer["weight_decay"], optimizer["lr_mult"]) == (2.5e-4, 5e-4, {"decode_head": 10.0})
+    assert optimizer["momentum"] == 0.0  # a fresh optim.SGD after every step: no momentum carried over
+    assert train["lr_schedule"] == {"policy": "poly", "power": 0.9, "min_lr": 0.0}
+
+
+def test_deeplab_v2_pipeline_squashes_to_321_then_scales_by_0_5_to_1_3():
+    from normkit.data.build import build_train_transform, split_config
+    cfg = read_config("deeplab/r101_deeplab_v2_voc")
+    transform = build_train_transform(split_config(cfg["data"], "train"))
+    image = np.zeros((200, 500, 3), np.uint8)
+    image[:, 250:] = 200  # right half bright
+    label = np.zeros((200, 500), np.uint8)
+    label[:, 250:] = 7
+    sizes, flips = set(), 0
+    for seed in range(40):
+        out_image, out_label = transform(image, label, np.random.default_rng(seed))
+        side = out_image.shape[0]
+        sizes.add(side)
+        assert out_image.shape == (side, side, 3) and out_label.shape == (side, side)  # aspect ratio not kept
+        assert int(321 * 0.5) <= side <= int(321 * 1.3)
+        assert set(np.unique(out_label)) == {0, 7}  # nearest labels
+        flipped = out_label[0, 0] == 7
+        flips += flipped
+        assert (out_image[0, 0, 0] > 100) == flipped
+    assert len(sizes) > 10 and 5 < flips < 35

@@ -25,7 +25,7 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
         img_dir: JPEGImages      # voc / pascal_context image folder
         ann_dir: ...             # voc: SegmentationClassAug, pascal_context: SegmentationClassContext
         # how to augment
-        pipeline: csail          # csail | mmseg
+        pipeline: csail          # csail | mmseg | deeplab_v2
         flip: true
         # csail: one short side per batch, long side capped, images grouped by orientation
         short_sides: [300, 375, 450, 525, 600]
@@ -37,6 +37,9 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
         crop_size: [512, 512]
         cat_max_ratio: 0.75
         photometric: true
+        # deeplab_v2: squash to `size`, rescale by a random ratio of `ratio_range`, flip (no crop)
+        size: [321, 321]
+        ratio_range: [0.5, 1.3]
       val:                       # same file keys; defaults validation.odgt / split validation,
         source: odgt             # voc: ImageSets/Segmentation/val.txt + SegmentationClass,
         list: validation.odgt    # pascal_context: ImageSets/SegmentationContext/val.txt
@@ -57,14 +60,14 @@ from normkit.data.base import IGNORE_INDEX, SegmentationDataset, prepare_synthet
 from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
 from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
 from normkit.data.pixels import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PIXEL_KEYS, PixelNormalizer
-from normkit.data.transforms import CSAILTrainTransform, MMSegTrainTransform, pad_batch
+from normkit.data.transforms import CSAILTrainTransform, DeepLabV2TrainTransform, MMSegTrainTransform, pad_batch
 from normkit.data.synthetic import generate_mini_ade, manifest_class_names
 from normkit.data.voc import VOC_CLASSES, VOCDataset
 from normkit.schema import check_keys, config_int, config_mapping
 
 SPLITS = ("train", "val")
 DATASETS = ("ade20k", "voc", "pascal_context")
-PIPELINES = ("csail", "mmseg")
+PIPELINES = ("csail", "mmseg", "deeplab_v2")
 _DEFAULTS = {
     "ade20k": {"train": {"source": "odgt", "list": "training.odgt", "split": "training"},
                "val": {"source": "odgt", "list": "validation.odgt", "split": "validation"}},
@@ -83,7 +86,8 @@ DATA_KEYS = ("dataset", "root", "num_classes", "class_names", *PIXEL_KEYS, "synt
 FILE_KEYS = ("source", "list", "split", "img_dir", "ann_dir")
 TRAIN_KEYS = ("pipeline", "flip", "pad_multiple")
 PIPELINE_KEYS = {"csail": ("short_sides", "max_long_side"),
-                 "mmseg": ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric")}
+                 "mmseg": ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric"),
+                 "deeplab_v2": ("size", "ratio_range")}
 
 
 def check_data_config(data_cfg: dict) -> None:
@@ -170,6 +174,9 @@ def build_train_transform(cfg: dict):
         return MMSegTrainTransform(cfg.get("scale", (2048, 512)), cfg.get("ratio_range", (0.5, 2.0)),
                                    cfg.get("crop_size", (512, 512)), cfg.get("cat_max_ratio", 0.75),
                                    cfg.get("flip", True), cfg.get("photometric", True))
+    if pipeline == "deeplab_v2":
+        return DeepLabV2TrainTransform(cfg.get("size", (321, 321)), cfg.get("ratio_range", (0.5, 1.3)),
+                                       cfg.get("flip", True))
     raise ValueError(f"unknown pipeline '{pipeline}' (data.train.pipeline); choose one of {', '.join(PIPELINES)}")
 
 
@@ -259,7 +266,8 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
     else:
         sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter)
-        collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), transform.crop_size)
+        min_size = transform.crop_size if isinstance(transform, MMSegTrainTransform) else (0, 0)
+        collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), min_size)
     loader = DataLoader(SegmentationTrainMapper(dataset, transform, seed, segmentation_normalizer(data_cfg)),
                         batch_sampler=sampler, collate_fn=collate, **worker_options(num_workers),
                         pin_memory=torch.cuda.is_available())
