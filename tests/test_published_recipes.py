@@ -193,3 +193,70 @@ def test_deeplab_v2_pipeline_squashes_to_321_then_scales_by_0_5_to_1_3():
         flips += flipped
         assert (out_image[0, 0, 0] > 100) == flipped
     assert len(sizes) > 10 and 5 < flips < 35
+
+
+# -- losses, weight decay, norm momentum -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, ratio", [("condnet/r50d8_cond_sep_aspp_ade20k", 0.75),
+                                         ("condnet/r101d8_cond_sep_aspp_pascal_context59", 0.75),
+                                         ("csail/r50d8_ppm_deepsup", 1.0), ("sn/r50d8_sn_c1_deepsup", 1.0)])
+def test_cross_entropy_average_over_25_percent_ignored_pixels(name, ratio):
+    # mmseg 0.x CrossEntropyLoss (avg_non_ignore=False): sum over labelled pixels / all pixels, i.e. 0.75x the
+    # mean over labelled pixels when a quarter is ignored; CSAIL's NLLLoss(ignore_index) averages the labelled ones.
+    ce_average = read_config(name)["model"]["ce_average"]
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg(name="encoder_decoder", loss_mode="upsample_logits", ce_average=ce_average,
+                                  decode_head={"name": "c1"},
+                                  auxiliary_head={"name": "fcn", "in_index": 2, "channels": 16, "dropout": 0.0})).train()
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 4, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255  # 8 of 32 rows: 25% of the pixels
+    losses = model({"images": images, "labels": labels})
+    features = list(model.backbone(images).values())
+    decode = F.interpolate(model.decode_head(features)["logits"], size=(32, 32), mode="bilinear", align_corners=False)
+    aux = F.interpolate(model.auxiliary_head(features)["logits"], size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses["decode_loss"], ratio * F.cross_entropy(decode, labels, ignore_index=255))
+    torch.testing.assert_close(losses["aux_loss"], 0.4 * ratio * F.cross_entropy(aux, labels, ignore_index=255))
+
+
+def _decay_by_kind(name):
+    """{(is norm parameter, is bias): set of weight decays} of the optimizer the config builds."""
+    from normkit.engine import build_optimizer
+    from normkit.nn import is_norm_layer
+    cfg = read_config(name)
+    model = build_model(cfg)
+    norm_params = {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}
+    decays = {}
+    for group in build_optimizer(model, cfg["train"]["optimizer"]).param_groups:
+        for param, param_name in zip(group["params"], group["param_names"]):
+            kind = (id(param) in norm_params, param_name.endswith(".bias"))
+            decays.setdefault(kind, set()).add(group["weight_decay"])
+    return decays
+
+
+@pytest.mark.parametrize("name, decay", [("condnet/r50d8_cond_sep_aspp_ade20k", 5e-4),
+                                         ("condnet/r101d8_cond_sep_aspp_pascal_context59", 1e-4)])
+def test_condnet_configs_decay_every_parameter_as_mmcv(name, decay):
+    decays = _decay_by_kind(name)
+    assert set(decays) == {(False, False), (False, True), (True, False), (True, True)}
+    assert all(values == {decay} for values in decays.values())
+
+
+def test_deeplab_v2_decays_every_trainable_parameter_biases_included():
+    assert _decay_by_kind("deeplab/r101_deeplab_v2_voc") == {(False, False): {5e-4}, (False, True): {5e-4}}
+
+
+@pytest.mark.parametrize("name", ["csail/r50d8_ppm_deepsup", "sn/r50d8_sn_c1_deepsup"])
+def test_csail_and_sn_seg_configs_decay_conv_weights_only(name):
+    decays = _decay_by_kind(name)
+    assert decays[(False, False)] == {1e-4}
+    assert decays[(True, False)] == decays[(True, True)] == decays.get((False, True), {0.0}) == {0.0}
+
+
+@pytest.mark.parametrize("name", ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
+                                  "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet"])
+def test_csail_configs_use_the_momentum_of_csail_syncbn(name):
+    # CSAIL lib/nn SynchronizedBatchNorm2d(momentum=0.001), in the encoder and the decoders alike
+    model = build_model(name)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert norms and any(n.startswith("decode_head.") for n, m in model.named_modules() if m in norms)
+    assert {m.momentum for m in norms} == {0.001}

@@ -8,6 +8,7 @@ registered function, the function itself) reads the rest of the section. The seg
     num_classes: int
     ignore_index: 255
     loss_mode: downsample_labels | upsample_logits   (encoder_decoder; CSAIL vs mmseg recipe)
+    ce_average: labelled_pixels | all_pixels         (encoder_decoder; CSAIL vs mmseg 0.x avg_non_ignore=False)
     deep_sup_weight: 0.4                             (encoder_decoder)
     aux_weight: 0.4                                  (encoder_decoder)
     scales: [1.0, 0.75, 0.5]                         (deeplab_v2)
