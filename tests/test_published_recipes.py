@@ -260,3 +260,29 @@ def test_csail_configs_use_the_momentum_of_csail_syncbn(name):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert norms and any(n.startswith("decode_head.") for n, m in model.named_modules() if m in norms)
     assert {m.momentum for m in norms} == {0.001}
+
+
+# -- Switchable Normalization: ImageNet and segmentation --------------------------------------------------------------
+def test_sn_imagenet_config_has_the_resnetv1sn_head_and_the_devkit_momentum():
+    from normkit.nn import SwitchNorm2d
+    model = build_model("sn/r50_sn_imagenet").eval()
+    assert isinstance(model.avgpool, torch.nn.AvgPool2d) and model.avgpool.kernel_size == 7
+    assert model.avgpool.stride in (1, (1, 1))
+    assert model.dropout.p == 0.5 and model.fc.in_features == 2048 and model.fc.out_features == 1000
+    norms = [m for m in model.modules() if isinstance(m, SwitchNorm2d)]
+    # devkit SwitchNorm(momentum=0.9): running <- 0.9 running + 0.1 batch
+    assert len(norms) == 53 and {m.momentum for m in norms} == {0.1}
+    assert all(m.using_moving_average and m.using_bn for m in norms)
+    assert all(float(blk.bn3.weight.detach().abs().sum()) == 0 for stage in model.stages() for blk in stage)  # last_gamma
+    # the head: mean over the 7x7 map, no dropout at eval, fc
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.fc(model.forward_features(x)["res5"].mean((2, 3)))
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_sn_segmentation_config_uses_the_fork_momentum():
+    from normkit.nn import SwitchNorm2d
+    model = build_model("sn/r50d8_sn_c1_deepsup")
+    # SwitchNorm_Segmentation's SwitchNorm2d(momentum=0.997): running <- 0.997 running + 0.003 batch
+    assert {m.momentum for m in model.modules() if isinstance(m, SwitchNorm2d)} == {0.003}
