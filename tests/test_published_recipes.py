@@ -286,3 +286,39 @@ def test_sn_segmentation_config_uses_the_fork_momentum():
     model = build_model("sn/r50d8_sn_c1_deepsup")
     # SwitchNorm_Segmentation's SwitchNorm2d(momentum=0.997): running <- 0.997 running + 0.003 batch
     assert {m.momentum for m in model.modules() if isinstance(m, SwitchNorm2d)} == {0.003}
+
+
+# -- evaluation and training schedules ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, image, tested", [
+    # mmcv imrescale(keep_ratio) to (2048, 512): factor min(2048 / long, 512 / short), size int(x * factor + 0.5)
+    ("condnet/r50d8_cond_sep_aspp_ade20k", (600, 800), (512, int(800 * 512 / 600 + 0.5))),
+    ("condnet/r101d8_cond_sep_aspp_ade20k", (300, 1500), (int(300 * 2048 / 1500 + 0.5), 2048)),
+    # Pascal Context: (520, 520) with keep_ratio: the long side becomes 520
+    ("condnet/r101d8_cond_sep_aspp_pascal_context59", (375, 500), (int(375 * 520 / 500 + 0.5), 520)),
+    ("condnet/r101d8_cond_sep_aspp_pascal_context59", (500, 333), (520, int(333 * 520 / 500 + 0.5))),
+])
+def test_condnet_test_pipelines_resize_as_mmseg(name, image, tested):
+    from normkit.evaluation.sem_seg import image_scales
+    evaluation = read_config(name)["evaluation"]
+    (scale,) = image_scales(evaluation, *image)
+    assert (round(image[0] * scale), round(image[1] * scale)) == tested  # inference resizes to round(s * size)
+    if "pascal_context" in name:
+        assert (evaluation["mode"], evaluation["crop_size"], evaluation["stride"]) == ("slide", [480, 480], [320, 320])
+
+
+@pytest.mark.parametrize("name, epochs", [("csail/r18d8_c1_deepsup", 20), ("csail/r50d8_c1_deepsup", 20),
+                                          ("csail/r50d8_ppm_deepsup", 20), ("csail/r101d8_ppm_deepsup", 25),
+                                          ("csail/r50_upernet", 30), ("csail/r101_upernet", 40),
+                                          ("sn/r50d8_sn_c1_deepsup", 20)])
+def test_csail_schedules_are_the_original_epochs_of_5000_iterations(name, epochs):
+    train = read_config(name)["train"]
+    assert train["max_iter"] == epochs * 5000 and train["batch_size"] * train["iter_size"] == 16
+
+
+@pytest.mark.parametrize("name", ["sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup"])
+def test_sn_segmentation_training_short_sides_end_at_575(name):
+    assert read_config(name)["data"]["train"]["short_sides"] == [300, 375, 450, 525, 575]
+
+
+def test_no_config_without_a_published_model():
+    assert not (CONFIGS / "csail" / "r101d8_c1_deepsup.yaml").exists()
