@@ -322,3 +322,64 @@ def test_sn_segmentation_training_short_sides_end_at_575(name):
 
 def test_no_config_without_a_published_model():
     assert not (CONFIGS / "csail" / "r101d8_c1_deepsup.yaml").exists()
+
+
+# -- pretrained initialisation ----------------------------------------------------------------------------------------
+SEGMENTATION_RECIPES = ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
+                        "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet",
+                        "sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup",
+                        "condnet/r50d8_cond_sep_aspp_ade20k", "condnet/r101d8_cond_sep_aspp_ade20k",
+                        "condnet/r101d8_cond_sep_aspp_pascal_context59", "deeplab/r101_deeplab_v2_voc"]
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_RECIPES)
+def test_published_recipes_name_their_backbone_initialisation(name):
+    pretrained = read_config(name)["model"]["backbone"]["pretrained"]
+    assert pretrained.startswith("pretrained/") and pretrained.endswith(".pth")
+
+
+def test_training_refuses_a_named_initialisation_that_is_missing_and_warns_without_one(caplog):
+    from normkit.tools.train import check_pretrained
+    cfg = read_config("csail/r18d8_c1_deepsup")
+    with pytest.raises(FileNotFoundError, match="pretrained/csail_resnet18_imagenet.pth does not exist"):
+        check_pretrained(cfg)
+    cfg["model"]["backbone"]["pretrained"] = None
+    with caplog.at_level("WARNING", logger="normkit.train"):
+        check_pretrained(cfg)
+    assert "starts from random weights" in caplog.text
+
+
+def test_a_converted_imagenet_resnet_initialises_the_backbone_strictly(tmp_path, caplog):
+    from normkit.convert import convert
+    # an mmcv ImageNet ResNetV1c file: stem.{0,1,3,4,6,7}, layerK, fc
+    classifier = build_model({"model": {"name": "resnet", "num_classes": 10,
+                                        "backbone": {"name": "resnet18", "stem": "v1c", "norm": "bn"}}})
+    names = {"conv1": "stem.0", "bn1": "stem.1", "conv2": "stem.3", "bn2": "stem.4", "conv3": "stem.6",
+             "bn3": "stem.7"}
+    original = {}
+    for key, value in classifier.state_dict().items():
+        head, rest = key.split(".", 1)
+        original[f"{names.get(head, head)}.{rest}"] = value.clone().normal_() if value.is_floating_point() else value
+    torch.save({"state_dict": original}, tmp_path / "resnet18_v1c.pth")
+    torch.save(convert("mmcv-resnet-v1c", [str(tmp_path / "resnet18_v1c.pth")]), tmp_path / "init.pth")
+    cfg = {"model": {"name": "encoder_decoder", "num_classes": 4, "loss_mode": "upsample_logits",
+                     "backbone": {"name": "resnet18", "stem": "v1c", "output_stride": 8, "dilation_rule": "mmseg",
+                                  "norm": "bn", "pretrained": str(tmp_path / "init.pth")},
+                     "decode_head": {"name": "c1"}}}
+    with caplog.at_level("INFO", logger="normkit.models"):
+        model = build_model(cfg)
+    assert "newly initialised: decode_head" in caplog.text
+    assert torch.equal(model.backbone.conv2.weight, original["stem.3.weight"])
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, original["layer4.1.bn2.running_var"])
+    # strict: a file that lacks backbone tensors is an error naming them
+    partial = {k: v for k, v in torch.load(tmp_path / "init.pth").items() if not k.startswith("layer4.")}
+    torch.save(partial, tmp_path / "partial.pth")
+    cfg["model"]["backbone"]["pretrained"] = str(tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="missing keys .*layer4.0.conv1.weight"):
+        build_model(cfg)
+    # a full checkpoint replaces every weight: the initialisation is not even read
+    cfg["model"]["backbone"]["pretrained"] = str(tmp_path / "absent.pth")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="normkit.models"):
+        build_model(cfg, checkpoint=model.state_dict())
+    assert "absent.pth" not in caplog.text
