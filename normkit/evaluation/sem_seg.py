@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from normkit.data.pixels import PixelNormalizer
+from normkit.data.pixels import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PixelNormalizer
 from normkit.evaluation.evaluator import DatasetEvaluator, inference_on_dataset
 from normkit.evaluation.inference import MODES, inference
 from normkit.evaluation.metrics import SegmentationMetric
@@ -85,16 +85,15 @@ class SegmentationInference(nn.Module):
 class SegmentationEvaluator(DatasetEvaluator):
     """Confusion-based metrics (SegmentationMetric) of the argmax of per-pixel scores [B, K, H, W] against
     the batch's ``labels``; optionally writes image | prediction | label panels (``show_dir``, images
-    de-normalised by the ``normalizer`` that encoded them)."""
+    de-normalised by the ``normalizer`` that encoded them; default: the segmentation default encoding, RGB 0..1
+    with ImageNet mean and std)."""
 
     def __init__(self, num_classes: int, *, class_names=None, ignore_index: int = 255, show_dir=None,
                  normalizer: PixelNormalizer | None = None):
-        if show_dir and normalizer is None:
-            raise ValueError("show_dir needs the normalizer of the images to display them")
         self.metric = SegmentationMetric(num_classes, ignore_index)
         self.class_names = list(class_names) if class_names else None
         self.show_dir = Path(show_dir) if show_dir else None
-        self.normalizer = normalizer
+        self.normalizer = normalizer or PixelNormalizer("rgb", 1, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD)
 
     def reset(self) -> None:
         self.metric.reset()
