@@ -6,11 +6,12 @@ way a loss is computed must fail here.
 """
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from normkit.models import build_model
+from normkit.models import build_model, read_config
 from normkit.models.segmentation import DeepLabV2, SegmentationModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -117,3 +118,268 @@ def test_condnet_guidance_loss_is_0_2_times_dice_of_the_guidance_logits_at_their
     guidance = outputs["guidance_logits"]
     small = F.interpolate(labels[:, None].float(), size=guidance.shape[-2:], mode="nearest")[:, 0].long()
     torch.testing.assert_close(losses["guidance_loss"], 0.2 * dice_loss(guidance, small, ignore_index=255))
+
+
+# -- input encoding per recipe -------------------------------------------------------------------------------------
+# One RGB pixel (R, G, B) = (10, 20, 30) as each original feeds it to its network:
+# SwitchNorm_Segmentation: BGR 0..255 minus [102.98, 115.95, 122.77]; DeepLab v2 port: BGR minus
+# [104.008, 116.669, 122.675]; CSAIL and mmseg: RGB / 255, ImageNet mean and std.
+_IMAGENET = [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]
+PUBLISHED_INPUT = {
+    "sn/r50d8_sn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "sn/r50d8_gn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "sn/r50d8_syncbn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "deeplab/r101_deeplab_v2_voc": [30 - 104.008, 20 - 116.669, 10 - 122.675],
+    "csail/r50d8_ppm_deepsup": _IMAGENET,
+    "csail/r50_upernet": _IMAGENET,
+    "condnet/r50d8_cond_sep_aspp_ade20k": _IMAGENET,
+    "condnet/r101d8_cond_sep_aspp_pascal_context59": _IMAGENET,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_INPUT))
+def test_configs_encode_the_input_as_their_original(name):
+    from normkit.data.build import segmentation_normalizer
+    normalizer = segmentation_normalizer(read_config(name)["data"])
+    pixel = np.array([[[10, 20, 30]]], np.uint8)
+    x = normalizer.to_tensor(pixel)
+    assert x[:, 0, 0].tolist() == pytest.approx(PUBLISHED_INPUT[name], abs=1e-4)
+    assert normalizer.denormalize(x).tolist() == pixel.tolist()  # what --show-dir panels display
+
+
+# -- DeepLab v2 port -----------------------------------------------------------------------------------------------
+def test_deeplab_v2_upsamples_its_output_with_align_corners_true():
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg(name="deeplab_v2", decode_head={"name": "aspp_sum"})).eval()
+    images = torch.randn(1, 3, 41, 45)
+    with torch.no_grad():
+        fused = model.forward_scales(images)[-1]
+        logits = model(images)
+    # nn.UpsamplingBilinear2d of the port: corner pixels of input and output coincide
+    expected = F.interpolate(fused, size=(41, 45), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits[..., 0, 0], fused[..., 0, 0])
+    torch.testing.assert_close(logits[..., -1, -1], fused[..., -1, -1])
+
+
+def test_deeplab_v2_schedule_counts_as_the_port():
+    train = read_config("deeplab/r101_deeplab_v2_voc")["train"]
+    # train.py: maxIter 20000 images of batch 1, optimizer.step() every iterSize = 10 images
+    assert (train["batch_size"], train["iter_size"], train["max_iter"]) == (1, 10, 2000)
+    assert train["max_iter"] * train["iter_size"] * train["batch_size"] == 20000
+    optimizer = train["optimizer"]
+    assert (optimizer["lr"], optimizer["weight_decay"], optimizer["lr_mult"]) == (2.5e-4, 5e-4, {"decode_head": 10.0})
+    assert optimizer["momentum"] == 0.0  # a fresh optim.SGD after every step: no momentum carried over
+    assert train["lr_schedule"] == {"policy": "poly", "power": 0.9, "min_lr": 0.0}
+
+
+def test_deeplab_v2_pipeline_squashes_to_321_then_scales_by_0_5_to_1_3():
+    from normkit.data.build import build_train_transform, split_config
+    cfg = read_config("deeplab/r101_deeplab_v2_voc")
+    transform = build_train_transform(split_config(cfg["data"], "train"))
+    image = np.zeros((200, 500, 3), np.uint8)
+    image[:, 250:] = 200  # right half bright
+    label = np.zeros((200, 500), np.uint8)
+    label[:, 250:] = 7
+    sizes, flips = set(), 0
+    for seed in range(40):
+        out_image, out_label = transform(image, label, np.random.default_rng(seed))
+        side = out_image.shape[0]
+        sizes.add(side)
+        assert out_image.shape == (side, side, 3) and out_label.shape == (side, side)  # aspect ratio not kept
+        assert int(321 * 0.5) <= side <= int(321 * 1.3)
+        assert set(np.unique(out_label)) == {0, 7}  # nearest labels
+        flipped = out_label[0, 0] == 7
+        flips += flipped
+        assert (out_image[0, 0, 0] > 100) == flipped
+    assert len(sizes) > 10 and 5 < flips < 35
+
+
+# -- losses, weight decay, norm momentum -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, ratio", [("condnet/r50d8_cond_sep_aspp_ade20k", 0.75),
+                                         ("condnet/r101d8_cond_sep_aspp_pascal_context59", 0.75),
+                                         ("csail/r50d8_ppm_deepsup", 1.0), ("sn/r50d8_sn_c1_deepsup", 1.0)])
+def test_cross_entropy_average_over_25_percent_ignored_pixels(name, ratio):
+    # mmseg 0.x CrossEntropyLoss (avg_non_ignore=False): sum over labelled pixels / all pixels, i.e. 0.75x the
+    # mean over labelled pixels when a quarter is ignored; CSAIL's NLLLoss(ignore_index) averages the labelled ones.
+    ce_average = read_config(name)["model"]["ce_average"]
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg(name="encoder_decoder", loss_mode="upsample_logits", ce_average=ce_average,
+                                  decode_head={"name": "c1"},
+                                  auxiliary_head={"name": "fcn", "in_index": 2, "channels": 16, "dropout": 0.0})).train()
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 4, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255  # 8 of 32 rows: 25% of the pixels
+    losses = model({"images": images, "labels": labels})
+    features = list(model.backbone(images).values())
+    decode = F.interpolate(model.decode_head(features)["logits"], size=(32, 32), mode="bilinear", align_corners=False)
+    aux = F.interpolate(model.auxiliary_head(features)["logits"], size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses["decode_loss"], ratio * F.cross_entropy(decode, labels, ignore_index=255))
+    torch.testing.assert_close(losses["aux_loss"], 0.4 * ratio * F.cross_entropy(aux, labels, ignore_index=255))
+
+
+def _decay_by_kind(name):
+    """{(is norm parameter, is bias): set of weight decays} of the optimizer the config builds."""
+    from normkit.engine import build_optimizer
+    from normkit.nn import is_norm_layer
+    cfg = read_config(name)
+    model = build_model(cfg)
+    norm_params = {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}
+    decays = {}
+    for group in build_optimizer(model, cfg["train"]["optimizer"]).param_groups:
+        for param, param_name in zip(group["params"], group["param_names"]):
+            kind = (id(param) in norm_params, param_name.endswith(".bias"))
+            decays.setdefault(kind, set()).add(group["weight_decay"])
+    return decays
+
+
+@pytest.mark.parametrize("name, decay", [("condnet/r50d8_cond_sep_aspp_ade20k", 5e-4),
+                                         ("condnet/r101d8_cond_sep_aspp_pascal_context59", 1e-4)])
+def test_condnet_configs_decay_every_parameter_as_mmcv(name, decay):
+    decays = _decay_by_kind(name)
+    assert set(decays) == {(False, False), (False, True), (True, False), (True, True)}
+    assert all(values == {decay} for values in decays.values())
+
+
+def test_deeplab_v2_decays_every_trainable_parameter_biases_included():
+    assert _decay_by_kind("deeplab/r101_deeplab_v2_voc") == {(False, False): {5e-4}, (False, True): {5e-4}}
+
+
+@pytest.mark.parametrize("name", ["csail/r50d8_ppm_deepsup", "sn/r50d8_sn_c1_deepsup"])
+def test_csail_and_sn_seg_configs_decay_conv_weights_only(name):
+    decays = _decay_by_kind(name)
+    assert decays[(False, False)] == {1e-4}
+    assert decays[(True, False)] == decays[(True, True)] == decays.get((False, True), {0.0}) == {0.0}
+
+
+@pytest.mark.parametrize("name", ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
+                                  "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet"])
+def test_csail_configs_use_the_momentum_of_csail_syncbn(name):
+    # CSAIL lib/nn SynchronizedBatchNorm2d(momentum=0.001), in the encoder and the decoders alike
+    model = build_model(name)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert norms and any(n.startswith("decode_head.") for n, m in model.named_modules() if m in norms)
+    assert {m.momentum for m in norms} == {0.001}
+
+
+# -- Switchable Normalization: ImageNet and segmentation --------------------------------------------------------------
+def test_sn_imagenet_config_has_the_resnetv1sn_head_and_the_devkit_momentum():
+    from normkit.nn import SwitchNorm2d
+    model = build_model("sn/r50_sn_imagenet").eval()
+    assert isinstance(model.avgpool, torch.nn.AvgPool2d) and model.avgpool.kernel_size == 7
+    assert model.avgpool.stride in (1, (1, 1))
+    assert model.dropout.p == 0.5 and model.fc.in_features == 2048 and model.fc.out_features == 1000
+    norms = [m for m in model.modules() if isinstance(m, SwitchNorm2d)]
+    # devkit SwitchNorm(momentum=0.9): running <- 0.9 running + 0.1 batch
+    assert len(norms) == 53 and {m.momentum for m in norms} == {0.1}
+    assert all(m.using_moving_average and m.using_bn for m in norms)
+    assert all(float(blk.bn3.weight.detach().abs().sum()) == 0 for stage in model.stages() for blk in stage)  # last_gamma
+    # the head: mean over the 7x7 map, no dropout at eval, fc
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.fc(model.forward_features(x)["res5"].mean((2, 3)))
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_sn_segmentation_config_uses_the_fork_momentum():
+    from normkit.nn import SwitchNorm2d
+    model = build_model("sn/r50d8_sn_c1_deepsup")
+    # SwitchNorm_Segmentation's SwitchNorm2d(momentum=0.997): running <- 0.997 running + 0.003 batch
+    assert {m.momentum for m in model.modules() if isinstance(m, SwitchNorm2d)} == {0.003}
+
+
+# -- evaluation and training schedules ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, image, tested", [
+    # mmcv imrescale(keep_ratio) to (2048, 512): factor min(2048 / long, 512 / short), size int(x * factor + 0.5)
+    ("condnet/r50d8_cond_sep_aspp_ade20k", (600, 800), (512, int(800 * 512 / 600 + 0.5))),
+    ("condnet/r101d8_cond_sep_aspp_ade20k", (300, 1500), (int(300 * 2048 / 1500 + 0.5), 2048)),
+    # Pascal Context: (520, 520) with keep_ratio: the long side becomes 520
+    ("condnet/r101d8_cond_sep_aspp_pascal_context59", (375, 500), (int(375 * 520 / 500 + 0.5), 520)),
+    ("condnet/r101d8_cond_sep_aspp_pascal_context59", (500, 333), (520, int(333 * 520 / 500 + 0.5))),
+])
+def test_condnet_test_pipelines_resize_as_mmseg(name, image, tested):
+    from normkit.evaluation.sem_seg import image_scales
+    evaluation = read_config(name)["evaluation"]
+    (scale,) = image_scales(evaluation, *image)
+    assert (round(image[0] * scale), round(image[1] * scale)) == tested  # inference resizes to round(s * size)
+    if "pascal_context" in name:
+        assert (evaluation["mode"], evaluation["crop_size"], evaluation["stride"]) == ("slide", [480, 480], [320, 320])
+
+
+@pytest.mark.parametrize("name, epochs", [("csail/r18d8_c1_deepsup", 20), ("csail/r50d8_c1_deepsup", 20),
+                                          ("csail/r50d8_ppm_deepsup", 20), ("csail/r101d8_ppm_deepsup", 25),
+                                          ("csail/r50_upernet", 30), ("csail/r101_upernet", 40),
+                                          ("sn/r50d8_sn_c1_deepsup", 20)])
+def test_csail_schedules_are_the_original_epochs_of_5000_iterations(name, epochs):
+    train = read_config(name)["train"]
+    assert train["max_iter"] == epochs * 5000 and train["batch_size"] * train["iter_size"] == 16
+
+
+@pytest.mark.parametrize("name", ["sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup"])
+def test_sn_segmentation_training_short_sides_end_at_575(name):
+    assert read_config(name)["data"]["train"]["short_sides"] == [300, 375, 450, 525, 575]
+
+
+def test_no_config_without_a_published_model():
+    assert not (CONFIGS / "csail" / "r101d8_c1_deepsup.yaml").exists()
+
+
+# -- pretrained initialisation ----------------------------------------------------------------------------------------
+SEGMENTATION_RECIPES = ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
+                        "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet",
+                        "sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup",
+                        "condnet/r50d8_cond_sep_aspp_ade20k", "condnet/r101d8_cond_sep_aspp_ade20k",
+                        "condnet/r101d8_cond_sep_aspp_pascal_context59", "deeplab/r101_deeplab_v2_voc"]
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_RECIPES)
+def test_published_recipes_name_their_backbone_initialisation(name):
+    pretrained = read_config(name)["model"]["backbone"]["pretrained"]
+    assert pretrained.startswith("pretrained/") and pretrained.endswith(".pth")
+
+
+def test_training_refuses_a_named_initialisation_that_is_missing_and_warns_without_one(caplog):
+    from normkit.tools.train import check_pretrained
+    cfg = read_config("csail/r18d8_c1_deepsup")
+    with pytest.raises(FileNotFoundError, match="pretrained/csail_resnet18_imagenet.pth does not exist"):
+        check_pretrained(cfg)
+    cfg["model"]["backbone"]["pretrained"] = None
+    with caplog.at_level("WARNING", logger="normkit.train"):
+        check_pretrained(cfg)
+    assert "starts from random weights" in caplog.text
+
+
+def test_a_converted_imagenet_resnet_initialises_the_backbone_strictly(tmp_path, caplog):
+    from normkit.convert import convert
+    # an mmcv ImageNet ResNetV1c file: stem.{0,1,3,4,6,7}, layerK, fc
+    classifier = build_model({"model": {"name": "resnet", "num_classes": 10,
+                                        "backbone": {"name": "resnet18", "stem": "v1c", "norm": "bn"}}})
+    names = {"conv1": "stem.0", "bn1": "stem.1", "conv2": "stem.3", "bn2": "stem.4", "conv3": "stem.6",
+             "bn3": "stem.7"}
+    original = {}
+    for key, value in classifier.state_dict().items():
+        head, rest = key.split(".", 1)
+        original[f"{names.get(head, head)}.{rest}"] = value.clone().normal_() if value.is_floating_point() else value
+    torch.save({"state_dict": original}, tmp_path / "resnet18_v1c.pth")
+    torch.save(convert("mmcv-resnet-v1c", [str(tmp_path / "resnet18_v1c.pth")]), tmp_path / "init.pth")
+    cfg = {"model": {"name": "encoder_decoder", "num_classes": 4, "loss_mode": "upsample_logits",
+                     "backbone": {"name": "resnet18", "stem": "v1c", "output_stride": 8, "dilation_rule": "mmseg",
+                                  "norm": "bn", "pretrained": str(tmp_path / "init.pth")},
+                     "decode_head": {"name": "c1"}}}
+    with caplog.at_level("INFO", logger="normkit.models"):
+        model = build_model(cfg)
+    assert "newly initialised: decode_head" in caplog.text
+    assert torch.equal(model.backbone.conv2.weight, original["stem.3.weight"])
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, original["layer4.1.bn2.running_var"])
+    # strict: a file that lacks backbone tensors is an error naming them
+    partial = {k: v for k, v in torch.load(tmp_path / "init.pth").items() if not k.startswith("layer4.")}
+    torch.save(partial, tmp_path / "partial.pth")
+    cfg["model"]["backbone"]["pretrained"] = str(tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="missing keys .*layer4.0.conv1.weight"):
+        build_model(cfg)
+    # a full checkpoint replaces every weight: the initialisation is not even read
+    cfg["model"]["backbone"]["pretrained"] = str(tmp_path / "absent.pth")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="normkit.models"):
+        build_model(cfg, checkpoint=model.state_dict())
+    assert "absent.pth" not in caplog.text

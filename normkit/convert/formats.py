@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Sequence
 from normkit.convert.common import StateDict, flatten_official_sn, rename_keys
 from normkit.io import read_tensor_dict
 
-__all__ = ["convert", "convert_csail", "convert_sn_imagenet", "convert_mmseg", "convert_deeplab_v2", "CONVERTERS"]
+__all__ = ["convert", "convert_csail", "convert_sn_imagenet", "convert_mmcv_resnet_v1c", "convert_mmseg",
+           "convert_deeplab_v2", "CONVERTERS"]
 
 # Published files keep the weights under "state_dict" (official SN, mmseg, with "meta"/"optimizer" beside it) or
 # "model" (Detectron); CSAIL and DeepLab files are the bare state dict.
@@ -56,7 +57,9 @@ def convert_csail(encoder_path, decoder_path) -> StateDict:
 def convert_sn_imagenet(path) -> StateDict:
     """Official SN ImageNet ResNetV1SN ``{'state_dict': {'module.conv1.weight', 'module.sn1.*', ...}}`` ->
     a normkit ResNet state dict (``conv1``, ``bn1``, ..., ``fc``) with SN tensors flattened to (C,).
-    Load it with ``model: {name: resnet, backbone: {..., norm: sn}}`` or as ``backbone.pretrained``."""
+    Load it with ``model: {name: resnet, backbone: {..., norm: sn}}`` or as ``backbone.pretrained``.
+    Any torchvision-layout ImageNet ResNet converts the same way, CSAIL's deep-stem ``resnet*-imagenet.pth``
+    (``conv1..3``/``bn1..3``) included (format ``resnet-imagenet``)."""
     state = read_tensor_dict(path, SOURCE_CONTAINERS)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     rules = _resnet_rules("", "") + [(r"fc\.(weight|bias)", r"fc.\1")]
@@ -64,6 +67,14 @@ def convert_sn_imagenet(path) -> StateDict:
 
 
 _MMSEG_STEM = {0: "conv1", 1: "bn1", 3: "conv2", 4: "bn2", 6: "conv3", 7: "bn3"}
+
+
+def convert_mmcv_resnet_v1c(path) -> StateDict:
+    """mmcv's ImageNet ResNetV1c (``open-mmlab://resnet50_v1c``: ``stem.{0,1,3,4,6,7}``, ``layerK.*``, ``fc``) ->
+    a normkit ResNet state dict for ``backbone.pretrained`` of the CondNet configs."""
+    rules = [(rf"stem\.{i}\.(\w+)", rf"{name}.\1") for i, name in _MMSEG_STEM.items()]
+    rules += _resnet_rules("", "") + [(r"fc\.(weight|bias)", r"fc.\1")]
+    return rename_keys(read_tensor_dict(path, SOURCE_CONTAINERS), rules, source="mmcv-resnet-v1c")
 
 
 def convert_mmseg(path) -> StateDict:
@@ -94,6 +105,8 @@ def convert_deeplab_v2(path) -> StateDict:
 CONVERTERS: Dict[str, tuple] = {
     "csail": (convert_csail, 2),
     "sn-imagenet": (convert_sn_imagenet, 1),
+    "resnet-imagenet": (convert_sn_imagenet, 1),
+    "mmcv-resnet-v1c": (convert_mmcv_resnet_v1c, 1),
     "mmseg": (convert_mmseg, 1),
     "deeplab-v2": (convert_deeplab_v2, 1),
 }

@@ -9,8 +9,10 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
       num_classes: 150           # must equal model.num_classes
       class_names: null          # list of names; default: the dataset's standard names when num_classes
                                  # matches, else those in a generated mini set's manifest, else class_<i>
-      mean: [0.485, 0.456, 0.406]  # RGB normalisation, 0..1 scale (ImageNet)
-      std: [0.229, 0.224, 0.225]
+      pixel_order: rgb           # model input encoding (normkit.data.pixels): channel order rgb | bgr,
+      pixel_scale: 1             # values 0..1 (1) or 0..255 (255), then minus mean, divided by std, both
+      mean: [0.485, 0.456, 0.406]  # in pixel_order and pixel_scale; defaults: RGB 0..1 with ImageNet mean/std
+      std: [0.229, 0.224, 0.225]   # (CSAIL, mmseg); SN-seg and DeepLab v2 configs state their BGR 0..255 means
       synthetic: null            # {num_train, num_val, size, seed}: generate the mini ADE20K-layout set
                                  # (normkit.data.synthetic) in `root` first if it is not there yet
       train:
@@ -23,7 +25,7 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
         img_dir: JPEGImages      # voc / pascal_context image folder
         ann_dir: ...             # voc: SegmentationClassAug, pascal_context: SegmentationClassContext
         # how to augment
-        pipeline: csail          # csail | mmseg
+        pipeline: csail          # csail | mmseg | deeplab_v2
         flip: true
         # csail: one short side per batch, long side capped, images grouped by orientation
         short_sides: [300, 375, 450, 525, 600]
@@ -35,6 +37,9 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
         crop_size: [512, 512]
         cat_max_ratio: 0.75
         photometric: true
+        # deeplab_v2: squash to `size`, rescale by a random ratio of `ratio_range`, flip (no crop)
+        size: [321, 321]
+        ratio_range: [0.5, 1.3]
       val:                       # same file keys; defaults validation.odgt / split validation,
         source: odgt             # voc: ImageSets/Segmentation/val.txt + SegmentationClass,
         list: validation.odgt    # pascal_context: ImageSets/SegmentationContext/val.txt
@@ -54,15 +59,15 @@ from normkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from normkit.data.base import IGNORE_INDEX, SegmentationDataset, prepare_synthetic, worker_options
 from normkit.data.pascal_context import PASCAL_CONTEXT59_CLASSES, PascalContextDataset
 from normkit.data.samplers import SampleKey, TrainBatchSampler, sample_rng, shard_indices
-from normkit.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, CSAILTrainTransform, MMSegTrainTransform,
-                                     pad_batch, to_tensor)
+from normkit.data.pixels import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PIXEL_KEYS, PixelNormalizer
+from normkit.data.transforms import CSAILTrainTransform, DeepLabV2TrainTransform, MMSegTrainTransform, pad_batch
 from normkit.data.synthetic import generate_mini_ade, manifest_class_names
 from normkit.data.voc import VOC_CLASSES, VOCDataset
 from normkit.schema import check_keys, config_int, config_mapping
 
 SPLITS = ("train", "val")
 DATASETS = ("ade20k", "voc", "pascal_context")
-PIPELINES = ("csail", "mmseg")
+PIPELINES = ("csail", "mmseg", "deeplab_v2")
 _DEFAULTS = {
     "ade20k": {"train": {"source": "odgt", "list": "training.odgt", "split": "training"},
                "val": {"source": "odgt", "list": "validation.odgt", "split": "validation"}},
@@ -76,12 +81,13 @@ _DEFAULTS = {
 }
 
 
-DATA_KEYS = ("dataset", "root", "num_classes", "class_names", "mean", "std", "synthetic", "train", "val")
+DATA_KEYS = ("dataset", "root", "num_classes", "class_names", *PIXEL_KEYS, "synthetic", "train", "val")
 # The keys of data.train / data.val: which files (every split), how to augment (train, per pipeline).
 FILE_KEYS = ("source", "list", "split", "img_dir", "ann_dir")
 TRAIN_KEYS = ("pipeline", "flip", "pad_multiple")
 PIPELINE_KEYS = {"csail": ("short_sides", "max_long_side"),
-                 "mmseg": ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric")}
+                 "mmseg": ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric"),
+                 "deeplab_v2": ("size", "ratio_range")}
 
 
 def check_data_config(data_cfg: dict) -> None:
@@ -168,16 +174,23 @@ def build_train_transform(cfg: dict):
         return MMSegTrainTransform(cfg.get("scale", (2048, 512)), cfg.get("ratio_range", (0.5, 2.0)),
                                    cfg.get("crop_size", (512, 512)), cfg.get("cat_max_ratio", 0.75),
                                    cfg.get("flip", True), cfg.get("photometric", True))
+    if pipeline == "deeplab_v2":
+        return DeepLabV2TrainTransform(cfg.get("size", (321, 321)), cfg.get("ratio_range", (0.5, 1.3)),
+                                       cfg.get("flip", True))
     raise ValueError(f"unknown pipeline '{pipeline}' (data.train.pipeline); choose one of {', '.join(PIPELINES)}")
+
+
+def segmentation_normalizer(data_cfg: dict) -> PixelNormalizer:
+    """The model-input encoding of a segmentation config; default RGB 0..1 with ImageNet mean/std."""
+    return PixelNormalizer.from_config(data_cfg, order="rgb", scale=1, mean=IMAGENET_RGB_MEAN, std=IMAGENET_RGB_STD)
 
 
 class _SegmentationMapper(Dataset):
     """Maps records of a segmentation dataset to model inputs (normalised image tensor, int64 label); exposes
-    the dataset's `num_classes` and `class_names` and the normalisation `mean`/`std`."""
+    the dataset's `num_classes` and `class_names` and the `normalizer` of the images."""
 
     dataset: SegmentationDataset
-    mean: tuple
-    std: tuple
+    normalizer: PixelNormalizer
 
     @property
     def num_classes(self) -> int:
@@ -191,8 +204,8 @@ class _SegmentationMapper(Dataset):
 class SegmentationTrainMapper(_SegmentationMapper):
     """Indexed by `SampleKey`: decodes sample `key.index` and augments it with its own seeded Generator."""
 
-    def __init__(self, dataset: SegmentationDataset, transform, seed: int, mean, std):
-        self.dataset, self.transform, self.seed, self.mean, self.std = dataset, transform, seed, mean, std
+    def __init__(self, dataset: SegmentationDataset, transform, seed: int, normalizer: PixelNormalizer):
+        self.dataset, self.transform, self.seed, self.normalizer = dataset, transform, seed, normalizer
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -200,7 +213,7 @@ class SegmentationTrainMapper(_SegmentationMapper):
     def __getitem__(self, key: SampleKey):
         sample = self.dataset[key.index]
         image, label = self.transform(sample["image"], sample["label"], sample_rng(self.seed, key), key.short_side)
-        return to_tensor(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64)), sample["name"], key
+        return self.normalizer.to_tensor(image), torch.from_numpy(label.astype(np.int64)), sample["name"], key
 
 
 class SegmentationCollate:
@@ -237,10 +250,6 @@ class TrainLoader:
         return next(self._iterator)
 
 
-def _normalisation(data_cfg: dict):
-    return tuple(data_cfg.get("mean", IMAGENET_MEAN)), tuple(data_cfg.get("std", IMAGENET_STD))
-
-
 def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                        start_iter: int = 0, num_workers: int = 0, dataset: SegmentationDataset | None = None
                        ) -> TrainLoader:
@@ -257,8 +266,9 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
     else:
         sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter)
-        collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), transform.crop_size)
-    loader = DataLoader(SegmentationTrainMapper(dataset, transform, seed, *_normalisation(data_cfg)),
+        min_size = transform.crop_size if isinstance(transform, MMSegTrainTransform) else (0, 0)
+        collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), min_size)
+    loader = DataLoader(SegmentationTrainMapper(dataset, transform, seed, segmentation_normalizer(data_cfg)),
                         batch_sampler=sampler, collate_fn=collate, **worker_options(num_workers),
                         pin_memory=torch.cuda.is_available())
     return TrainLoader(loader)
@@ -267,15 +277,15 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
 class SegmentationValMapper(_SegmentationMapper):
     """Full-resolution normalised image and label of this rank's shard of the val split."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: list[int], mean, std):
-        self.dataset, self.indices, self.mean, self.std = dataset, indices, mean, std
+    def __init__(self, dataset: SegmentationDataset, indices: list[int], normalizer: PixelNormalizer):
+        self.dataset, self.indices, self.normalizer = dataset, indices, normalizer
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         sample = self.dataset[self.indices[i]]
-        return (to_tensor(sample["image"], self.mean, self.std), torch.from_numpy(sample["label"].astype(np.int64)),
+        return (self.normalizer.to_tensor(sample["image"]), torch.from_numpy(sample["label"].astype(np.int64)),
                 sample["name"], sample["ori_size"])
 
 
@@ -283,8 +293,9 @@ def build_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_
                      dataset: SegmentationDataset | None = None) -> DataLoader:
     """Finite loader over this rank's shard of the val split, batch 1, full-resolution image and label:
     {"images": [1, 3, H, W], "labels": int64 [1, H, W], "meta": {"names": [str], "ori_sizes": [(H, W)]}}.
-    `loader.dataset` (a SegmentationValMapper) states `num_classes`, `class_names`, `mean` and `std`."""
+    `loader.dataset` (a SegmentationValMapper) states `num_classes`, `class_names` and the `normalizer`."""
     dataset = dataset if dataset is not None else build_dataset(data_cfg, "val")
-    samples = SegmentationValMapper(dataset, shard_indices(len(dataset), rank, world_size), *_normalisation(data_cfg))
+    samples = SegmentationValMapper(dataset, shard_indices(len(dataset), rank, world_size),
+                                    segmentation_normalizer(data_cfg))
     return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(),
                       **worker_options(num_workers))

@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from normkit.data.base import prepare_synthetic, worker_options
 from normkit.data.coco import COCODetection
+from normkit.data.pixels import CAFFE_BGR_MEAN, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PixelNormalizer
 from normkit.data.samplers import SampleKey, global_batches, sample_rng, shard_indices
 from normkit.data.synthetic_coco import generate_mini_coco
 from normkit.schema import check_keys, config_mapping
@@ -80,45 +81,13 @@ __all__ = ["CAFFE_BGR_MEAN", "IMAGENET_RGB_MEAN", "IMAGENET_RGB_STD", "Detection
            "pixel_normalizer",
            "resize_scale_info", "sorted_block_batches"]
 
-CAFFE_BGR_MEAN = (102.9801, 115.9465, 122.7717)
-IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 FLIP_MODES = ("random", "double", "none")
 GROUPINGS = ("orientation", "sorted", "none")
 
 
-# ----------------------------------------------------------------------------------------------- pixels
-class PixelNormalizer:
-    """uint8 RGB [H, W, 3] -> float32 [H, W, 3] in `order`, divided by 255 when `scale` is 1, minus `mean`,
-    divided by `std` (Detectron-1 PIXEL_ORDER / PIXEL_MEANS / PIXEL_STDS)."""
-
-    def __init__(self, order: str = "bgr", scale: float = 255, mean=CAFFE_BGR_MEAN, std=(1.0, 1.0, 1.0)):
-        order = str(order).lower()
-        if order not in ("rgb", "bgr"):
-            raise ValueError(f"unknown pixel order '{order}' (data.pixel_order); choose rgb or bgr")
-        if float(scale) not in (1.0, 255.0):
-            raise ValueError(f"data.pixel_scale must be 255 (values 0..255) or 1 (values 0..1), got {scale}")
-        if len(mean) != 3 or len(std) != 3 or min(float(s) for s in std) <= 0:
-            raise ValueError(f"data.mean and data.std need 3 values each and std > 0, got {mean} and {std}")
-        self.order, self.scale = order, float(scale)
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        x = image[..., ::-1] if self.order == "bgr" else image
-        x = x.astype(np.float32)
-        if self.scale == 1.0:
-            x /= 255.0
-        return (x - self.mean) / self.std
-
-    def __repr__(self) -> str:
-        return (f"PixelNormalizer(order={self.order}, scale={self.scale:g}, mean={self.mean.tolist()}, "
-                f"std={self.std.tolist()})")
-
-
 def pixel_normalizer(data_cfg: dict) -> PixelNormalizer:
-    return PixelNormalizer(data_cfg.get("pixel_order", "bgr"), data_cfg.get("pixel_scale", 255),
-                           data_cfg.get("mean", CAFFE_BGR_MEAN), data_cfg.get("std", (1.0, 1.0, 1.0)))
+    """Detection defaults: Detectron-1's Caffe BGR means, std 1, values 0..255."""
+    return PixelNormalizer.from_config(data_cfg, order="bgr", scale=255, mean=CAFFE_BGR_MEAN, std=(1.0, 1.0, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------- geometry

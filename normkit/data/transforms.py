@@ -8,6 +8,8 @@ global RNG, so a batch is a pure function of (seed, iteration, sample index) and
   Labels stay at full resolution (nearest resize); the model downsamples them to its decoder stride.
 - mmseg (CondNet): ratio-range rescale of a reference scale, random crop whose largest class covers at
   most `cat_max_ratio` of the labelled pixels, flip, photometric distortion, pad to the crop with ignore.
+- DeepLab v2 port: every image squashed to one square size (321x321, aspect ratio not kept), then to a
+  random fraction of it (0.5-1.3), flip; no crop.
 """
 from __future__ import annotations
 
@@ -19,10 +21,6 @@ import torch
 
 from normkit.data.base import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
     """Bilinear image, nearest label (label values must never be interpolated)."""
     if (height, width) == image.shape[:2]:
@@ -33,12 +31,6 @@ def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
 
 def hflip_pair(image: np.ndarray, label: np.ndarray):
     return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
-
-
-def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (or float 0..255) RGB [H, W, 3] -> float32 [3, H, W], (x / 255 - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
 class CSAILTrainTransform:
@@ -136,6 +128,29 @@ class MMSegTrainTransform:
             image, label = hflip_pair(image, label)
         if self.photometric:
             image = photometric_distortion(image, rng)
+        return image, label
+
+
+class DeepLabV2TrainTransform:
+    """The DeepLab v2 port's `get_data_from_chunk_v2`: resize to `size` (h, w), then to int(s * h) x int(s * w)
+    with s uniform in `ratio_range`, both bilinear on the float image (nearest for labels), then flip with
+    probability 1/2. Returns a float32 0..255 image."""
+
+    def __init__(self, size=(321, 321), ratio_range=(0.5, 1.3), flip: bool = True):
+        self.size = (int(size[0]), int(size[1]))
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.flip = flip
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ValueError(f"ratio_range must be 0 < low <= high, got {ratio_range}")
+
+    def __call__(self, image, label, rng: np.random.Generator, short_side=None):
+        scale = rng.uniform(*self.ratio_range)
+        # float resizes as the port (it reads with cv2 and converts to float before resizing)
+        image, label = resize_pair(image.astype(np.float32), label, *self.size)
+        height, width = max(1, int(self.size[0] * scale)), max(1, int(self.size[1] * scale))
+        image, label = resize_pair(image, label, height, width)
+        if self.flip and rng.random() < 0.5:
+            image, label = hflip_pair(image, label)
         return image, label
 
 

@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from normkit.data.pixels import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PixelNormalizer
 from normkit.evaluation.evaluator import DatasetEvaluator, inference_on_dataset
 from normkit.evaluation.inference import MODES, inference
 from normkit.evaluation.metrics import SegmentationMetric
-from normkit.evaluation.visualize import denormalize, side_by_side
+from normkit.evaluation.visualize import side_by_side
 from normkit.schema import check_keys
 
 __all__ = ["EVAL_KEYS", "SegmentationEvaluator", "SegmentationInference", "evaluate", "image_scales"]
@@ -85,14 +85,15 @@ class SegmentationInference(nn.Module):
 class SegmentationEvaluator(DatasetEvaluator):
     """Confusion-based metrics (SegmentationMetric) of the argmax of per-pixel scores [B, K, H, W] against
     the batch's ``labels``; optionally writes image | prediction | label panels (``show_dir``, images
-    de-normalised with ``mean``/``std``)."""
+    de-normalised by the ``normalizer`` that encoded them; default: the segmentation default encoding, RGB 0..1
+    with ImageNet mean and std)."""
 
     def __init__(self, num_classes: int, *, class_names=None, ignore_index: int = 255, show_dir=None,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 normalizer: PixelNormalizer | None = None):
         self.metric = SegmentationMetric(num_classes, ignore_index)
         self.class_names = list(class_names) if class_names else None
         self.show_dir = Path(show_dir) if show_dir else None
-        self.mean, self.std = mean, std
+        self.normalizer = normalizer or PixelNormalizer("rgb", 1, IMAGENET_RGB_MEAN, IMAGENET_RGB_STD)
 
     def reset(self) -> None:
         self.metric.reset()
@@ -105,7 +106,7 @@ class SegmentationEvaluator(DatasetEvaluator):
         self.metric.update(pred, labels)
         if self.show_dir is not None:
             for i, name in enumerate(inputs["meta"]["names"]):
-                panel = side_by_side(denormalize(inputs["images"][i], self.mean, self.std), pred[i].cpu().numpy(),
+                panel = side_by_side(self.normalizer.denormalize(inputs["images"][i]), pred[i].cpu().numpy(),
                                      labels[i].cpu().numpy())
                 Image.fromarray(panel).save(self.show_dir / f"{name}.png")
 
@@ -121,12 +122,12 @@ def evaluate(model: nn.Module, loader, eval_cfg: dict | None = None, num_classes
     """Metrics of `model` on a segmentation val loader (batches {"images", "labels", "meta"}): the dict of
     SegmentationMetric.compute() plus "class_names" when the loader's dataset has them. `num_classes`
     defaults to the dataset's."""
-    samples = getattr(loader, "dataset", None)  # build_val_loader's mapped dataset: num_classes, names, mean, std
+    samples = getattr(loader, "dataset", None)  # build_val_loader's mapped dataset: num_classes, names, normalizer
     num_classes = num_classes or getattr(samples, "num_classes", None)
     if num_classes is None:
         raise ValueError("evaluate needs num_classes when the loader's dataset does not state it")
     eval_cfg = check_eval_config(eval_cfg)
     evaluator = SegmentationEvaluator(num_classes, class_names=getattr(samples, "class_names", None),
-                                      show_dir=eval_cfg.get("show_dir"), mean=getattr(samples, "mean", IMAGENET_MEAN),
-                                      std=getattr(samples, "std", IMAGENET_STD))
+                                      show_dir=eval_cfg.get("show_dir"),
+                                      normalizer=getattr(samples, "normalizer", None))
     return inference_on_dataset(SegmentationInference(model, eval_cfg), loader, evaluator)

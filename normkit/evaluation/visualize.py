@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 IGNORE_INDEX = 255
 
@@ -44,8 +43,3 @@ def side_by_side(image: np.ndarray, pred: np.ndarray, label: np.ndarray | None =
         panels.append(colorize(label))
     return np.concatenate(panels, axis=1)
 
-
-def denormalize(image, mean, std) -> np.ndarray:
-    """Normalised float tensor [3, H, W] -> RGB uint8 [H, W, 3]."""
-    x = image.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

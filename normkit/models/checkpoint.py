@@ -1,7 +1,9 @@
 """Strict, safe checkpoint loading for normkit models."""
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Dict, Mapping, Sequence, Union
 
 import torch
@@ -10,7 +12,10 @@ from torch import nn
 from normkit.io import read_tensor_dict
 from normkit.nn.switch_norm import flatten_official_sn
 
-__all__ = ["SYNCBN_BOOKKEEPING", "IGNORABLE_BUFFERS", "read_state_dict", "load_state_dict_strict"]
+__all__ = ["SYNCBN_BOOKKEEPING", "IGNORABLE_BUFFERS", "read_state_dict", "load_state_dict_strict",
+           "load_pretrained_backbone"]
+
+logger = logging.getLogger("normkit.models")
 
 # CSAIL's SynchronizedBatchNorm2d bookkeeping buffers: not part of the model's math.
 SYNCBN_BOOKKEEPING = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
@@ -68,3 +73,28 @@ def load_state_dict_strict(model: nn.Module, source: Union[str, os.PathLike, Map
             parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
         raise RuntimeError(f"checkpoint does not match {type(model).__name__}: " + " | ".join(parts))
     model.load_state_dict(to_load, strict=False)
+
+
+def load_pretrained_backbone(backbone: nn.Module, source: Union[str, os.PathLike, Mapping]) -> bool:
+    """Initialise ``backbone`` from a converted checkpoint (``backbone.pretrained``), strictly: every backbone
+    tensor must be in it with its shape. The file may hold the backbone alone (``conv1.weight``, ..., as
+    ``normkit-convert --from resnet-imagenet`` writes it; an ImageNet classifier's ``fc.*`` is skipped when the
+    backbone has none) or a whole model, of which the ``backbone.*`` tensors are used.
+
+    A path that does not exist only warns and returns False (the backbone keeps its random initialisation):
+    shipped configs name the file they expect, and building them for tests, conversion or evaluation must not
+    need it; training refuses to start without it (``normkit.tools.train``)."""
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        logger.warning("model.backbone.pretrained: %s does not exist; the backbone keeps its random "
+                       "initialisation", source)
+        return False
+    state = read_state_dict(source)
+    if any(k.startswith("backbone.") for k in state):
+        unused = sorted({k.split(".", 1)[0] for k in state if not k.startswith("backbone.")})
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        if unused:
+            logger.info("model.backbone.pretrained: %s tensors of %s not used (backbone only)", "/".join(unused),
+                        source)
+    ignore = ("fc.",) if getattr(backbone, "fc", None) is None else ()
+    load_state_dict_strict(backbone, state, ignore_prefixes=ignore)
+    return True

@@ -98,15 +98,14 @@ def accepts_keyword(builder: Callable, name: str) -> bool:
 
 
 def build_backbone(cfg: Mapping, where: str = "model.backbone") -> nn.Module:
-    """A registered backbone; ``pretrained: <path>`` loads a checkpoint into it strictly (an ImageNet
-    classifier's ``fc.*`` keys are ignored when the backbone has no classifier)."""
+    """A registered backbone; ``pretrained: <path>`` initialises it from a converted checkpoint
+    (:func:`normkit.models.checkpoint.load_pretrained_backbone`: strict; a missing file only warns)."""
     cfg = config_section(cfg, where)
     pretrained = cfg.pop("pretrained", None)
     backbone = build_from_cfg(BACKBONES, cfg, where)
     if pretrained:
-        from normkit.models.checkpoint import load_state_dict_strict
-        ignore = ("fc.",) if getattr(backbone, "fc", None) is None else ()
-        load_state_dict_strict(backbone, pretrained, ignore_prefixes=ignore)
+        from normkit.models.checkpoint import load_pretrained_backbone
+        backbone.pretrained_loaded = load_pretrained_backbone(backbone, pretrained)
     return backbone
 
 

@@ -3,7 +3,8 @@
     normkit-convert --from csail encoder_epoch_20.pth decoder_epoch_20.pth \
         --out r50d8_ppm_deepsup.pth --config csail/r50d8_ppm_deepsup
 
-Formats: csail (encoder + decoder files), sn-imagenet, mmseg (CondNet), deeplab-v2, sn-detectron (SN-Detectron
+Formats: csail (encoder + decoder files), sn-imagenet, resnet-imagenet (any torchvision-layout ImageNet
+ResNet, e.g. CSAIL's resnet50-imagenet.pth), mmcv-resnet-v1c (mmcv's ImageNet ResNetV1c), mmseg (CondNet), deeplab-v2, sn-detectron (SN-Detectron
 Faster/Mask R-CNN checkpoints), sn-imagenet-to-c4 / sn-imagenet-to-fpn (SN ImageNet ResNets as detection
 backbones; C4 puts layer4 into the res5 box head). Inputs are read with
 torch.load(weights_only=True). With --config the result is loaded strictly into that config's model

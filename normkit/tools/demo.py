@@ -17,8 +17,7 @@ from PIL import Image
 
 import normkit
 from normkit.data.base import read_image
-from normkit.data.build import resolve_class_names
-from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from normkit.data.build import resolve_class_names, segmentation_normalizer
 from normkit.evaluation import inference, overlay
 from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.test import positive_float
@@ -91,7 +90,7 @@ def main(argv=None) -> dict[str, np.ndarray]:
     eval_cfg = cfg.get("evaluation") or {}
     data_cfg = cfg["data"]
     class_names = resolve_class_names(data_cfg)
-    mean, std = tuple(data_cfg.get("mean", IMAGENET_MEAN)), tuple(data_cfg.get("std", IMAGENET_STD))
+    normalizer = segmentation_normalizer(data_cfg)
     images = list_images(Path(args.image))
     outputs = output_paths(images, Path(args.out))
     refuse_overwriting_inputs(images, outputs, Path(args.image), Path(args.out))
@@ -99,7 +98,7 @@ def main(argv=None) -> dict[str, np.ndarray]:
     predictions = {}
     for image_path, out_path in zip(images, outputs):
         image = read_image(image_path)
-        x = to_tensor(image, mean, std)[None].to(args.device)
+        x = normalizer.to_tensor(image)[None].to(args.device)
         probs = inference(model, x, scales=args.scales or eval_cfg.get("scales") or (1.0,),
                           flip=args.flip or bool(eval_cfg.get("flip", False)), mode=eval_cfg.get("mode", "whole"),
                           crop_size=eval_cfg.get("crop_size"), stride=eval_cfg.get("stride"))

@@ -52,8 +52,8 @@ from normkit.schema import check_keys, config_bool, config_int, config_mapping
 from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.tasks import task_for
 
-__all__ = ["TRAIN_KEYS", "PREVIOUS_RUNS", "parse_args", "check_train_config", "build_trainer", "move_previous_run",
-           "train", "main"]
+__all__ = ["TRAIN_KEYS", "PREVIOUS_RUNS", "parse_args", "check_train_config", "check_pretrained", "build_trainer",
+           "move_previous_run", "train", "main"]
 
 logger = logging.getLogger("normkit.train")
 
@@ -99,6 +99,24 @@ def check_train_config(train_cfg: dict) -> dict:
     return checked
 
 
+def check_pretrained(cfg: dict) -> None:
+    """A run starts from the backbone checkpoint its config names (`model.backbone.pretrained`, converted with
+    normkit-convert): a named file that is missing is an error before anything is built; a config that names none
+    trains from random weights, which is said with a warning (every published recipe starts from ImageNet or
+    COCO weights)."""
+    backbone = (cfg.get("model") or {}).get("backbone") or {}
+    pretrained = backbone.get("pretrained")
+    if not pretrained:
+        logger.warning("model.backbone.pretrained is not set: the backbone starts from random weights, not from "
+                       "the ImageNet/COCO weights the published recipes start from")
+    elif not Path(pretrained).is_file():
+        raise FileNotFoundError(
+            f"model.backbone.pretrained: {pretrained} does not exist (relative paths are taken from the current "
+            f"folder). Convert the original's ImageNet/COCO weights to it with normkit-convert (the config's comment "
+            f"names the source file and format), point --set model.backbone.pretrained=PATH at your copy, or pass "
+            f"--set model.backbone.pretrained=null to train from random weights")
+
+
 def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
     """Everything a run needs, built from the config on every rank: ``(trainer, task, eval_hook)``.
 
@@ -109,6 +127,7 @@ def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
     train_cfg = check_train_config(cfg["train"])
     seed, max_iter, batch_size = train_cfg["seed"], train_cfg["max_iter"], train_cfg["batch_size"]
 
+    check_pretrained(cfg)
     seed_all(seed)  # the same initial weights on every rank
     model = build_model(cfg).to(info.device)
     if info.distributed and train_cfg["sync_norm"]:

@@ -178,8 +178,12 @@ class ResNet(nn.Module):
         last_gamma: initialise the weight of the last norm of each residual block to 0 (SN recipe).
         stride_in_1x1: put a Bottleneck's stride on its first 1x1 conv (DeepLab v2 / Caffe ResNets).
         ceil_mode: ceil mode of the stem max-pool (DeepLab v2).
-        num_classes: when given, adds global average pooling and an ``fc`` layer; ``forward`` then
+        num_classes: when given, adds average pooling, dropout and an ``fc`` layer; ``forward`` then
             returns class logits Tensor[N, num_classes] instead of the features.
+        classifier_pool_size: the classifier's pooling: None averages the whole map (torchvision), k an
+            ``AvgPool2d(k, stride=1)`` (the official SN ResNetV1SN: 7, which needs 224x224 inputs for one vector).
+        classifier_dropout: dropout probability before ``fc`` (ResNetV1SN: 0.5); it has no parameters, so
+            checkpoint keys are the same with or without it.
         out_features: which of ``res2``..``res5`` ``forward`` returns, in stride order; stages after the
             last one requested are not built (a C4 detector's body stops at ``res4``).
         freeze_at: 0 trains everything; k >= 1 freezes the stem ("res1") and the stages up to "res{k}"
@@ -199,7 +203,8 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 50, *, stem: str = "v1", output_stride: int = 32,
                  dilation_rule: str = "csail", norm="bn", norm_kwargs: Optional[dict] = None,
                  last_gamma: bool = False, stride_in_1x1: bool = False, ceil_mode: bool = False,
-                 num_classes: Optional[int] = None, out_features: Sequence[str] = STAGE_NAMES,
+                 num_classes: Optional[int] = None, classifier_pool_size: Optional[int] = None,
+                 classifier_dropout: float = 0.0, out_features: Sequence[str] = STAGE_NAMES,
                  freeze_at: int = 0, freeze_mode: str = "official"):
         super().__init__()
         if depth not in ARCH_SETTINGS:
@@ -263,8 +268,12 @@ class ResNet(nn.Module):
         self.out_channels: Tuple[int, ...] = tuple(self._shapes[f].channels for f in out_features)
         self.out_strides: Tuple[int, ...] = tuple(self._shapes[f].stride for f in out_features)
 
+        if num_classes is None and (classifier_pool_size is not None or classifier_dropout):
+            raise ValueError("classifier_pool_size and classifier_dropout need a classifier (num_classes)")
         if num_classes is not None:
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier_pool_size is None else \
+                nn.AvgPool2d(classifier_pool_size, stride=1)
+            self.dropout = nn.Dropout(classifier_dropout)
             self.fc = nn.Linear(inplanes, num_classes)
         else:
             self.fc = None
@@ -347,7 +356,7 @@ class ResNet(nn.Module):
         features = self.forward_features(x)
         if self.fc is None:
             return features
-        return self.fc(torch.flatten(self.avgpool(features["res5"]), 1))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(features["res5"]), 1)))
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, stem={self.stem!r}, output_stride={self.output_stride}"

@@ -12,6 +12,9 @@ from normkit.models.registry import build_backbone, build_head
 from normkit.nn import is_norm_layer
 
 LOSS_MODES = ("downsample_labels", "upsample_logits")
+# What a cross-entropy is averaged over: the labelled pixels (CSAIL, torch's default), or every pixel with the
+# ignored ones counting zero (mmseg 0.x `avg_non_ignore=False`, the CondNet recipe).
+CE_AVERAGES = ("labelled_pixels", "all_pixels")
 
 
 def init_csail_decoder(module: nn.Module) -> None:
@@ -49,10 +52,16 @@ def align_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor, mode: st
     raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(LOSS_MODES)}")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean cross-entropy over labelled pixels; 0 (still attached to the graph) when none is labelled."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                  average: str = "labelled_pixels") -> torch.Tensor:
+    """Cross-entropy summed over labelled pixels and divided by their number (``labelled_pixels``) or by the
+    number of all pixels (``all_pixels``); 0 (still attached to the graph) when none is labelled."""
+    if average not in CE_AVERAGES:
+        raise ValueError(f"unknown cross-entropy average {average!r}; choose one of {', '.join(CE_AVERAGES)}")
     if not bool((labels != ignore_index).any()):
         return logits.sum() * 0.0
+    if average == "all_pixels":
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / labels.numel()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 

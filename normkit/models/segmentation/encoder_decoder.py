@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normkit.models.registry import MODELS, call_with_config
-from normkit.models.segmentation.common import (LOSS_MODES, align_logits_and_labels, build_segmentation_parts,
-                                                check_labels,                                                 cross_entropy, pixel_accuracy, unpack_batch)
+from normkit.models.segmentation.common import (CE_AVERAGES, LOSS_MODES, align_logits_and_labels,
+                                                build_segmentation_parts, check_labels, cross_entropy, pixel_accuracy,
+                                                unpack_batch)
 
 __all__ = ["SegmentationModel"]
 
@@ -28,7 +29,9 @@ class SegmentationModel(nn.Module):
     - whatever the head's own ``extra_losses(outputs, labels)`` adds (CondNet's guidance loss).
 
     ``loss_mode`` ``downsample_labels`` computes each loss at the output's stride against nearest-resized
-    labels (CSAIL); ``upsample_logits`` upsamples logits to the labels' size (mmseg).
+    labels (CSAIL); ``upsample_logits`` upsamples logits to the labels' size (mmseg). ``ce_average``: every
+    cross-entropy is averaged over the labelled pixels (``labelled_pixels``, CSAIL) or over all pixels with the
+    ignored ones counting zero (``all_pixels``, mmseg 0.x ``avg_non_ignore=False``).
 
     Otherwise (eval mode, or no labels) it returns class logits Tensor[B, K, H, W] at the input resolution
     (bilinear, align_corners=False). Backbone features reach the heads as a list in stride order.
@@ -36,16 +39,20 @@ class SegmentationModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, *, num_classes: int,
                  auxiliary_head: Optional[nn.Module] = None, ignore_index: int = 255,
-                 loss_mode: str = "downsample_labels", deep_sup_weight: float = 0.4, aux_weight: float = 0.4):
+                 loss_mode: str = "downsample_labels", ce_average: str = "labelled_pixels",
+                 deep_sup_weight: float = 0.4, aux_weight: float = 0.4):
         super().__init__()
         if loss_mode not in LOSS_MODES:
             raise ValueError(f"unknown loss_mode {loss_mode!r}; choose one of {', '.join(LOSS_MODES)}")
+        if ce_average not in CE_AVERAGES:
+            raise ValueError(f"unknown ce_average {ce_average!r}; choose one of {', '.join(CE_AVERAGES)}")
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.loss_mode = loss_mode
+        self.ce_average = ce_average
         self.deep_sup_weight = deep_sup_weight
         self.aux_weight = aux_weight
 
@@ -58,7 +65,7 @@ class SegmentationModel(nn.Module):
 
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, labels = align_logits_and_labels(logits, labels, self.loss_mode)
-        return cross_entropy(logits, labels, self.ignore_index)
+        return cross_entropy(logits, labels, self.ignore_index, self.ce_average)
 
     def forward(self, batch):
         images, labels = unpack_batch(batch)
@@ -68,7 +75,8 @@ class SegmentationModel(nn.Module):
             return F.interpolate(outputs["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         check_labels(labels, images, self.num_classes, self.ignore_index)
         logits, aligned = align_logits_and_labels(outputs["logits"], labels, self.loss_mode)
-        losses: Dict[str, torch.Tensor] = {"decode_loss": cross_entropy(logits, aligned, self.ignore_index)}
+        losses: Dict[str, torch.Tensor] = {"decode_loss": cross_entropy(logits, aligned, self.ignore_index,
+                                                                         self.ce_average)}
         if "deepsup_logits" in outputs:
             losses["deepsup_loss"] = self.deep_sup_weight * self._ce(outputs["deepsup_logits"], labels)
         extra_losses = getattr(self.decode_head, "extra_losses", None)
