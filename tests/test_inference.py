@@ -114,8 +114,13 @@ def test_evaluate_on_known_predictions():
 
 
 def test_evaluate_short_sides_and_show_dir(tmp_path):
-    from normkit.evaluation.sem_seg import image_scales
-    assert image_scales({"short_sides": [150, 300], "max_long_side": 1000}, 100, 400) == [1.5, 2.5]
+    from normkit.evaluation.sem_seg import image_sizes
+    # 100 x 400 to short sides 150 and 300: x1.5, and x2.5 where the long side reaches 1000
+    assert image_sizes({"short_sides": [150, 300], "max_long_side": 1000}, 100, 400) == [(150, 600), (250, 1000)]
+    # 300 x 401 to short side 450 (x1.5, 601.5 wide): mmcv rounds to 602; CSAIL's ValDataset takes int() = 601,
+    # then the next multiple of 8 (padding_constant): 456 x 608
+    assert image_sizes({"short_sides": [450]}, 300, 401) == [(450, 602)]
+    assert image_sizes({"short_sides": [450], "size_multiple": 8}, 300, 401) == [(456, 608)]
     batches = [{"images": image_with_red([1, -1, 1, -1]), "labels": torch.tensor([[[0, 1, 0, 1], [0, 1, 0, 1]]]),
                 "meta": {"names": ["scene"]}}]
     r = evaluate(RampModel(), batches, {"show_dir": str(tmp_path)}, num_classes=2)
@@ -123,3 +128,25 @@ def test_evaluate_short_sides_and_show_dir(tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "scene.png") as im:
         assert im.size == (12, 2)  # image | prediction | label
+
+
+def test_pad_to_runs_the_model_on_a_zero_canvas_and_crops_its_logits():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images)
+            # class 1 scores the column index: the crop must keep the image's own columns
+            cols = torch.arange(images.shape[-1], dtype=images.dtype).expand(images.shape[-2:])
+            return torch.stack([torch.zeros_like(cols), cols])[None]
+
+    image = torch.randn(1, 3, 2, 3)
+    probs = inference(Recorder(), image, pad_to=(4, 5))
+    (canvas,) = seen
+    assert canvas.shape == (1, 3, 4, 5) and torch.equal(canvas[..., :2, :3], image)
+    assert canvas[..., 2:, :].abs().sum() == 0 and canvas[..., :, 3:].abs().sum() == 0
+    np.testing.assert_allclose(probs[0, 1, 0], sigmoid([0, 1, 2]), rtol=1e-6)
+    inference(Recorder(), torch.randn(1, 3, 6, 6), pad_to=(4, 5))  # larger images are not cropped
+    assert seen[-1].shape == (1, 3, 6, 6)
+    with pytest.raises(ValueError, match="pad_to applies to whole-image inference"):
+        evaluate(Recorder(), [], {"pad_to": [4, 5], "mode": "slide", "crop_size": 2, "stride": 2}, num_classes=2)

@@ -122,13 +122,13 @@ def test_condnet_guidance_loss_is_0_2_times_dice_of_the_guidance_logits_at_their
 
 # -- input encoding per recipe -------------------------------------------------------------------------------------
 # One RGB pixel (R, G, B) = (10, 20, 30) as each original feeds it to its network:
-# SwitchNorm_Segmentation: BGR 0..255 minus [102.98, 115.95, 122.77]; DeepLab v2 port: BGR minus
-# [104.008, 116.669, 122.675]; CSAIL and mmseg: RGB / 255, ImageNet mean and std.
+# SwitchNorm_Segmentation: BGR 0..255 minus [102.9801, 115.9465, 122.7717] (its dataset.py); DeepLab v2 port: BGR
+# minus [104.008, 116.669, 122.675]; CSAIL and mmseg: RGB / 255, ImageNet mean and std.
 _IMAGENET = [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]
 PUBLISHED_INPUT = {
-    "sn/r50d8_sn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
-    "sn/r50d8_gn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
-    "sn/r50d8_syncbn_c1_deepsup": [30 - 102.98, 20 - 115.95, 10 - 122.77],
+    "sn/r50d8_sn_c1_deepsup": [30 - 102.9801, 20 - 115.9465, 10 - 122.7717],
+    "sn/r50d8_gn_c1_deepsup": [30 - 102.9801, 20 - 115.9465, 10 - 122.7717],
+    "sn/r50d8_syncbn_c1_deepsup": [30 - 102.9801, 20 - 115.9465, 10 - 122.7717],
     "deeplab/r101_deeplab_v2_voc": [30 - 104.008, 20 - 116.669, 10 - 122.675],
     "csail/r50d8_ppm_deepsup": _IMAGENET,
     "csail/r50_upernet": _IMAGENET,
@@ -298,10 +298,9 @@ def test_sn_segmentation_config_uses_the_fork_momentum():
     ("condnet/r101d8_cond_sep_aspp_pascal_context59", (500, 333), (520, int(333 * 520 / 500 + 0.5))),
 ])
 def test_condnet_test_pipelines_resize_as_mmseg(name, image, tested):
-    from normkit.evaluation.sem_seg import image_scales
+    from normkit.evaluation.sem_seg import image_sizes
     evaluation = read_config(name)["evaluation"]
-    (scale,) = image_scales(evaluation, *image)
-    assert (round(image[0] * scale), round(image[1] * scale)) == tested  # inference resizes to round(s * size)
+    assert image_sizes(evaluation, *image) == [tested]
     if "pascal_context" in name:
         assert (evaluation["mode"], evaluation["crop_size"], evaluation["stride"]) == ("slide", [480, 480], [320, 320])
 

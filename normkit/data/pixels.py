@@ -8,9 +8,9 @@ with four `data:` keys (defaults depend on the task, see `PixelNormalizer.from_c
     mean: [m0, m1, m2]          # per channel, in pixel_order and pixel_scale
     std: [s0, s1, s2]
 
-Known encodings: CSAIL and mmseg (CondNet) use RGB 0..1 with ImageNet mean/std; SwitchNorm_Segmentation BGR
-0..255 minus [102.98, 115.95, 122.77]; the DeepLab v2 port BGR 0..255 minus [104.008, 116.669, 122.675];
-Detectron-1 BGR 0..255 minus [102.9801, 115.9465, 122.7717].
+Known encodings: CSAIL and mmseg (CondNet) use RGB 0..1 with ImageNet mean/std; SwitchNorm_Segmentation and
+Detectron-1 BGR 0..255 minus the Caffe means [102.9801, 115.9465, 122.7717]; the DeepLab v2 port BGR 0..255 minus
+[104.008, 116.669, 122.675].
 """
 from __future__ import annotations
 

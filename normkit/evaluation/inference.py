@@ -1,7 +1,7 @@
 """Multi-scale, flip, whole-image and sliding-window inference for segmentation models.
 
 The model contract (eval mode): `model(images [B, 3, h, w])` -> class logits [B, K, h, w]. For every scale s
-the image is resized bilinearly to round(s*H) x round(s*W); the logits (averaged over overlapping windows in
+the image is resized bilinearly to int(s*H + 0.5) x int(s*W + 0.5) (or to each of the given sizes); the logits (averaged over overlapping windows in
 "slide" mode) are turned into probabilities with softmax, resized back to the original size and averaged
 over scales and, with flip, over the mirrored input as well (mmseg `aug_test`, CSAIL multi-scale testing).
 """
@@ -34,6 +34,15 @@ def _logits(model, images: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def padded_logits(model, images: torch.Tensor, pad_to) -> torch.Tensor:
+    """Logits of `images` zero-padded at the bottom and right to at least `pad_to`, cropped back to the images'
+    size (the DeepLab v2 port evaluates every image inside a 513 x 513 zero canvas of normalised values)."""
+    ph, pw = _pair(pad_to, "pad_to")
+    _, _, h, w = images.shape
+    padded = F.pad(images, (0, max(pw - w, 0), 0, max(ph - h, 0)))
+    return _logits(model, padded)[:, :, :h, :w]
+
+
 def slide_logits(model, images: torch.Tensor, crop_size, stride) -> torch.Tensor:
     """Logits averaged over windows of `crop_size` placed every `stride` (the last window of a row/column
     is shifted back to end at the border; images smaller than the crop are run whole)."""
@@ -58,29 +67,38 @@ def slide_logits(model, images: torch.Tensor, crop_size, stride) -> torch.Tensor
 
 @torch.no_grad()
 def inference(model, images: torch.Tensor, scales=(1.0,), flip: bool = False, mode: str = "whole",
-              crop_size=None, stride=None, out_size=None) -> torch.Tensor:
+              crop_size=None, stride=None, out_size=None, sizes=None, pad_to=None) -> torch.Tensor:
     """Class probabilities [B, K, H', W'] for normalised images [B, 3, H, W], averaged over `scales` (image
-    size multipliers) and, with `flip`, horizontal mirroring. (H', W') = `out_size` or (H, W)."""
+    size multipliers; or explicit `sizes` [(h, w), ...] instead) and, with `flip`, horizontal mirroring.
+    (H', W') = `out_size` or (H, W). `pad_to` [h, w] (whole mode): each input is zero-padded to at least that
+    size for the forward pass and its logits cropped back."""
     if mode not in MODES:
         raise ValueError(f"unknown inference mode '{mode}'; choose one of {', '.join(MODES)}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be Tensor[B, 3, H, W], got {tuple(images.shape)}")
-    if not scales:
-        raise ValueError("inference needs at least one scale")
+    if pad_to is not None and mode != "whole":
+        raise ValueError("pad_to applies to whole-image inference")
     _, _, h, w = images.shape
+    if sizes is None:
+        sizes = [(max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))) for scale in scales]
+    if not sizes:
+        raise ValueError("inference needs at least one scale")
     out_size = tuple(out_size) if out_size is not None else (h, w)
     probs = None
     views = (False, True) if flip else (False,)
-    for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    for size in sizes:
+        size = tuple(size)
         scaled = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for mirrored in views:
             x = scaled.flip(-1) if mirrored else scaled
-            logits = _logits(model, x) if mode == "whole" else slide_logits(model, x, crop_size, stride)
+            if mode == "slide":
+                logits = slide_logits(model, x, crop_size, stride)
+            else:
+                logits = _logits(model, x) if pad_to is None else padded_logits(model, x, pad_to)
             p = logits.float().softmax(dim=1)
             if mirrored:
                 p = p.flip(-1)
             if p.shape[-2:] != out_size:
                 p = F.interpolate(p, size=out_size, mode="bilinear", align_corners=False)
             probs = p if probs is None else probs + p
-    return probs / (len(scales) * len(views))
+    return probs / (len(sizes) * len(views))

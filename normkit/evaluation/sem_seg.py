@@ -4,8 +4,12 @@
 eval_cfg (the `evaluation:` config section; all keys optional)::
 
     scales: [1.0]          # image size multipliers, probabilities averaged (CSAIL/mmseg multi-scale test)
-    short_sides: null      # alternatively CSAIL-style target short sides, e.g. [300, 375, 450, 525, 600] ...
+    short_sides: null      # alternatively target short sides, e.g. [300, 375, 450, 525, 600] ...
     max_long_side: 1000    # ... each capped so the long side stays <= max_long_side
+    size_multiple: null    # CSAIL ValDataset: each side int(side * scale) rounded up to a multiple of this
+                           # (its padding_constant); null: int(side * scale + 0.5) (mmcv imrescale)
+    pad_to: null           # [h, w]: zero-pad the normalised input at the bottom and right to at least this size
+                           # and crop the logits back (the DeepLab v2 port's 513 x 513 test input)
     flip: false            # also average the horizontally mirrored prediction
     mode: whole            # whole | slide
     crop_size: null        # slide window [h, w] (int for square)
@@ -31,9 +35,10 @@ from normkit.evaluation.metrics import SegmentationMetric
 from normkit.evaluation.visualize import side_by_side
 from normkit.schema import check_keys
 
-__all__ = ["EVAL_KEYS", "SegmentationEvaluator", "SegmentationInference", "evaluate", "image_scales"]
+__all__ = ["EVAL_KEYS", "SegmentationEvaluator", "SegmentationInference", "evaluate", "image_sizes"]
 
-EVAL_KEYS = ("scales", "short_sides", "max_long_side", "flip", "mode", "crop_size", "stride", "show_dir")
+EVAL_KEYS = ("scales", "short_sides", "max_long_side", "size_multiple", "flip", "mode", "crop_size", "stride",
+             "pad_to", "show_dir")
 
 
 def check_eval_config(eval_cfg: dict | None) -> dict:
@@ -47,7 +52,12 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
             raise ValueError(f"evaluation.{key} must be a non-empty list of positive numbers, got {values!r}")
     if eval_cfg.get("mode", "whole") not in MODES:
         raise ValueError(f"unknown evaluation.mode {eval_cfg['mode']!r}; choose one of {', '.join(MODES)}")
-    for key in ("crop_size", "stride"):
+    multiple = eval_cfg.get("size_multiple")
+    if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple <= 0):
+        raise ValueError(f"evaluation.size_multiple must be a positive int, got {multiple!r}")
+    if eval_cfg.get("pad_to") is not None and eval_cfg.get("mode", "whole") != "whole":
+        raise ValueError("evaluation.pad_to applies to whole-image inference (mode: whole)")
+    for key in ("crop_size", "stride", "pad_to"):
         value = eval_cfg.get(key)
         values = [value] if isinstance(value, int) else value
         if value is not None and (not isinstance(values, (list, tuple)) or len(values) not in (1, 2)
@@ -56,12 +66,21 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
     return eval_cfg
 
 
-def image_scales(eval_cfg: dict, height: int, width: int) -> list[float]:
-    """The scales of one image: `short_sides` converted to multipliers when given, else `scales`."""
+def image_sizes(eval_cfg: dict, height: int, width: int) -> list[tuple[int, int]]:
+    """The test sizes (h, w) of one image: one per `short_sides` entry (the short side scaled to it, the long side
+    capped at `max_long_side`) when given, else one per `scales` multiplier; each side is rounded as
+    `size_multiple` says."""
     if eval_cfg.get("short_sides"):
         max_long = eval_cfg.get("max_long_side", 1000)
-        return [min(s / min(height, width), max_long / max(height, width)) for s in eval_cfg["short_sides"]]
-    return list(eval_cfg.get("scales") or [1.0])
+        scales = [min(s / min(height, width), max_long / max(height, width)) for s in eval_cfg["short_sides"]]
+    else:
+        scales = list(eval_cfg.get("scales") or [1.0])
+    multiple = eval_cfg.get("size_multiple")
+    if multiple:
+        # CSAIL's ValDataset: int() first, then round2nearest_multiple, ((x - 1) // p + 1) * p
+        return [tuple(max(multiple, ((int(side * scale) - 1) // multiple + 1) * multiple) for side in (height, width))
+                for scale in scales]
+    return [tuple(max(1, int(side * scale + 0.5)) for side in (height, width)) for scale in scales]
 
 
 class SegmentationInference(nn.Module):
@@ -77,9 +96,9 @@ class SegmentationInference(nn.Module):
         images = batch["images"]
         out_size = batch["labels"].shape[-2:] if "labels" in batch else images.shape[-2:]
         cfg = self.eval_cfg
-        return inference(self.model, images, image_scales(cfg, *images.shape[-2:]), flip=bool(cfg.get("flip", False)),
-                         mode=cfg.get("mode", "whole"), crop_size=cfg.get("crop_size"), stride=cfg.get("stride"),
-                         out_size=out_size)
+        return inference(self.model, images, sizes=image_sizes(cfg, *images.shape[-2:]),
+                         flip=bool(cfg.get("flip", False)), mode=cfg.get("mode", "whole"), crop_size=cfg.get("crop_size"),
+                         stride=cfg.get("stride"), pad_to=cfg.get("pad_to"), out_size=out_size)
 
 
 class SegmentationEvaluator(DatasetEvaluator):
