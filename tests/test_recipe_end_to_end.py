@@ -1,28 +1,66 @@
 """A converted checkpoint evaluated by tools/test.py with its shipped config predicts what the original model
-predicts after the original's own preprocessing.
+predicts after the original's own preprocessing, for each segmentation family.
 
-The original side is test-local: the CSAIL reference model of test_convert.py (written from the CSAIL framework)
-and CSAIL's val preprocessing written from its dataset.py (RGB / 255, ImageNet mean and std, short side resized
-with the long side capped and both rounded to a multiple of 8, softmax of logits upsampled to the label size).
-The original's predictions are written as the label file, so the tool's pixel accuracy must be exactly 1.
+The original side is test-local, written from each original's code structure and formulas, never from normkit's
+models: the CSAIL reference model of test_convert.py and CSAIL's val preprocessing (dataset.py); the
+SwitchNorm_Segmentation encoder/decoder with its SwitchNorm2d (docs/design.md formulas) and its BGR ValDataset;
+the DeepLab v2 port's MS_Deeplab and its evalpyt.py (513 x 513 zero canvas, here a smaller one); CondNet's mmseg
+ResNetV1c + CondDepthwiseSeparableASPPHead + FCN head and mmseg's keep-ratio test pipeline. Random weights are
+saved in the original checkpoint layout and converted with normkit's converter. The original's predictions are
+written as the label file, so the tool's pixel accuracy must be exactly 1. Test images are small (and the test
+sizes overridden to match them) so that every family runs in seconds.
 """
 import json
+from functools import partial
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from normkit.convert import convert_csail, save_state_dict
+from normkit.convert import convert_csail, convert_deeplab_v2, convert_mmseg, save_state_dict
 from normkit.tools import test as test_tool
-from test_convert import K, CsailC1DeepSup, CsailEncoder, _CsailBasic, _randomize
+from test_convert import K, CsailC1DeepSup, CsailEncoder, _CsailBasic, _nostride_dilate, _randomize
+
+
+def round_up(x: int, p: int) -> int:
+    """CSAIL's round2nearest_multiple."""
+    return ((x - 1) // p + 1) * p
+
+
+def write_ade_odgt(root, image: np.ndarray, prediction: np.ndarray) -> None:
+    """A one-image ADE20K .odgt val set whose label is `prediction` (ADE labels: 0 = other, class k is k + 1)."""
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(image).save(root / "images" / "val_0.png")
+    Image.fromarray((prediction + 1).astype(np.uint8)).save(root / "images" / "val_0_seg.png")
+    (root / "validation.odgt").write_text(json.dumps({"fpath_img": "images/val_0.png",
+                                                      "fpath_segm": "images/val_0_seg.png",
+                                                      "width": image.shape[1], "height": image.shape[0]}) + "\n")
+
+
+def saved_jpeg(path, image: np.ndarray) -> np.ndarray:
+    """Write `image` as the JPEG file a config's dataset layout expects; the decoded pixels both sides read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, quality=95)
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
+def pixel_acc_through_the_test_tool(config: str, checkpoint, root, *overrides: str) -> float:
+    results = test_tool.main(["--config", config, "--checkpoint", str(checkpoint),
+                              "--set", f"data.root={root}", f"model.num_classes={K}", f"data.num_classes={K}",
+                              "train.device=cpu", *overrides])
+    return results["pixel_acc"]
 
 
 def csail_preprocess(image: np.ndarray, short_side: int, max_long_side: int = 1000, padding: int = 8):
-    """CSAIL ValDataset: resize so the short side is `short_side` (long side <= max_long_side), each side rounded
-    to a multiple of `padding`, then RGB / 255 with ImageNet mean and std."""
+    """CSAIL ValDataset: resize so the short side is `short_side` (long side <= max_long_side), each side int()
+    then rounded up to a multiple of `padding`, then RGB / 255 with ImageNet mean and std."""
     h, w = image.shape[:2]
     scale = min(short_side / min(h, w), max_long_side / max(h, w))
-    th, tw = (int(((v * scale - 1) // padding + 1) * padding) for v in (h, w))
+    th, tw = (round_up(int(v * scale), padding) for v in (h, w))
     resized = np.array(Image.fromarray(image).resize((tw, th), Image.BILINEAR))
     x = np.float32(resized) / 255.0
     x = (x - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
@@ -45,13 +83,265 @@ def test_csail_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_pat
     assert len(np.unique(prediction)) > 1
 
     root = tmp_path / "ade"
-    (root / "images").mkdir(parents=True)
-    Image.fromarray(image).save(root / "images" / "val_0.png")
-    Image.fromarray((prediction + 1).astype(np.uint8)).save(root / "images" / "val_0_seg.png")  # ADE: 0 = other
-    (root / "validation.odgt").write_text(json.dumps({"fpath_img": "images/val_0.png",
-                                                      "fpath_segm": "images/val_0_seg.png",
-                                                      "width": 80, "height": 64}) + "\n")
-    results = test_tool.main(["--config", "csail/r18d8_c1_deepsup", "--checkpoint", str(tmp_path / "converted.pth"),
-                              "--set", f"data.root={root}", f"model.num_classes={K}", f"data.num_classes={K}",
-                              "train.device=cpu"])
-    assert results["pixel_acc"] == 1.0
+    write_ade_odgt(root, image, prediction)
+    # the config tests at short side 450 (multiple of 8); this image's own short side keeps the test fast
+    assert pixel_acc_through_the_test_tool("csail/r18d8_c1_deepsup", tmp_path / "converted.pth", root,
+                                           "evaluation.short_sides=[64]") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SwitchNorm_Segmentation: ResNet50_dilated8 with the 7x7 stem and SwitchNorm2d everywhere + c1_bilinear_deepsup.
+
+class OfficialSwitchNorm2d(nn.Module):
+    """The fork's SwitchNorm2d in eval mode: IN statistics (unbiased variance), LN from them, BN from the running
+    buffers, mixed by softmax weights [IN, LN, BN]; weight/bias (1, C, 1, 1), running stats (1, C, 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.mean_weight = nn.Parameter(torch.ones(3))
+        self.var_weight = nn.Parameter(torch.ones(3))
+        self.register_buffer("running_mean", torch.zeros(1, channels, 1))
+        self.register_buffer("running_var", torch.zeros(1, channels, 1))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        x = x.view(n, c, -1)
+        mean_in, var_in = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
+        mean_ln = mean_in.mean(1, keepdim=True)
+        var_ln = (var_in + mean_in ** 2).mean(1, keepdim=True) - mean_ln ** 2
+        mw, vw = F.softmax(self.mean_weight, 0), F.softmax(self.var_weight, 0)
+        mean = mw[0] * mean_in + mw[1] * mean_ln + mw[2] * self.running_mean
+        var = vw[0] * var_in + vw[1] * var_ln + vw[2] * self.running_var
+        return ((x - mean) / (var + 1e-5).sqrt()).view(n, c, h, w) * self.weight + self.bias
+
+
+class _SnBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.sn1 = nn.Conv2d(inplanes, planes, 1, bias=False), OfficialSwitchNorm2d(planes)
+        self.conv2, self.sn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), OfficialSwitchNorm2d(planes)
+        self.conv3, self.sn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), OfficialSwitchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.sn1(self.conv1(x)))
+        out = F.relu(self.sn2(self.conv2(out)))
+        return F.relu(self.sn3(self.conv3(out)) + residual)
+
+
+class SnEncoder(nn.Module):
+    """ResNetV1SN-50 (7x7 stem, stride in the 3x3 conv) dilated to stride 8 by ResnetDilated._nostride_dilate."""
+
+    def __init__(self, layers=(3, 4, 6, 3)):
+        super().__init__()
+        self.conv1, self.sn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), OfficialSwitchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.inplanes = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            setattr(self, f"layer{i + 1}", self._make_layer(planes, n, 1 if i == 0 else 2))
+        self.layer3.apply(partial(_nostride_dilate, dilate=2))
+        self.layer4.apply(partial(_nostride_dilate, dilate=4))
+
+    def _make_layer(self, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                       OfficialSwitchNorm2d(planes * 4))
+        layers = [_SnBottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * 4
+        layers += [_SnBottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.sn1(self.conv1(x))))
+        out = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
+
+
+def _conv3x3_sn_relu(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), OfficialSwitchNorm2d(cout), nn.ReLU())
+
+
+class SnC1BilinearDeepSup(nn.Module):
+    def __init__(self, fc_dim=2048):
+        super().__init__()
+        self.cbr, self.cbr_deepsup = _conv3x3_sn_relu(fc_dim, fc_dim // 4), _conv3x3_sn_relu(fc_dim // 2, fc_dim // 4)
+        self.conv_last, self.conv_last_deepsup = nn.Conv2d(fc_dim // 4, K, 1), nn.Conv2d(fc_dim // 4, K, 1)
+
+    def forward(self, conv_out, seg_size):  # use_softmax=True (inference)
+        x = self.conv_last(self.cbr(conv_out[-1]))
+        return F.softmax(F.interpolate(x, size=seg_size, mode="bilinear", align_corners=False), dim=1)
+
+
+def _randomize_sn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, OfficialSwitchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.mean_weight.normal_(0, 1)
+                m.var_weight.normal_(0, 1)
+    return model
+
+
+def sn_seg_preprocess(image: np.ndarray, short_side: int, max_long_side: int = 1000, padding: int = 8):
+    """SwitchNorm_Segmentation's ValDataset: channels reversed to BGR, sizes int() then rounded up to a multiple of
+    `padding`, cv2.resize, float 0..255 minus [102.9801, 115.9465, 122.7717] (std 1)."""
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    scale = min(short_side / float(min(h, w)), max_long_side / float(max(h, w)))
+    th, tw = round_up(int(h * scale), padding), round_up(int(w * scale), padding)
+    x = torch.from_numpy(cv2.resize(bgr, (tw, th)).astype(np.float32).transpose(2, 0, 1))
+    x = x - torch.tensor([102.9801, 115.9465, 122.7717]).view(3, 1, 1)
+    return x[None]
+
+
+def test_sn_seg_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_path):
+    torch.manual_seed(0)
+    encoder, decoder = _randomize_sn(SnEncoder()).eval(), _randomize_sn(SnC1BilinearDeepSup()).eval()
+    torch.save(encoder.state_dict(), tmp_path / "encoder_epoch_20.pth")
+    torch.save(decoder.state_dict(), tmp_path / "decoder_epoch_20.pth")
+    save_state_dict(convert_csail(tmp_path / "encoder_epoch_20.pth", tmp_path / "decoder_epoch_20.pth"),
+                    tmp_path / "converted.pth")
+
+    image = np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    with torch.no_grad():
+        prediction = decoder(encoder(sn_seg_preprocess(image, short_side=64)), (64, 80)).argmax(1)[0].numpy()
+    assert len(np.unique(prediction)) > 1
+
+    root = tmp_path / "ade"
+    write_ade_odgt(root, image, prediction)
+    assert pixel_acc_through_the_test_tool("sn/r50d8_sn_c1_deepsup", tmp_path / "converted.pth", root,
+                                           "evaluation.short_sides=[64]") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepLab v2, the pytorch-deeplab-resnet port: MS_Deeplab(Bottleneck) with frozen BN, evaluated as evalpyt.py.
+
+class _PortBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)  # stride here
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + residual)
+
+
+class _PortClassifier(nn.Module):
+    def __init__(self, dilations=(6, 12, 18, 24)):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(nn.Conv2d(2048, K, 3, 1, padding=d, dilation=d, bias=True) for d in dilations)
+
+    def forward(self, x):
+        out = self.conv2d_list[0](x)
+        for conv in self.conv2d_list[1:]:
+            out = out + conv(x)
+        return out
+
+
+class _PortResNet(nn.Module):
+    def __init__(self, layers=(3, 4, 23, 3)):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.inplanes = 64
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], dilation=2)
+        self.layer4 = self._make_layer(512, layers[3], dilation=4)
+        self.layer5 = _PortClassifier()
+
+    def _make_layer(self, planes, blocks, stride=1, dilation=1):
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                   nn.BatchNorm2d(planes * 4))
+        layers = [_PortBottleneck(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * 4
+        layers += [_PortBottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+
+def _port_out_size(i: int) -> int:
+    """The port's outS (Python 2 integer division)."""
+    i = (i + 1) // 2
+    i = int(np.ceil((i + 1) / 2.0))
+    return (i + 1) // 2
+
+
+def _upsampling_bilinear(x, size):  # nn.UpsamplingBilinear2d
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class PortMSDeepLab(nn.Module):
+    """MS_Deeplab: square inputs (the height decides every size), scales 1, int(0.75 H) + 1, int(0.5 H) + 1, the
+    smaller outputs resized to outS(H), element-wise max of the three as the fourth output."""
+
+    def __init__(self):
+        super().__init__()
+        self.Scale = _PortResNet()
+
+    def forward(self, x):
+        size = x.shape[2]
+        out_size = (_port_out_size(size),) * 2
+        x75 = _upsampling_bilinear(x, (int(size * 0.75) + 1,) * 2)
+        x50 = _upsampling_bilinear(x, (int(size * 0.5) + 1,) * 2)
+        out = [self.Scale(x), _upsampling_bilinear(self.Scale(x75), out_size), self.Scale(x50)]
+        fused = torch.max(torch.max(out[0], out[1]), _upsampling_bilinear(out[2], out_size))
+        return out + [fused]
+
+
+def deeplab_port_predict(model, image: np.ndarray, canvas: int) -> np.ndarray:
+    """evalpyt.py: cv2 BGR as float64 minus the port's means, placed in a canvas x canvas zero image, output[3]
+    upsampled to the canvas (UpsamplingBilinear2d), cropped to the image, argmax over classes."""
+    img = image[:, :, ::-1].astype(float)
+    img = img - np.array([104.008, 116.669, 122.675])
+    padded = np.zeros((canvas, canvas, 3))
+    padded[:img.shape[0], :img.shape[1], :] = img
+    with torch.no_grad():
+        output = model(torch.from_numpy(padded[np.newaxis].transpose(0, 3, 1, 2)).float())
+        output = _upsampling_bilinear(output[3], (canvas, canvas))[0].numpy()
+    return output[:, :img.shape[0], :img.shape[1]].argmax(0)
+
+
+def test_deeplab_v2_checkpoint_through_the_test_tool_predicts_as_the_port(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize(PortMSDeepLab()).eval()
+    # the port's files come from an older torch: no num_batches_tracked
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "MS_DeepLab_resnet_trained_VOC.pth")
+    save_state_dict(convert_deeplab_v2(tmp_path / "MS_DeepLab_resnet_trained_VOC.pth"), tmp_path / "converted.pth")
+
+    root = tmp_path / "VOC2012"
+    image = saved_jpeg(root / "JPEGImages" / "val_0.jpg",
+                       np.random.default_rng(2).integers(0, 256, (49, 60, 3), dtype=np.uint8))
+    # a 65 x 65 canvas instead of 513 x 513 keeps ResNet-101 at three scales fast; 65 = 8 * 8 + 1 like 513
+    prediction = deeplab_port_predict(model, image, canvas=65)
+    assert len(np.unique(prediction)) > 1
+    (root / "SegmentationClass").mkdir()
+    Image.fromarray(prediction.astype(np.uint8)).save(root / "SegmentationClass" / "val_0.png")
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("val_0\n")
+    assert pixel_acc_through_the_test_tool("deeplab/r101_deeplab_v2_voc", tmp_path / "converted.pth", root,
+                                           "evaluation.pad_to=[65,65]") == 1.0
