@@ -345,3 +345,185 @@ def test_deeplab_v2_checkpoint_through_the_test_tool_predicts_as_the_port(tmp_pa
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("val_0\n")
     assert pixel_acc_through_the_test_tool("deeplab/r101_deeplab_v2_voc", tmp_path / "converted.pth", root,
                                            "evaluation.pad_to=[65,65]") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CondNet (mmseg 0.x): ResNetV1c-50-D8 + CondDepthwiseSeparableASPPHead + FCN auxiliary head, mmseg whole inference.
+
+class ConvModule(nn.Module):
+    """mmcv ConvModule: conv (bias only without a norm) [+ BN] [+ ReLU], keys conv.* and bn.*."""
+
+    def __init__(self, cin, cout, k, *, stride=1, padding=0, dilation=1, groups=1, norm=True, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=not norm)
+        self.bn = nn.BatchNorm2d(cout) if norm else None
+        self.act = act
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn(x) if self.bn is not None else x
+        return F.relu(x) if self.act else x
+
+
+class DepthwiseSeparableConvModule(nn.Module):
+    def __init__(self, cin, cout, k, *, padding=0, dilation=1):
+        super().__init__()
+        self.depthwise_conv = ConvModule(cin, cin, k, padding=padding, dilation=dilation, groups=cin)
+        self.pointwise_conv = ConvModule(cin, cout, 1)
+
+    def forward(self, x):
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class _MMSegBottleneck(nn.Module):
+    """style='pytorch': the stride in the 3x3 conv, padding = dilation."""
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNetV1c(nn.Module):
+    """mmseg ResNetV1c-50: deep stem 32/32/64, strides (1, 2, 1, 1), dilations (1, 1, 2, 4), contract_dilation
+    (the first block of a dilated stage uses half the dilation)."""
+
+    def __init__(self, layers=(3, 4, 6, 3)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        for i, (n, stride, dilation) in enumerate(zip(layers, (1, 2, 1, 1), (1, 1, 2, 4))):
+            planes = 64 * 2 ** i
+            downsample = None
+            if stride != 1 or inplanes != planes * 4:
+                downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                           nn.BatchNorm2d(planes * 4))
+            first_dilation = dilation // 2 if dilation > 1 else dilation
+            blocks = [_MMSegBottleneck(inplanes, planes, stride, first_dilation, downsample)]
+            inplanes = planes * 4
+            blocks += [_MMSegBottleneck(inplanes, planes, 1, dilation) for _ in range(1, n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+
+    def forward(self, x):
+        x = self.maxpool(self.stem(x))
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+def _resize(x, size):  # mmseg.ops.resize with align_corners=False
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class CondDepthwiseSeparableASPPHead(nn.Module):
+    """CondNet's head (eval mode): DeepLabV3+ ASPP with image pooling and the stage-1 skip, then the conditional
+    classifier (ConditionalDecodeHead.cls_seg, one conditional layer with bias)."""
+
+    def __init__(self, in_channels=2048, channels=512, dilations=(1, 12, 24, 36), c1_in_channels=256,
+                 c1_channels=48):
+        super().__init__()
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(in_channels, channels, 1))
+        self.aspp_modules = nn.ModuleList(
+            ConvModule(in_channels, channels, 1) if d == 1 else
+            DepthwiseSeparableConvModule(in_channels, channels, 3, padding=d, dilation=d) for d in dilations)
+        self.bottleneck = ConvModule((len(dilations) + 1) * channels, channels, 3, padding=1)
+        self.c1_bottleneck = ConvModule(c1_in_channels, c1_channels, 1)
+        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1_channels, channels, 3, padding=1),
+                                            DepthwiseSeparableConvModule(channels, channels, 3, padding=1))
+        self.guidance_project = ConvModule(channels, K, 1, norm=False, act=False)
+        self.filter_project = ConvModule(channels * K, channels * K + K, 1, groups=K, norm=False, act=False)
+        self.dropout = nn.Dropout2d(0.1)
+        self.channels = channels
+
+    def forward(self, inputs):
+        x = inputs[3]
+        aspp = [_resize(self.image_pool(x), x.shape[2:])] + [m(x) for m in self.aspp_modules]
+        output = self.bottleneck(torch.cat(aspp, dim=1))
+        c1 = self.c1_bottleneck(inputs[0])
+        output = self.sep_bottleneck(torch.cat([_resize(output, c1.shape[2:]), c1], dim=1))
+        return self.cls_seg(output)
+
+    def cls_seg(self, feat):
+        feat = self.dropout(feat)
+        guidance = F.softmax(self.guidance_project(feat), dim=1)
+        guidance = guidance.reshape(*guidance.shape[:2], -1)
+        key = feat.reshape(*feat.shape[:2], -1).permute(0, 2, 1).contiguous()
+        cond_filters = ((feat.shape[2] * feat.shape[3]) ** -1) * torch.matmul(guidance, key)
+        cond_filters = self.filter_project(cond_filters.reshape(cond_filters.shape[0], -1, 1, 1))
+        cond_filters = cond_filters.reshape(cond_filters.shape[0], -1)
+        batch_size, _, h, w = feat.shape
+        weight, bias = torch.split(cond_filters, [self.channels * K, K], dim=1)
+        weight = weight.reshape(batch_size * K, -1, 1, 1)
+        bias = bias.reshape(batch_size * K)
+        value = feat.reshape(-1, h, w).unsqueeze(0)
+        return F.conv2d(value, weight, bias=bias, groups=batch_size).view(batch_size, K, h, w)
+
+
+class FCNHead(nn.Module):
+    def __init__(self, in_channels=1024, channels=256):
+        super().__init__()
+        self.convs = nn.Sequential(ConvModule(in_channels, channels, 3, padding=1))
+        self.conv_seg = nn.Conv2d(channels, K, 1)
+
+
+class CondNetR50(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = ResNetV1c()
+        self.decode_head = CondDepthwiseSeparableASPPHead()
+        self.auxiliary_head = FCNHead()  # training only; its weights are part of the checkpoint
+
+    def whole_inference(self, img, ori_shape):
+        """EncoderDecoder.encode_decode (logits resized to the input) + whole_inference(rescale=True) + softmax."""
+        logits = _resize(self.decode_head(self.backbone(img)), img.shape[2:])
+        return F.softmax(_resize(logits, ori_shape), dim=1)
+
+
+def mmseg_test_pipeline(image: np.ndarray, img_scale=(2048, 512)):
+    """LoadImageFromFile (cv2, BGR), Resize(keep_ratio=True) via mmcv.imrescale (cv2 bilinear, sizes
+    int(x * factor + 0.5)), Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+    as mmcv.imnormalize: BGR -> RGB, minus the mean, times 1 / std."""
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    factor = min(max(img_scale) / max(h, w), min(img_scale) / min(h, w))
+    resized = cv2.resize(bgr, (int(w * factor + 0.5), int(h * factor + 0.5)), interpolation=cv2.INTER_LINEAR)
+    img = cv2.cvtColor(resized.astype(np.float32), cv2.COLOR_BGR2RGB)
+    mean = np.float64([123.675, 116.28, 103.53]).reshape(1, -1)
+    stdinv = 1 / np.float64([58.395, 57.12, 57.375]).reshape(1, -1)
+    img = cv2.multiply(cv2.subtract(img, mean), stdinv)
+    return torch.from_numpy(img.transpose(2, 0, 1).copy())[None]
+
+
+def test_condnet_checkpoint_through_the_test_tool_predicts_as_mmseg(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize(CondNetR50()).eval()
+    torch.save({"meta": {"iter": 160000}, "state_dict": model.state_dict()}, tmp_path / "condnet.pth")
+    save_state_dict(convert_mmseg(tmp_path / "condnet.pth"), tmp_path / "converted.pth")
+
+    root = tmp_path / "ADEChallengeData2016"
+    image = saved_jpeg(root / "images" / "validation" / "val_0.jpg",
+                       np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    # the config's (2048, 512) keep-ratio resize scaled down by 8 to (256, 64): this image keeps its size
+    with torch.no_grad():
+        probs = model.whole_inference(mmseg_test_pipeline(image, img_scale=(256, 64)), image.shape[:2])
+    prediction = probs.argmax(1)[0].numpy()
+    assert len(np.unique(prediction)) > 1
+    (root / "annotations" / "validation").mkdir(parents=True)
+    Image.fromarray((prediction + 1).astype(np.uint8)).save(root / "annotations" / "validation" / "val_0.png")
+    assert pixel_acc_through_the_test_tool("condnet/r50d8_cond_sep_aspp_ade20k", tmp_path / "converted.pth",
+                                           tmp_path, "evaluation.short_sides=[64]",
+                                           "evaluation.max_long_side=256") == 1.0
