@@ -15,12 +15,15 @@ from functools import partial
 
 import cv2
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from normkit.convert import convert_csail, convert_deeplab_v2, convert_mmseg, save_state_dict
+from normkit.models import read_config
+from normkit.evaluation.sem_seg import image_sizes
 from normkit.tools import test as test_tool
 from test_convert import K, CsailC1DeepSup, CsailEncoder, _CsailBasic, _nostride_dilate, _randomize
 
@@ -527,3 +530,20 @@ def test_condnet_checkpoint_through_the_test_tool_predicts_as_mmseg(tmp_path):
     assert pixel_acc_through_the_test_tool("condnet/r50d8_cond_sep_aspp_ade20k", tmp_path / "converted.pth",
                                            tmp_path, "evaluation.short_sides=[64]",
                                            "evaluation.max_long_side=256") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test sizes of the published CSAIL-framework configs: the sizes the originals' ValDatasets feed their networks.
+
+@pytest.mark.parametrize("config, preprocess, padding", [
+    ("csail/r18d8_c1_deepsup", csail_preprocess, 8), ("csail/r50d8_ppm_deepsup", csail_preprocess, 8),
+    ("csail/r101d8_ppm_deepsup", csail_preprocess, 8), ("csail/r50_upernet", csail_preprocess, 32),
+    ("csail/r101_upernet", csail_preprocess, 32), ("sn/r50d8_sn_c1_deepsup", sn_seg_preprocess, 8),
+])
+@pytest.mark.parametrize("height, width", [(375, 500), (333, 500), (512, 683), (1200, 300), (97, 101)])
+def test_csail_family_configs_test_at_the_original_sizes(config, preprocess, padding, height, width):
+    evaluation = read_config(config)["evaluation"]
+    image = np.zeros((height, width, 3), np.uint8)
+    # the single-scale setting of the eval.py that produced the published numbers: --imgSize 450, --imgMaxSize 1000
+    original = tuple(preprocess(image, short_side=450, max_long_side=1000, padding=padding).shape[-2:])
+    assert image_sizes(evaluation, height, width) == [original]
