@@ -17,6 +17,8 @@ The `train:` section (defaults shown)::
       sync_norm: false           # under DDP: BatchNorm -> SyncBatchNorm, SwitchNorm -> SyncSwitchNorm
       find_unused_parameters: false
       optimizer: {name: sgd, lr: 0.02, momentum: 0.9, weight_decay: 1.0e-4, lr_mult: {}}   # normkit.engine.build_optimizer
+                                 # + reference_batch: N scales lr, max_iter and the schedule's steps and warmup
+                                 # to the total batch (normkit.engine.scale_to_total_batch)
       lr_schedule: {policy: poly, power: 0.9, min_lr: 0.0}                               # normkit.engine.build_lr_scheduler
       checkpoint_period: 0       # iterations between checkpoints (0: only at the end)
       max_keep: 3                # iteration checkpoints kept; latest.pth always names the newest
@@ -45,8 +47,8 @@ import yaml  # noqa: E402
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,  # noqa: E402
                             Trainer, apply_overrides, build_lr_scheduler, build_optimizer, convert_sync_norm,
-                            destroy_distributed, init_distributed, load_config, seed_all, setup_logging,
-                            wrap_ddp)
+                            destroy_distributed, init_distributed, load_config, scale_to_total_batch, seed_all,
+                            setup_logging, wrap_ddp)
 from normkit.io import atomic_write_text  # noqa: E402
 from normkit.models import build_model  # noqa: E402
 from normkit.tools.tasks import task_for  # noqa: E402
@@ -82,9 +84,10 @@ def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
         raise ValueError(f"unknown train keys {sorted(unknown)}; allowed: {sorted(TRAIN_KEYS)}")
     if "optimizer" not in train_cfg:
         raise ValueError("the config needs train.optimizer (at least {name: sgd, lr: ...})")
+    batch_size = int(train_cfg.get("batch_size", 8))
+    train_cfg = scale_to_total_batch(train_cfg, batch_size * int(train_cfg.get("iter_size", 1)) * info.world_size)
     seed = int(train_cfg.get("seed", 0))
     max_iter = int(train_cfg.get("max_iter", 1000))
-    batch_size = int(train_cfg.get("batch_size", 8))
     num_workers = int(train_cfg.get("num_workers", 0))
 
     seed_all(seed)  # the same initial weights on every rank
