@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Segment one image or every image in a folder; print the classes found and write colour overlays.
+Detection configs (COCO data) draw boxes, class names, scores and mask overlays instead.
 
     python tools/demo.py --config CFG --checkpoint CKPT --image IMG_OR_DIR [--out OUT] [--scales ...] [--flip]
+                         [--score-threshold 0.5]     (detection: the lowest score drawn)
 
 OUT: a .png/.jpg file for a single image, otherwise a folder receiving <image name>.png per image
 (default: demo_out/). Inference options default to the config's `evaluation:` section.
@@ -21,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import normkit  # noqa: E402
 from normkit.data.base import read_image  # noqa: E402
 from normkit.data.build import resolve_class_names  # noqa: E402
+from normkit.data.detection import coco_inference_batch  # noqa: E402
 from normkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor  # noqa: E402
-from normkit.engine import apply_overrides, load_config  # noqa: E402
+from normkit.engine import apply_overrides, load_config, move_to_device  # noqa: E402
 from normkit.evaluation import inference, overlay  # noqa: E402
+from normkit.evaluation.det_visualize import draw_detections  # noqa: E402
+from normkit.tools.tasks import DetectionTask, task_for  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -37,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scales", type=float, nargs="+", help="test scales (default: evaluation.scales or 1.0)")
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest score drawn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     return parser.parse_args(argv)
@@ -66,9 +72,31 @@ def describe(pred: np.ndarray, class_names) -> str:
     return ", ".join(f"{class_names[k]} {100 * counts[k] / pred.size:.1f}%" for k in order if counts[k])
 
 
-def main(argv=None) -> dict[str, np.ndarray]:
+def detect(args: argparse.Namespace, cfg: dict) -> dict[str, dict]:
+    """Detection configs: each image's predictions (original pixels) drawn with draw_detections."""
+    class_names = resolve_class_names(cfg["data"])
+    images = list_images(Path(args.image))
+    model = normkit.build_model(cfg, checkpoint=args.checkpoint).to(args.device).eval()
+    predictions = {}
+    for image_path, out_path in zip(images, output_paths(images, Path(args.out))):
+        image = read_image(image_path)
+        with torch.no_grad():
+            prediction = model(move_to_device(coco_inference_batch(image, cfg["data"]), args.device))[0]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        drawn = draw_detections(image, prediction, class_names, args.score_threshold, args.alpha)
+        Image.fromarray(drawn).save(out_path)
+        shown = [f"{class_names[int(label)]} {float(score):.2f}"
+                 for label, score in zip(prediction["labels"], prediction["scores"]) if score >= args.score_threshold]
+        print(f"{image_path.name}: {', '.join(shown) or 'nothing'} -> {out_path}", flush=True)
+        predictions[image_path.name] = prediction
+    return predictions
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = apply_overrides(load_config(args.config), args.set)
+    if task_for(cfg) is DetectionTask:
+        return detect(args, cfg)
     eval_cfg = cfg.get("evaluation") or {}
     data_cfg = cfg["data"]
     class_names = resolve_class_names(data_cfg)
