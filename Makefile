@@ -1,4 +1,5 @@
-# Quick start:  make train  (main job on the embedded mini dataset)  |  make test  (build + checks + tests)
+# Quick start:  make train  (main job on the embedded mini dataset)  |  make train-det  (detection main job on the
+# embedded mini COCO set)  |  make test  (build + checks + tests)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ BUILT  := $(VENV)/.ext-built
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: setup build cuda-check test test-all train demo bench clean
+.PHONY: setup build cuda-check test test-all train train-det demo bench clean
 
 setup: $(DEPS)
 
@@ -40,6 +41,10 @@ test-all: build cuda-check
 
 train: build
 	$(PY) tools/train.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --work-dir work_dirs/mini
+
+# Prints COCOeval's bbox and segm tables, then the box and mask AP lines.
+train-det: build
+	$(PY) tools/train.py --config configs/mini/mask_rcnn_r18_fpn_sn.yaml --work-dir work_dirs/mini_det
 
 demo: build
 	$(PY) tools/demo.py --config configs/mini/r18d8_sn_c1_deepsup.yaml --checkpoint work_dirs/mini/latest.pth \
