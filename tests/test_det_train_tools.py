@@ -136,3 +136,10 @@ def test_demo_draws_detections(trained, capsys):
     drawn = np.asarray(Image.open(out))
     assert drawn.shape == original.shape and prediction["masks"].shape[1:] == original.shape[:2]
     assert (drawn != original).any(axis=2).mean() > 0.05  # boxes, labels and mask overlays changed the pixels
+
+
+def test_test_tool_rejects_segmentation_options_for_detection(trained):
+    tmp = trained["tmp"]
+    with pytest.raises(ValueError, match=r"unknown evaluation option\(s\) \['flip'\] for detection"):
+        normkit.tools.test.main(["--config", str(CONFIG), "--checkpoint", str(tmp / "full" / "latest.pth"),
+                                 "--flip", "--set", *_overrides(tmp / "data")])

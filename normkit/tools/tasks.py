@@ -60,10 +60,7 @@ class DetectionTask:
 
     def __init__(self, cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0):
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
-        unknown = set(cfg.get("evaluation") or {}) - set(self.EVAL_KEYS)
-        if unknown:
-            raise ValueError(f"unknown evaluation option(s) {sorted(unknown)} for detection; known: "
-                             f"{', '.join(self.EVAL_KEYS)}")
+        self._check_eval_keys(cfg.get("evaluation") or {})
         self._train_set = None
         self.val_set = build_coco_dataset(cfg["data"], "val")
         self.val_loader = build_coco_val_loader(cfg["data"], rank=rank, world_size=world_size,
@@ -77,8 +74,17 @@ class DetectionTask:
                                        seed=seed, start_iter=start_batch, num_workers=self.num_workers,
                                        dataset=self._train_set)
 
+    def _check_eval_keys(self, eval_cfg: dict) -> None:
+        """Segmentation options (scales, flip, sliding window: tools/test.py flags) have no detection meaning;
+        ignoring them would report numbers of another setting than the one asked for."""
+        unknown = set(eval_cfg) - set(self.EVAL_KEYS)
+        if unknown:
+            raise ValueError(f"unknown evaluation option(s) {sorted(unknown)} for detection; known: "
+                             f"{', '.join(self.EVAL_KEYS)}")
+
     def evaluate(self, model, eval_cfg: dict | None = None) -> dict:
         eval_cfg = dict(self.cfg.get("evaluation") or {}) if eval_cfg is None else dict(eval_cfg)
+        self._check_eval_keys(eval_cfg)
         default_tasks = ("bbox", "segm") if self.cfg["data"].get("mask_on") else ("bbox",)
         evaluator = COCOEvaluator(self.val_set, tasks=eval_cfg.get("tasks", default_tasks),
                                   output_dir=eval_cfg.get("output_dir"))
