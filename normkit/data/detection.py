@@ -71,8 +71,8 @@ from normkit.data.samplers import SampleKey, global_batches, sample_rng, shard_i
 
 __all__ = ["CAFFE_BGR_MEAN", "IMAGENET_RGB_MEAN", "IMAGENET_RGB_STD", "DetectionBatchSampler", "DetectionCollate",
            "DetectionMapper", "PixelNormalizer", "build_coco_dataset", "build_coco_train_loader",
-           "build_coco_val_loader", "coco_inference_batch", "compute_scale", "flip_boxes", "pad_images", "pixel_normalizer",
-           "resize_scale_info", "sorted_block_batches"]
+           "build_coco_val_loader", "coco_inference_batch", "compute_scale", "flip_boxes", "pad_images",
+           "pixel_normalizer", "resize_scale_info", "sorted_block_batches"]
 
 CAFFE_BGR_MEAN = (102.9801, 115.9465, 122.7717)
 IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
@@ -423,8 +423,9 @@ def build_coco_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1,
     """Finite loader over this rank's shard (indices rank, rank + world_size, ...) of the val split, every
     image kept, no flip, resized to data.val.short_side / max_size; batches follow the contract (targets
     included). `loader.dataset.dataset` is the COCODetection (for COCOEvaluator)."""
+    cfg = data_cfg.get("val") or {}
     dataset = dataset if dataset is not None else build_coco_dataset(data_cfg, "val")
     mapper = _val_mapper(data_cfg, dataset.legacy_plus_one, dataset.mask_on)
     samples = _ValSamples(dataset, shard_indices(len(dataset), rank, world_size), mapper)
-    return DataLoader(samples, batch_size=int((data_cfg.get("val") or {}).get("batch_size", 1)), shuffle=False,
+    return DataLoader(samples, batch_size=int(cfg.get("batch_size", 1)), shuffle=False,
                       collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers))
