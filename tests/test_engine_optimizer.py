@@ -78,6 +78,8 @@ def test_bad_optimizer_configs_are_reported():
         build_optimizer(Net(), {"name": "sgd", "lr": 0.1, "momentun": 0.9})
     with pytest.raises(ValueError, match="train.optimizer.lr is required"):
         build_optimizer(Net(), {"name": "sgd"})
+    with pytest.raises(ValueError, match="reference_batch needs the total batch"):
+        build_optimizer(Net(), {"name": "sgd", "lr": 0.02, "reference_batch": 16})
 
 
 class TinyHead(nn.Module):

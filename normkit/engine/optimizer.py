@@ -74,6 +74,9 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     name = cfg.get("name", "sgd")
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown train.optimizer.name {name!r}; choose one of {sorted(_OPTIMIZERS)}")
+    if "reference_batch" in cfg:
+        raise ValueError("train.optimizer.reference_batch needs the total batch: apply "
+                         "normkit.engine.scale_to_total_batch to the train section before build_optimizer")
     unknown = set(cfg) - _GROUP_KEYS - _OPTIMIZERS[name]
     if unknown:
         raise ValueError(f"unknown train.optimizer keys {sorted(unknown)} for {name}; "
