@@ -1,4 +1,5 @@
-# Quick start:  make train  (main job on the embedded mini dataset)  |  make test  (build + checks + tests)
+# Quick start:  make train  (main job on the embedded mini dataset)  |  make train-det  (detection main job on the
+# embedded mini COCO set)  |  make test  (build + checks + tests)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ BUILT  := $(VENV)/.ext-built
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: setup build cuda-check test test-all sdist-check train demo bench clean
+.PHONY: setup build cuda-check test test-all sdist-check train train-det demo bench clean
 
 setup: $(DEPS)
 
@@ -47,6 +48,10 @@ sdist-check: $(DEPS)
 # --resume: a second `make train` continues (or, when finished, re-evaluates) the run instead of refusing its work dir.
 train: build
 	$(PY) tools/train.py --config mini/r18d8_sn_c1_deepsup --work-dir work_dirs/mini --resume
+
+# Prints COCOeval's bbox and segm tables, then the box and mask AP lines (--resume: as for `make train`).
+train-det: build
+	$(PY) tools/train.py --config mini/mask_rcnn_r18_fpn_sn --work-dir work_dirs/mini_det --resume
 
 demo: build
 	$(PY) tools/demo.py --config mini/r18d8_sn_c1_deepsup --checkpoint work_dirs/mini/latest.pth \

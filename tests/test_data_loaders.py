@@ -148,3 +148,14 @@ def test_val_loader_shards(mini_root):
     assert batch["images"].shape == (1, 3, h, w) and batch["labels"].shape == (1, h, w)
     # ImageNet normalisation of an RGB uint8 image
     assert batch["images"].min() >= -0.485 / 0.229 - 1e-5 and batch["images"].max() <= (1 - 0.406) / 0.225 + 1e-5
+
+
+def test_creating_a_loader_iterator_leaves_the_global_torch_rng_alone():
+    """The model's random sampling draws from the global stream that checkpoints save; a loader iterator
+    created after a restore (a resumed run) must not shift it."""
+    from torch.utils.data import DataLoader
+
+    from normkit.data.base import worker_options
+    state = torch.get_rng_state()
+    next(iter(DataLoader(list(range(4)), batch_size=2, **worker_options(0))))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from normkit.engine import PolyLR, WarmupStepLR, build_lr_scheduler
+from normkit.engine import PolyLR, WarmupStepLR, build_lr_scheduler, scale_to_total_batch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _optimizer(lrs):
@@ -71,3 +75,52 @@ def test_builder_rejects_bad_configs():
         build_lr_scheduler(_optimizer([0.1]), {"policy": "step"}, 10)
     with pytest.raises(ValueError, match="increasing"):
         build_lr_scheduler(_optimizer([0.1]), {"policy": "step", "steps": [5, 2]}, 10)
+
+
+def test_linear_scaling_rule_scales_lr_and_schedule_with_the_total_batch():
+    train = {"max_iter": 180000, "batch_size": 2,
+             "optimizer": {"name": "sgd", "lr": 0.02, "reference_batch": 16, "bias_lr_mult": 2.0},
+             "lr_schedule": {"policy": "step", "steps": [120000, 160000], "warmup_iters": 500}}
+    # 8 processes x 2 images: the reference batch, nothing changes but the key disappears
+    assert scale_to_total_batch(train, 16) == {
+        "max_iter": 180000, "batch_size": 2, "optimizer": {"name": "sgd", "lr": 0.02, "bias_lr_mult": 2.0},
+        "lr_schedule": {"policy": "step", "steps": [120000, 160000], "warmup_iters": 500}}
+    # one process with 2 images: lr / 8, iterations x 8 (Detectron's GETTING_STARTED example)
+    one_gpu = scale_to_total_batch(train, 2)
+    assert one_gpu["optimizer"]["lr"] == pytest.approx(0.0025)
+    assert (one_gpu["max_iter"], one_gpu["lr_schedule"]["steps"], one_gpu["lr_schedule"]["warmup_iters"]) == \
+        (1440000, [960000, 1280000], 4000)
+    # 64 images: lr x 4, iterations / 4
+    big = scale_to_total_batch(train, 64)
+    assert big["optimizer"]["lr"] == pytest.approx(0.08)
+    assert (big["max_iter"], big["lr_schedule"]["steps"], big["lr_schedule"]["warmup_iters"]) == \
+        (45000, [30000, 40000], 125)
+    assert train["optimizer"]["reference_batch"] == 16  # the input is not modified
+    no_reference = {"max_iter": 10, "optimizer": {"lr": 0.1}}
+    assert scale_to_total_batch(no_reference, 64) is no_reference
+    with pytest.raises(ValueError, match="reference_batch must be a positive integer"):
+        scale_to_total_batch({"optimizer": {"lr": 0.1, "reference_batch": 0}}, 8)
+
+
+def test_detectron_recipe_rates_at_given_iterations():
+    """scratch Mask R-CNN SN 3x on one process with 2 images: lr 0.02 x 2/16, warmup 4000 iterations from 1/3,
+    decay x0.1 at 1680000 and 2000000; biases at twice the rate of the weights."""
+    from normkit.engine import build_optimizer, load_config
+    from normkit.nn import SwitchNorm2d
+
+    cfg = load_config(CONFIGS / "detection" / "scratch_e2e_mask_rcnn_R-50-FPN_3x_sn.yaml")
+    train = scale_to_total_batch(cfg["train"], cfg["train"]["batch_size"])
+    assert train["max_iter"] == 2160000
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), SwitchNorm2d(4))
+    optimizer = build_optimizer(model, train["optimizer"])
+    scheduler = build_lr_scheduler(optimizer, train["lr_schedule"], train["max_iter"])
+    weight = next(i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] == 1e-4)
+    bias = next(i for i, g in enumerate(optimizer.param_groups) if g["lr_mult"] == 2.0)
+    expected = {0: 0.0025 / 3, 2000: 0.0025 * (1 / 3 * 0.5 + 0.5), 4000: 0.0025, 1679999: 0.0025,
+                1680000: 0.00025, 2000000: 0.000025, 2159999: 0.000025}
+    for iteration, lr in expected.items():
+        scheduler.iteration = iteration - 1
+        scheduler.step()
+        rates = scheduler.get_last_lr()
+        assert rates[weight] == pytest.approx(lr, rel=1e-9), iteration
+        assert rates[bias] == pytest.approx(2 * lr, rel=1e-9), iteration

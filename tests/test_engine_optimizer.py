@@ -78,3 +78,35 @@ def test_bad_optimizer_configs_are_reported():
         build_optimizer(Net(), {"name": "sgd", "lr": 0.1, "momentun": 0.9})
     with pytest.raises(ValueError, match="train.optimizer.lr is required"):
         build_optimizer(Net(), {"name": "sgd"})
+    with pytest.raises(ValueError, match="reference_batch needs the total batch"):
+        build_optimizer(Net(), {"name": "sgd", "lr": 0.02, "reference_batch": 16})
+
+
+class TinyHead(nn.Module):
+    """A conv with bias, an SN layer, a bias-free conv and a linear layer (weight and bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = SwitchNorm2d(4)
+        self.proj = nn.Conv2d(4, 4, 1, bias=False)
+        self.fc = nn.Linear(4, 2)
+
+
+def test_bias_lr_mult_doubles_the_lr_of_biases_but_not_of_norm_parameters():
+    groups = build_param_groups(TinyHead(), 0.02, 1e-4, bias_lr_mult=2.0, lr_mult={"fc": 10.0})
+    assert _by_name(groups) == {
+        "conv.weight": (0.02, 1e-4), "conv.bias": (0.04, 0.0),
+        "norm.weight": (0.02, 0.0), "norm.bias": (0.02, 0.0),
+        "norm.mean_weight": (0.02, 0.0), "norm.var_weight": (0.02, 0.0),
+        "proj.weight": (0.02, 1e-4),
+        "fc.weight": (0.2, 1e-4), "fc.bias": (0.4, 0.0),  # prefix and bias multipliers compose
+    }
+
+
+def test_build_optimizer_reads_bias_lr_mult():
+    optimizer = build_optimizer(TinyHead(), {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4,
+                                             "bias_lr_mult": 2.0, "bias_weight_decay": 0.0})
+    rates = sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups)
+    # weights (conv, proj, fc), norm parameters (4), biases (conv, fc)
+    assert rates == [(0.02, 0.0, 4), (0.02, 1e-4, 3), (0.04, 0.0, 2)]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -190,12 +191,20 @@ def worker_options(num_workers: int) -> dict:
 
     Workers start from a fork server, not from a fork of the (multi-threaded) training process: a forked
     child inherits thread pools without their threads, and OpenCV's pool then deadlocks on its first
-    reconfiguration. Each worker runs single-threaded."""
+    reconfiguration. Each worker runs single-threaded.
+
+    Every loader gets its own generator: a DataLoader draws its workers' base seed whenever an iterator is
+    created, from the global torch RNG unless given one. That global stream also drives the model's random
+    sampling (detection RoIs and anchors, dropout), and a resumed run creates its iterators at other points
+    of it than the uninterrupted run (training after the restore, evaluation between checkpoints), so
+    sharing it made resumed runs diverge. Samples draw their augmentation from `sample_rng`, not from it."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    generator = torch.Generator().manual_seed(0)
     if num_workers == 0:
-        return {"num_workers": 0}
-    return {"num_workers": num_workers, "worker_init_fn": _worker_init, "multiprocessing_context": "forkserver"}
+        return {"num_workers": 0, "generator": generator}
+    return {"num_workers": num_workers, "worker_init_fn": _worker_init, "multiprocessing_context": "forkserver",
+            "generator": generator}
 
 
 def prepare_synthetic(data_cfg: dict, generate: Callable[..., object]) -> None:

@@ -77,9 +77,8 @@ from normkit.schema import check_keys, config_mapping
 
 __all__ = ["CAFFE_BGR_MEAN", "IMAGENET_RGB_MEAN", "IMAGENET_RGB_STD", "DetectionBatchSampler", "DetectionCollate",
            "DetectionMapper", "PixelNormalizer", "build_coco_dataset", "build_coco_train_loader",
-           "build_coco_val_loader", "check_coco_data_config", "compute_scale", "flip_boxes", "pad_images",
-           "pixel_normalizer",
-           "resize_scale_info", "sorted_block_batches"]
+           "build_coco_val_loader", "check_coco_data_config", "coco_inference_batch", "compute_scale", "flip_boxes",
+           "pad_images", "pixel_normalizer", "resize_scale_info", "sorted_block_batches"]
 
 FLIP_MODES = ("random", "double", "none")
 GROUPINGS = ("orientation", "sorted", "none")
@@ -383,6 +382,21 @@ def build_coco_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, w
     return DetectionTrainLoader(loader, dataset)
 
 
+def _val_mapper(data_cfg: dict, legacy_plus_one: bool, mask_on: bool) -> DetectionMapper:
+    cfg = data_cfg.get("val") or {}
+    return DetectionMapper(pixel_normalizer(data_cfg), (cfg.get("short_side", 800),), cfg.get("max_size", 1333),
+                           legacy_plus_one=legacy_plus_one, mask_on=mask_on)
+
+
+def coco_inference_batch(image: np.ndarray, data_cfg: dict) -> dict:
+    """A one-image batch of the contract from a uint8 RGB image [H, W, 3] read from anywhere (a demo image):
+    normalised, resized and padded as the val split is; image id 0 and empty targets."""
+    mapper = _val_mapper(data_cfg, bool(data_cfg.get("legacy_plus_one", True)), mask_on=False)
+    sample = {"image": image, "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+              "iscrowd": np.zeros(0, bool), "image_id": 0}
+    return DetectionCollate(data_cfg.get("size_divisibility", 32))([mapper(sample)])
+
+
 def build_coco_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                           dataset: COCODetection | None = None) -> DataLoader:
     """Finite loader over this rank's shard (indices rank, rank + world_size, ...) of the val split, every
@@ -390,8 +404,7 @@ def build_coco_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1,
     included). `loader.dataset.dataset` is the COCODetection (for COCOEvaluator)."""
     cfg = data_cfg.get("val") or {}
     dataset = dataset if dataset is not None else build_coco_dataset(data_cfg, "val")
-    mapper = DetectionMapper(pixel_normalizer(data_cfg), (cfg.get("short_side", 800),), cfg.get("max_size", 1333),
-                             legacy_plus_one=dataset.legacy_plus_one, mask_on=dataset.mask_on)
+    mapper = _val_mapper(data_cfg, dataset.legacy_plus_one, dataset.mask_on)
     samples = _ValSamples(dataset, shard_indices(len(dataset), rank, world_size), mapper)
     return DataLoader(samples, batch_size=int(cfg.get("batch_size", 1)), shuffle=False,
                       collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers))

@@ -12,7 +12,7 @@ import torch
 
 from normkit.schema import check_keys, config_int
 
-__all__ = ["IterationLRScheduler", "PolyLR", "WarmupStepLR", "build_lr_scheduler"]
+__all__ = ["IterationLRScheduler", "PolyLR", "WarmupStepLR", "build_lr_scheduler", "scale_to_total_batch"]
 
 
 class IterationLRScheduler:
@@ -126,3 +126,36 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, max_iter: in
     if "steps" not in cfg:
         raise ValueError("train.lr_schedule.steps is required for the step policy (a list of iterations)")
     return WarmupStepLR(optimizer, cfg.pop("steps"), **cfg)
+
+
+def scale_to_total_batch(train_cfg: dict, total_batch: int) -> dict:
+    """Detectron's linear scaling rule, applied when `train.optimizer.reference_batch` is set.
+
+    A recipe states its lr and schedule for `reference_batch` images per optimizer step (Detectron: 16 = 8 GPUs
+    x 2 images). For a total batch B (images per process x iter_size x processes) the returned copy of the
+    `train:` section has lr x B / reference_batch and max_iter, lr_schedule.steps and lr_schedule.warmup_iters
+    x reference_batch / B (rounded; at least 1 for max_iter), so the run sees the same number of images at
+    each point of the schedule (Detectron's GETTING_STARTED: 1 GPU instead of 8 -> lr / 8, iterations x 8).
+    Without reference_batch the section is returned unchanged; reference_batch itself is removed."""
+    optimizer = dict(train_cfg.get("optimizer") or {})
+    reference = optimizer.pop("reference_batch", None)
+    if reference is None:
+        return train_cfg
+    if not isinstance(reference, int) or reference <= 0:
+        raise ValueError(f"train.optimizer.reference_batch must be a positive integer, got {reference!r}")
+    if total_batch <= 0:
+        raise ValueError(f"the total batch must be positive, got {total_batch}")
+    if "lr" in optimizer:
+        optimizer["lr"] = float(optimizer["lr"]) * total_batch / reference
+    iterations = reference / total_batch
+    scaled = {**train_cfg, "optimizer": optimizer}
+    if "max_iter" in train_cfg:
+        scaled["max_iter"] = max(1, round(int(train_cfg["max_iter"]) * iterations))
+    schedule = dict(train_cfg.get("lr_schedule") or {})
+    if "steps" in schedule:
+        schedule["steps"] = [round(int(step) * iterations) for step in schedule["steps"]]
+    if "warmup_iters" in schedule:
+        schedule["warmup_iters"] = round(int(schedule["warmup_iters"]) * iterations)
+    if schedule:
+        scaled["lr_schedule"] = schedule
+    return scaled

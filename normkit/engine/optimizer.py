@@ -1,4 +1,5 @@
-"""Optimizer with parameter groups: per-prefix lr multipliers, and no weight decay on norm parameters or biases."""
+"""Optimizer with parameter groups: per-prefix lr multipliers, a bias lr multiplier (Detectron's BIAS_DOUBLE_LR),
+and no weight decay on norm parameters or biases."""
 from __future__ import annotations
 
 import torch
@@ -20,12 +21,14 @@ def _lr_multiplier(name: str, lr_mult: dict[str, float]) -> float:
 
 def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
                        lr_mult: dict[str, float] | None = None, norm_weight_decay: float = 0.0,
-                       bias_weight_decay: float = 0.0) -> list[dict]:
+                       bias_weight_decay: float = 0.0, bias_lr_mult: float = 1.0) -> list[dict]:
     """Splits the trainable parameters of `model` into optimizer groups.
 
     lr_mult: `{name prefix: multiplier}`, e.g. `{"decode_head": 10.0}` (the longest matching prefix wins);
     parameters of norm layers (`normkit.nn.is_norm_layer`) get `norm_weight_decay`, other biases get
-    `bias_weight_decay`, everything else `weight_decay`. Each group records its `lr_mult`; every trainable
+    `bias_weight_decay`, everything else `weight_decay`. Those other biases also have their lr multiplied by
+    `bias_lr_mult` (Detectron trains with 2: SOLVER.BIAS_DOUBLE_LR, which leaves norm parameters at 1x as
+    here). Each group records its `lr_mult` (prefix multiplier times bias multiplier); every trainable
     parameter appears exactly once. Call this on the unwrapped model (before DistributedDataParallel).
     """
     lr_mult = dict(lr_mult or {})
@@ -44,13 +47,14 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
+            mult = _lr_multiplier(full_name, lr_mult)
             if is_norm_layer(module):
                 decay = norm_weight_decay
             elif param_name == "bias":
                 decay = bias_weight_decay
+                mult *= bias_lr_mult
             else:
                 decay = weight_decay
-            mult = _lr_multiplier(full_name, lr_mult)
             group = groups.setdefault((mult, decay), {"params": [], "param_names": [], "lr": base_lr * mult,
                                                        "weight_decay": decay, "lr_mult": mult})
             group["params"].append(param)
@@ -62,7 +66,7 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
 
 _OPTIMIZERS = {"sgd": {"momentum", "nesterov", "dampening"},
                "adamw": {"betas", "eps"}}
-_GROUP_KEYS = {"name", "lr", "weight_decay", "lr_mult", "norm_weight_decay", "bias_weight_decay"}
+_GROUP_KEYS = {"name", "lr", "weight_decay", "lr_mult", "norm_weight_decay", "bias_weight_decay", "bias_lr_mult"}
 
 
 def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -72,13 +76,17 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     name = cfg.get("name", "sgd")
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown train.optimizer.name {name!r}; choose one of {sorted(_OPTIMIZERS)}")
+    if "reference_batch" in cfg:
+        raise ValueError("train.optimizer.reference_batch needs the total batch: apply "
+                         "normkit.engine.scale_to_total_batch to the train section before build_optimizer")
     check_keys(cfg, _GROUP_KEYS | _OPTIMIZERS[name], "train.optimizer")
     if "lr" not in cfg:
         raise ValueError("train.optimizer.lr is required")
     lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
     groups = build_param_groups(model, lr, weight_decay, lr_mult=cfg.get("lr_mult"),
                                 norm_weight_decay=float(cfg.get("norm_weight_decay", 0.0)),
-                                bias_weight_decay=float(cfg.get("bias_weight_decay", 0.0)))
+                                bias_weight_decay=float(cfg.get("bias_weight_decay", 0.0)),
+                                bias_lr_mult=float(cfg.get("bias_lr_mult", 1.0)))
     extra = {k: cfg[k] for k in _OPTIMIZERS[name] if k in cfg}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, **extra)

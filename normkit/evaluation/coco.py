@@ -147,9 +147,10 @@ class COCOEvaluator(DatasetEvaluator):
                 tables.append(table)
                 for key, value in zip(COCO_METRICS, stats):
                     metrics[f"{task}/{key}"] = float("nan") if value < 0 else float(value)
-            text = "\n".join(tables)
-            logger.info("COCO evaluation on %d images of %s:\n%s", len(image_ids), self.name, text)
-            print(text, flush=True)
+            # The tables go to stdout once; the log only says what was evaluated (the tools log to stdout
+            # too, where both printed every table twice).
+            logger.info("COCO evaluation on %d images of %s", len(image_ids), self.name)
+            print("\n".join(tables), flush=True)
         return all_gather_objects(metrics)[0]
 
     def _write(self, results: list[dict]) -> None:

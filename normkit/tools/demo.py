@@ -1,6 +1,8 @@
 """Segment one image or every image in a folder; print the classes found and write colour overlays.
+Detection configs (COCO data) draw boxes, class names, scores and mask overlays instead.
 
     normkit-demo --config CFG --checkpoint CKPT --image IMG_OR_DIR [--out OUT] [--scales ...] [--flip]
+                 [--score-threshold 0.5]     (detection: the lowest score drawn)
 
 OUT: a .png/.jpg file for a single image, otherwise a folder receiving <image name>.png per image
 (default: demo_out/), which must not be the input (an input image is never overwritten). Inference options
@@ -18,8 +20,12 @@ from PIL import Image
 import normkit
 from normkit.data.base import read_image
 from normkit.data.build import resolve_class_names, segmentation_normalizer
+from normkit.data.detection import coco_inference_batch
+from normkit.engine import move_to_device
 from normkit.evaluation import inference, overlay
+from normkit.evaluation.det_visualize import draw_detections
 from normkit.tools.cli import add_config_arguments, load_run_config
+from normkit.tools.tasks import DetectionTask, task_for
 from normkit.tools.test import positive_float
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -46,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="test scales, > 0 (default: evaluation.scales or 1.0)")
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--alpha", type=opacity, default=0.5, help="overlay opacity in [0, 1]")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest score drawn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -84,16 +91,37 @@ def describe(pred: np.ndarray, class_names) -> str:
     return ", ".join(f"{class_names[k]} {100 * counts[k] / pred.size:.1f}%" for k in order if counts[k])
 
 
-def main(argv=None) -> dict[str, np.ndarray]:
+def detect(args: argparse.Namespace, cfg: dict, images: list[Path], outputs: list[Path]) -> dict[str, dict]:
+    """Detection configs: each image's predictions (original pixels) drawn with draw_detections."""
+    class_names = resolve_class_names(cfg["data"])
+    model = normkit.build_model(cfg, checkpoint=args.checkpoint).to(args.device).eval()
+    predictions = {}
+    for image_path, out_path in zip(images, outputs):
+        image = read_image(image_path)
+        with torch.no_grad():
+            prediction = model(move_to_device(coco_inference_batch(image, cfg["data"]), args.device))[0]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        drawn = draw_detections(image, prediction, class_names, args.score_threshold, args.alpha)
+        Image.fromarray(drawn).save(out_path)
+        shown = [f"{class_names[int(label)]} {float(score):.2f}"
+                 for label, score in zip(prediction["labels"], prediction["scores"]) if score >= args.score_threshold]
+        print(f"{image_path.name}: {', '.join(shown) or 'nothing'} -> {out_path}", flush=True)
+        predictions[image_path.name] = prediction
+    return predictions
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_run_config(args)
+    images = list_images(Path(args.image))
+    outputs = output_paths(images, Path(args.out))
+    refuse_overwriting_inputs(images, outputs, Path(args.image), Path(args.out))
+    if task_for(cfg) is DetectionTask:
+        return detect(args, cfg, images, outputs)
     eval_cfg = cfg.get("evaluation") or {}
     data_cfg = cfg["data"]
     class_names = resolve_class_names(data_cfg)
     normalizer = segmentation_normalizer(data_cfg)
-    images = list_images(Path(args.image))
-    outputs = output_paths(images, Path(args.out))
-    refuse_overwriting_inputs(images, outputs, Path(args.image), Path(args.out))
     model = normkit.build_model(cfg, checkpoint=args.checkpoint).to(args.device).eval()
     predictions = {}
     for image_path, out_path in zip(images, outputs):

@@ -85,6 +85,8 @@ class DetectionTask:
 
     @classmethod
     def check_eval_config(cls, eval_cfg: dict | None) -> None:
+        """Segmentation options (scales, flip, sliding window: tools/test.py flags) have no detection meaning;
+        ignoring them would report numbers of another setting than the one asked for."""
         check_keys(eval_cfg or {}, cls.EVAL_KEYS, "evaluation")
 
     def train_set(self):
@@ -100,6 +102,7 @@ class DetectionTask:
 
     def evaluate(self, model, eval_cfg: dict | None = None) -> dict:
         eval_cfg = dict(self.cfg.get("evaluation") or {}) if eval_cfg is None else dict(eval_cfg)
+        self.check_eval_config(eval_cfg)
         default_tasks = ("bbox", "segm") if self.cfg["data"].get("mask_on") else ("bbox",)
         evaluator = COCOEvaluator(self.val_set, tasks=eval_cfg.get("tasks", default_tasks),
                                   output_dir=eval_cfg.get("output_dir"))

@@ -18,6 +18,8 @@ The `train:` section (defaults shown)::
       sync_norm: false           # under DDP: BatchNorm -> SyncBatchNorm, SwitchNorm -> SyncSwitchNorm
       find_unused_parameters: false
       optimizer: {name: sgd, lr: 0.02, momentum: 0.9, weight_decay: 1.0e-4, lr_mult: {}}   # normkit.engine.build_optimizer
+                                 # + reference_batch: N scales lr, max_iter and the schedule's steps and warmup
+                                 # to the total batch (normkit.engine.scale_to_total_batch)
       lr_schedule: {policy: poly, power: 0.9, min_lr: 0.0}                               # normkit.engine.build_lr_scheduler
       checkpoint_period: 0       # iterations between checkpoints (0: only at the end)
       max_keep: 3                # iteration checkpoints kept; latest.pth always names the newest
@@ -45,7 +47,8 @@ import yaml
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,
                             Trainer, broadcast_object, build_lr_scheduler, build_optimizer, convert_sync_norm,
-                            destroy_distributed, init_distributed, seed_all, setup_logging, wrap_ddp)
+                            destroy_distributed, init_distributed, scale_to_total_batch, seed_all, setup_logging,
+                            wrap_ddp)
 from normkit.io import atomic_write_text
 from normkit.models import build_model
 from normkit.schema import check_keys, config_bool, config_int, config_mapping
@@ -123,8 +126,10 @@ def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
     The model (with SyncBN/SyncSN under DDP when `train.sync_norm`), optimizer, LR schedule, the task's
     loaders and evaluation (both splits' data checked), the checkpointer (with `resume`, the trainer continues
     from the newest readable checkpoint in `work_dir`) and the hooks (checkpoints, evaluation, metrics,
-    progress bar on rank 0)."""
+    progress bar on rank 0). A recipe stated for `train.optimizer.reference_batch` images is first scaled to
+    the run's total batch (`scale_to_total_batch`)."""
     train_cfg = check_train_config(cfg["train"])
+    train_cfg = scale_to_total_batch(train_cfg, train_cfg["batch_size"] * train_cfg["iter_size"] * info.world_size)
     seed, max_iter, batch_size = train_cfg["seed"], train_cfg["max_iter"], train_cfg["batch_size"]
 
     check_pretrained(cfg)
