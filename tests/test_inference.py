@@ -39,12 +39,11 @@ def test_single_scale_is_softmax():
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
 
 
-def test_two_scales_average_resized_probabilities():
+def test_two_scales_average_softmax_of_resized_logits():
     probs = inference(RampModel(), image_with_red([0, 2, 4, 6]), scales=(1.0, 0.5))
-    # x0.5 (bilinear, half-pixel centres): columns sample at 0.5 and 2.5 -> red 1 and 5; back to 4 columns
-    # samples at -0.25 (clamped), 0.25, 0.75, 1.25 (clamped) between those two values.
-    s1, s5 = sigmoid(1), sigmoid(5)
-    half = np.array([s1, 0.75 * s1 + 0.25 * s5, 0.25 * s1 + 0.75 * s5, s5])
+    # x0.5 (bilinear, half-pixel centres): columns sample at 0.5 and 2.5 -> red 1 and 5; the logits back to 4
+    # columns sample at -0.25 (clamped), 0.25, 0.75, 1.25 (clamped) between those two values; softmax after that.
+    half = sigmoid([1, 0.75 * 1 + 0.25 * 5, 0.25 * 1 + 0.75 * 5, 5])
     expected = (sigmoid([0, 2, 4, 6]) + half) / 2
     np.testing.assert_allclose(probs[0, 0, 1], expected, rtol=1e-6)
 
@@ -65,9 +64,14 @@ def test_flip_and_scales_combined():
     cols = np.arange(4)
     full = (sigmoid(r + 0.5 * cols) + sigmoid(r + 0.5 * (3 - cols))) / 2
     small_red = np.array([(r[0] + r[1]) / 2, (r[2] + r[3]) / 2])
-    small = (sigmoid(small_red + 0.5 * np.arange(2)) + sigmoid(small_red + 0.5 * (1 - np.arange(2)))) / 2
-    up = np.array([small[0], 0.75 * small[0] + 0.25 * small[1], 0.25 * small[0] + 0.75 * small[1], small[1]])
-    np.testing.assert_allclose(probs[0, 0, 0], (full + up) / 2, rtol=1e-6)
+
+    def upsampled(two):  # 2 -> 4 columns, bilinear with half-pixel centres
+        return np.array([two[0], 0.75 * two[0] + 0.25 * two[1], 0.25 * two[0] + 0.75 * two[1], two[1]])
+
+    # the half-size logits (the mirrored pass: ramp reversed, mirrored back after the resize) upsampled, then softmax
+    small = (sigmoid(upsampled(small_red + 0.5 * np.arange(2)))
+             + sigmoid(upsampled(small_red[::-1] + 0.5 * np.arange(2))[::-1])) / 2
+    np.testing.assert_allclose(probs[0, 0, 0], (full + small) / 2, rtol=1e-6)
 
 
 def test_slide_averages_overlapping_window_logits():
@@ -150,3 +154,44 @@ def test_pad_to_runs_the_model_on_a_zero_canvas_and_crops_its_logits():
     assert seen[-1].shape == (1, 3, 6, 6)
     with pytest.raises(ValueError, match="pad_to applies to whole-image inference"):
         evaluate(Recorder(), [], {"pad_to": [4, 5], "mode": "slide", "crop_size": 2, "stride": 2}, num_classes=2)
+
+
+class StrideTwoModel(nn.Module):
+    """head_logits: class 0 = the red channel of every second column (a stride-2 head), class 1 = 0."""
+
+    def head_logits(self, x):
+        red = x[:, 0, ::2, ::2]
+        return torch.stack([red, torch.zeros_like(red)], 1)
+
+    def forward(self, x):
+        raise AssertionError("logits_resize 'direct' must not ask for input-size logits")
+
+
+def test_direct_resizes_the_head_logits_straight_to_the_output_size():
+    probs = inference(StrideTwoModel(), image_with_red([1.0, 0.0, 5.0, 0.0]).repeat(1, 1, 2, 1),
+                      out_size=(4, 8), logits_resize="direct")
+    # head columns red 1 and 5 -> 8 columns in one bilinear step (half-pixel centres: 1/4 source pixel per column)
+    cols = np.clip((np.arange(8) + 0.5) / 4 - 0.5, 0, 1)
+    np.testing.assert_allclose(probs[0, 0, 0], sigmoid(1 + 4 * cols), rtol=1e-6)
+    with pytest.raises(TypeError, match="head_logits"):
+        inference(RampModel(), image_with_red([0, 1]), logits_resize="direct")
+    with pytest.raises(ValueError, match="direct applies to whole-image inference"):
+        evaluate(RampModel(), [], {"logits_resize": "direct", "pad_to": [4, 4]}, num_classes=2)
+
+
+@pytest.mark.parametrize("image_resize", ["cv2", "pil"])
+def test_test_sizes_resize_the_uint8_image_before_normalising(image_resize):
+    import cv2
+    from PIL import Image
+
+    from normkit.data.pixels import PixelNormalizer
+    from normkit.evaluation import SegmentationInference
+
+    image = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    normalizer = PixelNormalizer("rgb", 255, (128.0, 0.0, 0.0), (64.0, 1.0, 1.0))
+    batch = {"images": normalizer.to_tensor(image)[None], "images_uint8": torch.from_numpy(image)[None],
+             "labels": torch.zeros(1, 3, 5, dtype=torch.int64)}  # the labels at the test size: no logits resize
+    wrapper = SegmentationInference(RampModel(), {"scales": [0.5], "image_resize": image_resize}, normalizer)
+    resized = (cv2.resize(image, (5, 3), interpolation=cv2.INTER_LINEAR) if image_resize == "cv2" else
+               np.asarray(Image.fromarray(image).resize((5, 3), Image.BILINEAR)))
+    np.testing.assert_allclose(wrapper(batch)[0, 0], sigmoid((resized[..., 0] - 128.0) / 64.0), rtol=1e-6)

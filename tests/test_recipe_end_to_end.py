@@ -8,7 +8,8 @@ the DeepLab v2 port's MS_Deeplab and its evalpyt.py (513 x 513 zero canvas, here
 ResNetV1c + CondDepthwiseSeparableASPPHead + FCN head and mmseg's keep-ratio test pipeline. Random weights are
 saved in the original checkpoint layout and converted with normkit's converter. The original's predictions are
 written as the label file, so the tool's pixel accuracy must be exactly 1. Test images are small (and the test
-sizes overridden to match them) so that every family runs in seconds.
+sizes overridden to suit them) so that every family runs in seconds; the CSAIL, SN-seg and CondNet cases also test
+at sizes that shrink and enlarge the image, averaged over scales (and, for mmseg, flips) as the originals do.
 """
 import json
 from functools import partial
@@ -70,7 +71,20 @@ def csail_preprocess(image: np.ndarray, short_side: int, max_long_side: int = 10
     return torch.from_numpy(x.transpose(2, 0, 1))[None]
 
 
-def test_csail_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_path):
+def multi_size_prediction(encoder, decoder, preprocess, image: np.ndarray, short_sides) -> np.ndarray:
+    """CSAIL's (and the fork's) eval loop: the decoder's softmax at the label size for every resized input,
+    averaged over the short sides (pred += pred_tmp / len(imgSizes)), argmax."""
+    seg_size = image.shape[:2]
+    with torch.no_grad():
+        scores = sum(decoder(encoder(preprocess(image, short_side=s)), seg_size) / len(short_sides)
+                     for s in short_sides)
+    return scores.argmax(1)[0].numpy()
+
+
+# short side 64 keeps this 64 x 80 image's size; 48 shrinks it to 48 x 60 -> 48 x 64 and 72 enlarges it to 72 x 90 ->
+# 72 x 96 (multiples of 8), so both the image resize and the logits' one-step resize to the label size matter
+@pytest.mark.parametrize("short_sides", [[64], [48, 72]])
+def test_csail_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_path, short_sides):
     torch.manual_seed(0)
     encoder = _randomize(CsailEncoder(_CsailBasic, (2, 2, 2, 2), dilate_scale=8)).eval()
     decoder = _randomize(CsailC1DeepSup(512)).eval()
@@ -80,16 +94,14 @@ def test_csail_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_pat
                     tmp_path / "converted.pth")
 
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
-    with torch.no_grad():
-        probs = decoder(encoder(csail_preprocess(image, short_side=64)), (64, 80))
-    prediction = probs.argmax(1)[0].numpy()
+    prediction = multi_size_prediction(encoder, decoder, csail_preprocess, image, short_sides)
     assert len(np.unique(prediction)) > 1
 
     root = tmp_path / "ade"
     write_ade_odgt(root, image, prediction)
-    # the config tests at short side 450 (multiple of 8); this image's own short side keeps the test fast
+    # the config tests at short side 450 (multiple of 8); short sides near this image's keep the test fast
     assert pixel_acc_through_the_test_tool("csail/r18d8_c1_deepsup", tmp_path / "converted.pth", root,
-                                           "evaluation.short_sides=[64]") == 1.0
+                                           f"evaluation.short_sides={short_sides}") == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,7 +221,8 @@ def sn_seg_preprocess(image: np.ndarray, short_side: int, max_long_side: int = 1
     return x[None]
 
 
-def test_sn_seg_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_path):
+@pytest.mark.parametrize("short_sides", [[64], [48, 72]])
+def test_sn_seg_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_path, short_sides):
     torch.manual_seed(0)
     encoder, decoder = _randomize_sn(SnEncoder()).eval(), _randomize_sn(SnC1BilinearDeepSup()).eval()
     torch.save(encoder.state_dict(), tmp_path / "encoder_epoch_20.pth")
@@ -218,14 +231,13 @@ def test_sn_seg_checkpoint_through_the_test_tool_predicts_as_the_original(tmp_pa
                     tmp_path / "converted.pth")
 
     image = np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)
-    with torch.no_grad():
-        prediction = decoder(encoder(sn_seg_preprocess(image, short_side=64)), (64, 80)).argmax(1)[0].numpy()
+    prediction = multi_size_prediction(encoder, decoder, sn_seg_preprocess, image, short_sides)
     assert len(np.unique(prediction)) > 1
 
     root = tmp_path / "ade"
     write_ade_odgt(root, image, prediction)
     assert pixel_acc_through_the_test_tool("sn/r50d8_sn_c1_deepsup", tmp_path / "converted.pth", root,
-                                           "evaluation.short_sides=[64]") == 1.0
+                                           f"evaluation.short_sides={short_sides}") == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,14 +508,16 @@ class CondNetR50(nn.Module):
         return F.softmax(_resize(logits, ori_shape), dim=1)
 
 
-def mmseg_test_pipeline(image: np.ndarray, img_scale=(2048, 512)):
+def mmseg_test_pipeline(image: np.ndarray, img_scale=(2048, 512), flip: bool = False):
     """LoadImageFromFile (cv2, BGR), Resize(keep_ratio=True) via mmcv.imrescale (cv2 bilinear, sizes
-    int(x * factor + 0.5)), Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
-    as mmcv.imnormalize: BGR -> RGB, minus the mean, times 1 / std."""
+    int(x * factor + 0.5)), RandomFlip (mmcv.imflip, horizontal), Normalize(mean=[123.675, 116.28, 103.53],
+    std=[58.395, 57.12, 57.375], to_rgb=True) as mmcv.imnormalize: BGR -> RGB, minus the mean, times 1 / std."""
     bgr = np.ascontiguousarray(image[:, :, ::-1])
     h, w = bgr.shape[:2]
     factor = min(max(img_scale) / max(h, w), min(img_scale) / min(h, w))
     resized = cv2.resize(bgr, (int(w * factor + 0.5), int(h * factor + 0.5)), interpolation=cv2.INTER_LINEAR)
+    if flip:
+        resized = np.ascontiguousarray(np.flip(resized, axis=1))
     img = cv2.cvtColor(resized.astype(np.float32), cv2.COLOR_BGR2RGB)
     mean = np.float64([123.675, 116.28, 103.53]).reshape(1, -1)
     stdinv = 1 / np.float64([58.395, 57.12, 57.375]).reshape(1, -1)
@@ -511,7 +525,22 @@ def mmseg_test_pipeline(image: np.ndarray, img_scale=(2048, 512)):
     return torch.from_numpy(img.transpose(2, 0, 1).copy())[None]
 
 
-def test_condnet_checkpoint_through_the_test_tool_predicts_as_mmseg(tmp_path):
+def mmseg_aug_test(model, image: np.ndarray, img_scales, flip: bool) -> np.ndarray:
+    """EncoderDecoder.aug_test over MultiScaleFlipAug's inputs: each (scale, flip) view's inference() (whole
+    inference + softmax, the flipped view's probabilities flipped back) summed and divided by their number."""
+    views = [(scale, mirrored) for scale in img_scales for mirrored in ((False, True) if flip else (False,))]
+    total = 0
+    with torch.no_grad():
+        for scale, mirrored in views:
+            probs = model.whole_inference(mmseg_test_pipeline(image, scale, mirrored), image.shape[:2])
+            total = total + (probs.flip(3) if mirrored else probs)
+    return (total / len(views)).argmax(1)[0].numpy()
+
+
+# img_scale (256, 64) keeps this 64 x 80 image's size (the config's (2048, 512) scaled down by 8); (256, 48) and
+# (256, 96) shrink it to 48 x 60 and enlarge it to 96 x 120, averaged over both and over flips
+@pytest.mark.parametrize("img_scales, flip", [([(256, 64)], False), ([(256, 48), (256, 96)], True)])
+def test_condnet_checkpoint_through_the_test_tool_predicts_as_mmseg(tmp_path, img_scales, flip):
     torch.manual_seed(0)
     model = _randomize(CondNetR50()).eval()
     torch.save({"meta": {"iter": 160000}, "state_dict": model.state_dict()}, tmp_path / "condnet.pth")
@@ -520,16 +549,16 @@ def test_condnet_checkpoint_through_the_test_tool_predicts_as_mmseg(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
     image = saved_jpeg(root / "images" / "validation" / "val_0.jpg",
                        np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
-    # the config's (2048, 512) keep-ratio resize scaled down by 8 to (256, 64): this image keeps its size
-    with torch.no_grad():
-        probs = model.whole_inference(mmseg_test_pipeline(image, img_scale=(256, 64)), image.shape[:2])
-    prediction = probs.argmax(1)[0].numpy()
+    prediction = mmseg_aug_test(model, image, img_scales, flip)
     assert len(np.unique(prediction)) > 1
     (root / "annotations" / "validation").mkdir(parents=True)
     Image.fromarray((prediction + 1).astype(np.uint8)).save(root / "annotations" / "validation" / "val_0.png")
+    # each img_scale's short side decides its size here, so short_sides with the one long-side cap express them
+    short_sides = [min(scale) for scale in img_scales]
     assert pixel_acc_through_the_test_tool("condnet/r50d8_cond_sep_aspp_ade20k", tmp_path / "converted.pth",
-                                           tmp_path, "evaluation.short_sides=[64]",
-                                           "evaluation.max_long_side=256") == 1.0
+                                           tmp_path, f"evaluation.short_sides={short_sides}",
+                                           "evaluation.max_long_side=256", f"evaluation.flip={str(flip).lower()}"
+                                           ) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------

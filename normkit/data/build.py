@@ -275,7 +275,8 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
 
 
 class SegmentationValMapper(_SegmentationMapper):
-    """Full-resolution normalised image and label of this rank's shard of the val split."""
+    """Full-resolution normalised image and label of this rank's shard of the val split, with the decoded uint8
+    image (test-time resizing starts from it, as the originals resize before normalising)."""
 
     def __init__(self, dataset: SegmentationDataset, indices: list[int], normalizer: PixelNormalizer):
         self.dataset, self.indices, self.normalizer = dataset, indices, normalizer
@@ -286,16 +287,26 @@ class SegmentationValMapper(_SegmentationMapper):
     def __getitem__(self, i: int):
         sample = self.dataset[self.indices[i]]
         return (self.normalizer.to_tensor(sample["image"]), torch.from_numpy(sample["label"].astype(np.int64)),
-                sample["name"], sample["ori_size"])
+                sample["name"], sample["ori_size"], torch.from_numpy(sample["image"]))
+
+
+class SegmentationValCollate(SegmentationCollate):
+    """SegmentationCollate plus "images_uint8": the decoded images, uint8 RGB [B, H, W, 3] (one size per batch)."""
+
+    def __call__(self, items):
+        batch = super().__call__(items)
+        batch["images_uint8"] = torch.stack([it[4] for it in items])
+        return batch
 
 
 def build_val_loader(data_cfg: dict, *, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                      dataset: SegmentationDataset | None = None) -> DataLoader:
     """Finite loader over this rank's shard of the val split, batch 1, full-resolution image and label:
-    {"images": [1, 3, H, W], "labels": int64 [1, H, W], "meta": {"names": [str], "ori_sizes": [(H, W)]}}.
+    {"images": [1, 3, H, W], "labels": int64 [1, H, W], "images_uint8": uint8 RGB [1, H, W, 3],
+    "meta": {"names": [str], "ori_sizes": [(H, W)]}}.
     `loader.dataset` (a SegmentationValMapper) states `num_classes`, `class_names` and the `normalizer`."""
     dataset = dataset if dataset is not None else build_dataset(data_cfg, "val")
     samples = SegmentationValMapper(dataset, shard_indices(len(dataset), rank, world_size),
                                     segmentation_normalizer(data_cfg))
-    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationCollate(),
+    return DataLoader(samples, batch_size=1, shuffle=False, collate_fn=SegmentationValCollate(),
                       **worker_options(num_workers))

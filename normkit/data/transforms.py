@@ -18,8 +18,25 @@ import math
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from normkit.data.base import IGNORE_INDEX
+
+IMAGE_RESIZES = ("cv2", "pil")
+
+
+def resize_image(image: np.ndarray, height: int, width: int, backend: str = "cv2") -> np.ndarray:
+    """Bilinear resize of a uint8 image [H, W, 3] with the library a recipe uses: "cv2" (cv2.INTER_LINEAR; mmcv,
+    SwitchNorm_Segmentation) or "pil" (PIL BILINEAR, which widens its filter when shrinking; CSAIL). Both round
+    to uint8 as the originals feed their normalisation."""
+    if backend not in IMAGE_RESIZES:
+        raise ValueError(f"unknown image resize '{backend}'; choose one of {', '.join(IMAGE_RESIZES)}")
+    if (height, width) == image.shape[:2]:
+        return image
+    if backend == "pil":
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
 
 def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
     """Bilinear image, nearest label (label values must never be interpolated)."""

@@ -8,6 +8,12 @@ eval_cfg (the `evaluation:` config section; all keys optional)::
     max_long_side: 1000    # ... each capped so the long side stays <= max_long_side
     size_multiple: null    # CSAIL ValDataset: each side int(side * scale) rounded up to a multiple of this
                            # (its padding_constant); null: int(side * scale + 0.5) (mmcv imrescale)
+    image_resize: cv2      # how the uint8 image is resized to each test size before normalising: cv2
+                           # (cv2.INTER_LINEAR: mmcv, SwitchNorm_Segmentation) | pil (PIL BILINEAR: CSAIL)
+    logits_resize: via_input  # via_input: the model's logits at the input size, then resized to the label
+                           # size (mmseg); direct: the decode head's logits at its stride resized straight to
+                           # the label size (CSAIL, SwitchNorm_Segmentation; whole mode without pad_to).
+                           # Either way softmax follows the resize and the probabilities are averaged.
     pad_to: null           # [h, w]: zero-pad the normalised input at the bottom and right to at least this size
                            # and crop the logits back (the DeepLab v2 port's 513 x 513 test input)
     flip: false            # also average the horizontally mirrored prediction
@@ -30,15 +36,16 @@ from torch import nn
 
 from normkit.data.pixels import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PixelNormalizer
 from normkit.evaluation.evaluator import DatasetEvaluator, inference_on_dataset
-from normkit.evaluation.inference import MODES, inference
+from normkit.data.transforms import IMAGE_RESIZES, resize_image
+from normkit.evaluation.inference import LOGITS_RESIZES, MODES, average_probabilities, resize_normalised
 from normkit.evaluation.metrics import SegmentationMetric
 from normkit.evaluation.visualize import side_by_side
 from normkit.schema import check_keys
 
 __all__ = ["EVAL_KEYS", "SegmentationEvaluator", "SegmentationInference", "evaluate", "image_sizes"]
 
-EVAL_KEYS = ("scales", "short_sides", "max_long_side", "size_multiple", "flip", "mode", "crop_size", "stride",
-             "pad_to", "show_dir")
+EVAL_KEYS = ("scales", "short_sides", "max_long_side", "size_multiple", "image_resize", "logits_resize", "flip",
+             "mode", "crop_size", "stride", "pad_to", "show_dir")
 
 
 def check_eval_config(eval_cfg: dict | None) -> dict:
@@ -57,6 +64,15 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
         raise ValueError(f"evaluation.size_multiple must be a positive int, got {multiple!r}")
     if eval_cfg.get("pad_to") is not None and eval_cfg.get("mode", "whole") != "whole":
         raise ValueError("evaluation.pad_to applies to whole-image inference (mode: whole)")
+    if eval_cfg.get("image_resize", "cv2") not in IMAGE_RESIZES:
+        raise ValueError(f"unknown evaluation.image_resize {eval_cfg['image_resize']!r}; choose one of "
+                         f"{', '.join(IMAGE_RESIZES)}")
+    logits_resize = eval_cfg.get("logits_resize", "via_input")
+    if logits_resize not in LOGITS_RESIZES:
+        raise ValueError(f"unknown evaluation.logits_resize {logits_resize!r}; choose one of "
+                         f"{', '.join(LOGITS_RESIZES)}")
+    if logits_resize == "direct" and (eval_cfg.get("mode", "whole") != "whole" or eval_cfg.get("pad_to") is not None):
+        raise ValueError("evaluation.logits_resize: direct applies to whole-image inference without pad_to")
     for key in ("crop_size", "stride", "pad_to"):
         value = eval_cfg.get(key)
         values = [value] if isinstance(value, int) else value
@@ -85,20 +101,36 @@ def image_sizes(eval_cfg: dict, height: int, width: int) -> list[tuple[int, int]
 
 class SegmentationInference(nn.Module):
     """Test-time wrapper: ``wrapper(batch)`` returns class probabilities [B, K, H, W] at the labels' size
-    (the images' size when the batch has no labels), averaged over the configured scales, flips and windows."""
+    (the images' size when the batch has no labels), averaged over the configured scales, flips and windows.
 
-    def __init__(self, model: nn.Module, eval_cfg: dict | None = None):
+    Given the `normalizer` of the batch's images, each test size is made as the originals make it: the batch's
+    ``images_uint8`` (uint8 RGB [B, H, W, 3], as build_val_loader yields) resized with `image_resize`, then
+    normalised. Without them (or without a normalizer) the normalised ``images`` are resized as float tensors."""
+
+    def __init__(self, model: nn.Module, eval_cfg: dict | None = None, normalizer: PixelNormalizer | None = None):
         super().__init__()
         self.model = model
         self.eval_cfg = check_eval_config(eval_cfg)
+        self.normalizer = normalizer
+
+    def _test_input(self, batch, size) -> torch.Tensor:
+        images = batch["images"]
+        if tuple(size) == tuple(images.shape[-2:]) or self.normalizer is None or "images_uint8" not in batch:
+            return resize_normalised(images, size)
+        backend = self.eval_cfg.get("image_resize", "cv2")
+        resized = [self.normalizer.to_tensor(resize_image(image.cpu().numpy(), *size, backend))
+                   for image in batch["images_uint8"]]
+        return torch.stack(resized).to(images.device)
 
     def forward(self, batch) -> torch.Tensor:
         images = batch["images"]
         out_size = batch["labels"].shape[-2:] if "labels" in batch else images.shape[-2:]
         cfg = self.eval_cfg
-        return inference(self.model, images, sizes=image_sizes(cfg, *images.shape[-2:]),
-                         flip=bool(cfg.get("flip", False)), mode=cfg.get("mode", "whole"), crop_size=cfg.get("crop_size"),
-                         stride=cfg.get("stride"), pad_to=cfg.get("pad_to"), out_size=out_size)
+        inputs = (self._test_input(batch, size) for size in image_sizes(cfg, *images.shape[-2:]))
+        return average_probabilities(self.model, inputs, out_size, flip=bool(cfg.get("flip", False)),
+                                     mode=cfg.get("mode", "whole"), crop_size=cfg.get("crop_size"),
+                                     stride=cfg.get("stride"), pad_to=cfg.get("pad_to"),
+                                     logits_resize=cfg.get("logits_resize", "via_input"))
 
 
 class SegmentationEvaluator(DatasetEvaluator):
@@ -149,4 +181,5 @@ def evaluate(model: nn.Module, loader, eval_cfg: dict | None = None, num_classes
     evaluator = SegmentationEvaluator(num_classes, class_names=getattr(samples, "class_names", None),
                                       show_dir=eval_cfg.get("show_dir"),
                                       normalizer=getattr(samples, "normalizer", None))
-    return inference_on_dataset(SegmentationInference(model, eval_cfg), loader, evaluator)
+    wrapper = SegmentationInference(model, eval_cfg, normalizer=getattr(samples, "normalizer", None))
+    return inference_on_dataset(wrapper, loader, evaluator)

@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
         x = normalizer.to_tensor(image)[None].to(args.device)
         probs = inference(model, x, scales=args.scales or eval_cfg.get("scales") or (1.0,),
                           flip=args.flip or bool(eval_cfg.get("flip", False)), mode=eval_cfg.get("mode", "whole"),
-                          crop_size=eval_cfg.get("crop_size"), stride=eval_cfg.get("stride"))
+                          crop_size=eval_cfg.get("crop_size"), stride=eval_cfg.get("stride"),
+                          logits_resize=eval_cfg.get("logits_resize", "via_input"))
         pred = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(overlay(image, pred, args.alpha)).save(out_path)

@@ -58,7 +58,8 @@ class DeepLabV2(nn.Module):
     ``{"images", "labels"}``) in training mode with labels returns one cross-entropy per scale plus the fused
     one (``scale1_loss``, ``scale0.75_loss``, ``scale0.5_loss``, ``fused_loss``), each against labels
     nearest-resized to the scale-1 output size, and ``pixel_acc`` of the fused output; otherwise it returns
-    the fused logits upsampled to the input size (align_corners=True, the port's ``UpsamplingBilinear2d``).
+    the fused logits upsampled to the input size (align_corners=True, the port's ``UpsamplingBilinear2d``);
+    ``head_logits(images)`` returns them fused at the scale-1 output size, not upsampled.
 
     Deviation from the port, documented: the port scores its 0.5 output at that output's own size and
     merges label 255 into background; normkit scores every output at the scale-1 size and ignores 255.
@@ -95,11 +96,15 @@ class DeepLabV2(nn.Module):
             fused = torch.max(fused, logits)
         return outputs + [fused]
 
+    def head_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The fused logits at the scale-1 output size (the port's outS), not upsampled."""
+        return self.forward_scales(images)[-1]
+
     def forward(self, batch):
         images, labels = unpack_batch(batch)
-        outputs = self.forward_scales(images)
         if labels is None or not self.training:
-            return _resize(outputs[-1], images.shape[-2:])
+            return _resize(self.head_logits(images), images.shape[-2:])
+        outputs = self.forward_scales(images)
         check_labels(labels, images, self.num_classes, self.ignore_index)
         small = resize_labels(labels, outputs[0].shape[-2:])
         names = [f"scale{scale:g}_loss" for scale in self.scales] + ["fused_loss"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from normkit.models.registry import MODELS, call_with_config
 from normkit.models.segmentation.common import (CE_AVERAGES, LOSS_MODES, align_logits_and_labels,
-                                                build_segmentation_parts, check_labels, cross_entropy, pixel_accuracy,
+                                                build_segmentation_parts, check_images, check_labels, cross_entropy, pixel_accuracy,
                                                 unpack_batch)
 
 __all__ = ["SegmentationModel"]
@@ -34,7 +34,9 @@ class SegmentationModel(nn.Module):
     ignored ones counting zero (``all_pixels``, mmseg 0.x ``avg_non_ignore=False``).
 
     Otherwise (eval mode, or no labels) it returns class logits Tensor[B, K, H, W] at the input resolution
-    (bilinear, align_corners=False). Backbone features reach the heads as a list in stride order.
+    (bilinear, align_corners=False). ``head_logits(images)`` returns the decode head's logits at its own stride
+    (1/8 of the input for the dilated models), for evaluation that resizes them straight to the label size as
+    CSAIL's decoders do. Backbone features reach the heads as a list in stride order.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, *, num_classes: int,
@@ -67,12 +69,18 @@ class SegmentationModel(nn.Module):
         logits, labels = align_logits_and_labels(logits, labels, self.loss_mode)
         return cross_entropy(logits, labels, self.ignore_index, self.ce_average)
 
+    def head_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The decode head's class logits [B, K, h, w] at its output stride, not upsampled."""
+        check_images(images)
+        return self.decode_head(list(self.backbone(images).values()))["logits"]
+
     def forward(self, batch):
         images, labels = unpack_batch(batch)
+        if labels is None or not self.training:
+            return F.interpolate(self.head_logits(images), size=images.shape[-2:], mode="bilinear",
+                                 align_corners=False)
         features = list(self.backbone(images).values())
         outputs = self.decode_head(features)
-        if labels is None or not self.training:
-            return F.interpolate(outputs["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         check_labels(labels, images, self.num_classes, self.ignore_index)
         logits, aligned = align_logits_and_labels(outputs["logits"], labels, self.loss_mode)
         losses: Dict[str, torch.Tensor] = {"decode_loss": cross_entropy(logits, aligned, self.ignore_index,
