@@ -170,15 +170,32 @@ C10_HOST_DEVICE inline void pool_bin_range(int start, T bin, int p, int size, in
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline int64_t bin_argmax(const scalar_t* plane, int width, int h0, int h1, int w0, int w1,
                                           acc_t& best_val) {
+  // 64-bit cell offsets and pointers walking the rows: extensions are built with -fwrapv (Python's flags), under
+  // which int loop counters are sign-extended again on every step.
   int64_t best = int64_t(h0) * width + w0;
   best_val = acc_t(plane[best]);
-  for (int h = h0; h < h1; ++h) {
-    for (int w = w0; w < w1; ++w) {
-      const int64_t idx = int64_t(h) * width + w;
-      const acc_t v = acc_t(plane[idx]);
-      if (v > best_val || (v != v && best_val == best_val)) {
+  // One comparison per cell on the common path; NaNs are only noted, and the rare bin that has one is scanned
+  // again for the first.
+  bool saw_nan = false;
+  for (int64_t row = int64_t(h0) * width; row < int64_t(h1) * width; row += width) {
+    const scalar_t* cells = plane + row;
+    for (int64_t w = w0; w < w1; ++w) {
+      const acc_t v = acc_t(cells[w]);
+      if (v > best_val) {
         best_val = v;
-        best = idx;
+        best = row + w;
+      }
+      saw_nan |= v != v;
+    }
+  }
+  if (saw_nan) {
+    for (int64_t row = int64_t(h0) * width; row < int64_t(h1) * width; row += width) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const acc_t v = acc_t(plane[row + w]);
+        if (v != v) {
+          best_val = v;
+          return row + w;
+        }
       }
     }
   }
