@@ -14,7 +14,9 @@ cores: 64 channels for FPN and 256 for C4, 1/4 of the RoIs (250 and 1000).
 With torchvision importable (a CUDA build of torch runs its CPU kernels too) the tables compare normkit with it
 and go to results/roi_ops_peers_<device>.md; without it normkit is compared with the slow references only
 (run on up to 250 RoIs on CPU) in results/roi_ops_<device>.md. --reference adds them to a peer run.
-Usage: python benchmarks/bench_roi_ops.py [--device cuda] [--dtype float16] [--repeats N] [--threads 1,2] [--full]
+Usage: python benchmarks/bench_roi_ops.py [--device cuda] [--dtype float16] [--repeats N] [--threads 1,2]
+       [--reference auto|on|off] [--full]
+main() returns {"path", "headers", "sections": [{"threads", "rows"}]} (tools/gpu_check.py reads the ratios).
 """
 from __future__ import annotations
 
@@ -191,7 +193,7 @@ def run_workloads(tv, device, dtype, repeats, full, with_reference) -> list:
     return rows + nms_rows(tv, device, dtype, repeats, 4000 if with_reference else 0, generator)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", default=None,
                         help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
                              "torch's default)")
-    parser.add_argument("--reference", action="store_true", help="time the slow references in a torchvision run too")
+    parser.add_argument("--reference", default="auto", choices=["auto", "on", "off"],
+                        help="time the slow references: auto = only when torchvision is not importable")
     parser.add_argument("--full", action="store_true", help="GPU-sized workloads even on CPU (slow)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -212,14 +215,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         thread_counts = [default_threads] if on_gpu else sorted({1, default_threads})
     tv = load_torchvision(device)
-    with_reference = tv is None or args.reference
-    sections = []
+    with_reference = args.reference == "on" or (args.reference == "auto" and tv is None)
+    sections, results = [], []
+    headers = ["workload", "pass", "normkit ms", "torchvision ms", "reference ms", "normkit / torchvision",
+               "reference / normkit", "note"]
     for threads in thread_counts:
         torch.set_num_threads(threads)
         print(f"-- {threads} intra-op thread(s)", flush=True)
         rows = run_workloads(tv, device, dtype, repeats, full, with_reference)
-        table = markdown_table(["workload", "pass", "normkit ms", "torchvision ms", "reference ms",
-                                "normkit / torchvision", "reference / normkit", "note"], rows)
+        table = markdown_table(headers, rows)
+        results.append({"threads": threads, "rows": rows})
         print(table, flush=True)
         sections.append(f"### {threads} intra-op thread(s)\n\n{table}\n")
     torch.set_num_threads(default_threads)
@@ -236,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = "\n".join(n for n in notes if n) + "\n\n" + "\n".join(sections)
     path = write_results("roi_ops_peers" if tv is not None else "roi_ops", device, markdown, "bench_roi_ops.py")
     print(f"wrote {path}")
+    return {"path": path, "headers": headers, "sections": results}
 
 
 if __name__ == "__main__":
