@@ -18,7 +18,7 @@ namespace {
 template <typename scalar_t>
 void forward_kernel(const scalar_t* input, const scalar_t* rois, int64_t num_rois, int64_t channels, int64_t height,
                     int64_t width, int64_t pooled_h, int64_t pooled_w, double spatial_scale, scalar_t* output,
-                    int64_t* argmax) {
+                    int32_t* argmax) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bins = pooled_h * pooled_w, plane = height * width;
   at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
@@ -37,7 +37,7 @@ void forward_kernel(const scalar_t* input, const scalar_t* rois, int64_t num_roi
       for (int64_t c = 0; c < channels; ++c) {
         const scalar_t* src = input + (n * channels + c) * plane;
         scalar_t* out = output + (k * channels + c) * bins;
-        int64_t* arg = argmax + (k * channels + c) * bins;
+        int32_t* arg = argmax + (k * channels + c) * bins;
         for (int ph = 0; ph < pooled_h; ++ph) {
           const int h0 = rows[2 * ph], h1 = rows[2 * ph + 1];
           for (int pw = 0; pw < pooled_w; ++pw) {
@@ -49,7 +49,7 @@ void forward_kernel(const scalar_t* input, const scalar_t* rois, int64_t num_roi
               continue;
             }
             acc_t best_val;
-            arg[b] = roi::bin_argmax(src, int(width), h0, h1, w0, w1, best_val);
+            arg[b] = int32_t(roi::bin_argmax(src, int(width), h0, h1, w0, w1, best_val));  // < plane
             out[b] = scalar_t(best_val);
           }
         }
@@ -64,16 +64,17 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(const at::Tensor& input,
   roi::check_pooled_size(pooled_h, pooled_w, "roi_pool");
   roi::check_spatial_scale(spatial_scale, "roi_pool");
   roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_pool");
+  roi::check_pool_plane(input.size(2), input.size(3), "roi_pool");
   const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options());
-  at::Tensor argmax = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(at::kLong));
+  at::Tensor argmax = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(at::kInt));
   if (output.numel() == 0) return {output, argmax};
   roi::check_batch_indices(rois, input.size(0), "roi_pool");
   const at::Tensor in = input.contiguous();
   const at::Tensor boxes = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cpu", [&] {
     forward_kernel<scalar_t>(in.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), K, C, H, W, pooled_h, pooled_w,
-                             spatial_scale, output.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>());
+                             spatial_scale, output.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>());
   });
   return {output, argmax};
 }
@@ -97,13 +98,13 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
       const scalar_t* roi_ptr = boxes.const_data_ptr<scalar_t>();
-      const int64_t* arg_ptr = arg.const_data_ptr<int64_t>();
+      const int32_t* arg_ptr = arg.const_data_ptr<int32_t>();
       acc_t* out = grad_input.data_ptr<acc_t>();
       at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t n = int64_t(roi_ptr[k * 5]);
           for (int64_t c = c_begin; c < c_end; ++c) {
-            const int64_t* a = arg_ptr + (k * channels + c) * bins;
+            const int32_t* a = arg_ptr + (k * channels + c) * bins;
             const scalar_t* g = g_ptr + k * gs_k + c * gs_c;
             acc_t* dst = out + (n * channels + c) * plane;
             for (int64_t ph = 0; ph < pooled_h; ++ph) {

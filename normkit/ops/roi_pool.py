@@ -87,7 +87,7 @@ def _fake_roi_pool(input, rois, spatial_scale, pooled_height, pooled_width):
     torch._check(pooled_height > 0 and pooled_width > 0,
                  lambda: f"roi_pool: output size must be positive, got ({pooled_height}, {pooled_width})")
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
 
 
 def _fake_roi_pool_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels,
