@@ -70,9 +70,12 @@ def machine_summary(device: torch.device | str) -> str:
                 f"CUDA {torch.version.cuda}")
     # Shared machines: the load average says how far the absolute times can be trusted (the ratios, measured
     # interleaved, much further).
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load_average = os.getloadavg()
+    load = ", ".join(f"{v:.1f}" for v in load_average)
+    shared = (" The machine was loaded by other work (load above its core count): absolute times are noisy, the "
+              "ratios of interleaved runs much less so." if load_average[1] > (os.cpu_count() or 1) else "")
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average {load}), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}{peer_versions()}")
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}{peer_versions()}.{shared}")
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
