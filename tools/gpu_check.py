@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU {torch.cuda.get_device_name(0)} (sm_{major}{minor}), torch {torch.__version__}, CUDA "
           f"{torch.version.cuda}, nvcc {nvcc if os.path.exists(nvcc) else 'NOT FOUND'}", flush=True)
 
+    if shutil.which("ninja") is None:
+        print("warning: ninja not found: torch compiles the sources one after the other and the build may run past "
+              f"its {BUILD_LIMIT_S} s limit", flush=True)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", NORMKIT_WITH_CUDA="1",
                MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)), PYTHONPATH=ROOT)
     ok, note = run([python, "setup.py", "build_ext", "--inplace"], BUILD_LIMIT_S, env)
