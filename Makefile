@@ -8,7 +8,7 @@ BUILT  := $(VENV)/.ext-built
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: setup build cuda-check test test-all sdist-check train train-det demo bench clean
+.PHONY: setup build cuda-check test test-all sdist-check train train-det demo bench gpu-check clean
 
 setup: $(DEPS)
 
@@ -59,6 +59,11 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/run_all.py
+
+# On a GPU machine whose python has a CUDA build of torch (no .venv, no network): builds for the local GPU, runs
+# the CUDA tests and the GPU benchmarks, prints the pass/fail summary of the GPU targets (tools/gpu_check.py).
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info normkit/*.so $(BUILT) build/cuda_check

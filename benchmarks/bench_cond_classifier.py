@@ -113,7 +113,7 @@ HEADERS = ["problem", "op", "fwd normkit", "fwd official", "fwd speedup", "fwd+b
            "fwd+bwd speedup", "memory normkit MiB", "memory official MiB"]
 
 
-def run_table(sizes, device, dtype, repeats) -> str:
+def run_table(sizes, device, dtype, repeats) -> list[list]:
     warmup = 3 if device.type == "cuda" else 1
     rows = []
     for batch, channels, classes, size in sizes:
@@ -129,10 +129,11 @@ def run_table(sizes, device, dtype, repeats) -> str:
                    memory_bytes(ours, live, device) / 2 ** 20, memory_bytes(official, live, device) / 2 ** 20]
             rows.append(row)
             print(markdown_table(HEADERS, [row]).splitlines()[-1], flush=True)
-    return markdown_table(HEADERS, rows)
+    return rows
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> dict:
+    """Returns {"path", "headers", "sections": [{"threads", "rows"}]} (tools/gpu_check.py reads the ratios)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -159,18 +160,20 @@ def main(argv=None) -> str:
     if not (on_gpu or args.full):
         notes += ("CPU sizes are reduced (B=2, 64x64 and 32x32) so the run takes about two minutes on two cores; "
                   "the GPU run covers B=2/8 at 128x128 and 64x64.\n")
-    sections = []
+    sections, results = [], []
     for threads in thread_counts:
         torch.set_num_threads(threads)
         print(f"-- {threads} intra-op thread(s)", flush=True)
-        sections.append(f"### {threads} intra-op thread(s)\n\n{run_table(sizes, device, dtype, repeats)}\n")
+        rows = run_table(sizes, device, dtype, repeats)
+        results.append({"threads": threads, "rows": rows})
+        sections.append(f"### {threads} intra-op thread(s)\n\n{markdown_table(HEADERS, rows)}\n")
     torch.set_num_threads(default_threads)
     title = "## Conditional classifier: normkit vs official CondNet formulation\n\n"
     markdown = title + notes + "\n" + "\n".join(sections)
     print(markdown)
     path = write_results("cond_classifier", device, markdown)
     print(f"wrote {path}")
-    return path
+    return {"path": path, "headers": HEADERS, "sections": results}
 
 
 if __name__ == "__main__":

@@ -5,11 +5,18 @@ Workloads (GPU sizes; docs/design.md, "ROI ops"):
          by the FPN rule; RoIAlign 7x7 (box head) and 14x14 (mask head), sampling_ratio 2, aligned.
   C4   - stride 16 (C4 and the dilated DC5 variant pool from a stride-16 map), 1024 channels, 1000 RoIs,
          RoIAlign 14x14 and RoIPool 14x14.
-  NMS  - 1000 and 4000 RPN-like boxes at IoU 0.7.
-Forward and forward+backward medians of interleaved repeats (benchmarks/common.py). On CPU the sizes are
-reduced so the run takes about two minutes on 2 cores: 64 channels for FPN and 256 for C4, 1/4 of the RoIs
-(250 and 1000), and the slow references run only on the 250-RoI workloads.
-Usage: python benchmarks/bench_roi_ops.py [--device cuda] [--dtype float16] [--repeats N] [--full]
+  NMS  - 500, 4000 and 20000 clustered RPN-like boxes at IoU 0.7; batched NMS (detection post-processing, IoU 0.5)
+         of the same boxes in 3 and in 80 categories. Scores are distinct, so the kept indices are defined
+         without ties and are checked equal to torchvision's.
+Forward and forward+backward medians of interleaved repeats (benchmarks/common.py), one table per intra-op thread
+count (default on CPU: 1 and torch's default). On CPU the sizes are reduced so that a run takes minutes on 2
+cores: 64 channels for FPN and 256 for C4, 1/4 of the RoIs (250 and 1000).
+With torchvision importable (a CUDA build of torch runs its CPU kernels too) the tables compare normkit with it
+and go to results/roi_ops_peers_<device>.md; without it normkit is compared with the slow references only
+(run on up to 250 RoIs on CPU) in results/roi_ops_<device>.md. --reference adds them to a peer run.
+Usage: python benchmarks/bench_roi_ops.py [--device cuda] [--dtype float16] [--repeats N] [--threads 1,2]
+       [--reference auto|on|off] [--full]
+main() returns {"path", "headers", "sections": [{"threads", "rows"}]} (tools/gpu_check.py reads the ratios).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import markdown_table, time_interleaved, write_results  # noqa: E402
 
 from normkit.nn import assign_boxes_to_levels  # noqa: E402
-from normkit.ops import nms, nms_reference, roi_align, roi_align_reference, roi_pool, roi_pool_reference  # noqa: E402
+from normkit.ops import batched_nms, nms, nms_reference, roi_align, roi_align_reference, roi_pool, roi_pool_reference  # noqa: E402
 
 IMAGE_H, IMAGE_W = 800, 1216
 FPN_STRIDES = (4, 8, 16, 32)
@@ -56,8 +63,8 @@ def make_rois(num: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([index[:, None].float(), random_boxes(num, generator)], 1)
 
 
-def timed(fns: dict, device, repeats: int) -> dict:
-    return time_interleaved(fns, device=device, repeats=repeats, warmup=1)
+def timed(fns: dict, device, repeats: int, min_time: float = 0.0) -> dict:
+    return time_interleaved(fns, device=device, repeats=repeats, warmup=1, min_time=min_time)
 
 
 def roi_op_rows(label, levels, rois_per_level, output, impls, device, repeats):
@@ -86,34 +93,63 @@ def roi_op_rows(label, levels, rois_per_level, output, impls, device, repeats):
                     with torch.no_grad():
                         run(fn, False)
             fns[name] = call
-        times = timed(fns, device, repeats)
-        for name, t in times.items():
-            rows.append([label, "fwd+bwd" if backward else "fwd", name, t * 1e3, ratio(times, "reference", name),
-                         ratio(times, name, "torchvision")])
+        rows.append(times_row(label, "fwd+bwd" if backward else "fwd", timed(fns, device, repeats)))
     return rows
 
 
-def ratio(times: dict, numerator: str, denominator: str):
-    if numerator not in times or denominator not in times:
-        return "-"
-    return times[numerator] / times[denominator]
+IMPLS = ("normkit", "torchvision", "reference")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--full", action="store_true", help="GPU-sized workloads even on CPU (slow)")
-    args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    full = args.full or device.type == "cuda"
-    repeats = args.repeats or (25 if device.type == "cuda" else 5)
+def times_row(label: str, pass_: str, times: dict, note: str = "") -> list:
+    """workload, pass, ms of each implementation, normkit / torchvision, reference / normkit, note."""
+    def ratio(numerator, denominator):
+        return times[numerator] / times[denominator] if numerator in times and denominator in times else "-"
+
+    return ([label, pass_] + [times[name] * 1e3 if name in times else "-" for name in IMPLS]
+            + [ratio("normkit", "torchvision"), ratio("reference", "normkit"), note])
+
+
+def clustered_boxes(num: int, generator: torch.Generator) -> torch.Tensor:
+    """RPN-like proposals: 20 jittered copies of num / 20 boxes, so suppression does real work."""
+    centres = random_boxes(-(-num // 20), generator, 32, 400).repeat(20, 1)[:num]
+    return centres + torch.randn(num, 4, generator=generator) * 8
+
+
+def nms_rows(tv, device, dtype, repeats, reference_max_boxes, generator) -> list:
+    rows = []
+    for num_boxes in (500, 4000, 20000):
+        boxes = clustered_boxes(num_boxes, generator).to(device=device, dtype=dtype)
+        # Distinct scores: torchvision's per-category batched NMS orders equal scores arbitrarily.
+        scores = (torch.randperm(num_boxes, generator=generator).float() / num_boxes).to(device=device, dtype=dtype)
+        cases = [(f"NMS {num_boxes} boxes, IoU 0.7", None)]
+        cases += [(f"batched NMS {num_boxes} boxes, {c} classes, IoU 0.5", c) for c in (3, 80)]
+        for label, classes in cases:
+            if classes is None:
+                impls = {"normkit": lambda: nms(boxes, scores, 0.7)}
+                if tv is not None:
+                    impls["torchvision"] = lambda: tv.nms(boxes, scores, 0.7)
+                if num_boxes <= reference_max_boxes:
+                    impls["reference"] = lambda: nms_reference(boxes, scores, 0.7)
+            else:
+                idxs = torch.randint(0, classes, (num_boxes,), generator=generator).to(device)
+                impls = {"normkit": lambda idxs=idxs: batched_nms(boxes, scores, idxs, 0.5)}
+                if tv is not None:
+                    impls["torchvision"] = lambda idxs=idxs: tv.batched_nms(boxes, scores, idxs, 0.5)
+            print(label, flush=True)
+            kept = {name: fn() for name, fn in impls.items()}
+            note = f"{len(kept['normkit'])} kept"
+            if "torchvision" in kept:
+                same = torch.equal(kept["normkit"], kept["torchvision"])
+                note += ", same indices as torchvision" if same else ", INDICES DIFFER FROM TORCHVISION"
+            rows.append(times_row(label, "fwd", timed(impls, device, repeats, min_time=0.02), note))
+    return rows
+
+
+def run_workloads(tv, device, dtype, repeats, full, with_reference) -> list:
     fpn_channels, c4_channels = (256, 1024) if full else (64, 256)
     roi_counts = (1000, 4000) if full else (250, 1000)
     # The references build geometry box by box in Python: on CPU only the smaller RoI count keeps the run short.
-    reference_max_rois = 1000 if full else 250
-    tv = load_torchvision(device)
+    reference_max_rois = (1000 if full else 250) if with_reference else 0
     generator = torch.Generator().manual_seed(0)
     rows = []
 
@@ -153,31 +189,59 @@ def main(argv: list[str] | None = None) -> None:
     label = f"C4/DC5 RoIPool {c4_rois} RoIs, {c4_channels} ch, 14x14"
     print(label, flush=True)
     rows += roi_op_rows(label, c4, rois, 14, pool_impls, device, repeats)
+    # The O(N^2)-memory NMS reference only up to 4000 boxes.
+    return rows + nms_rows(tv, device, dtype, repeats, 4000 if with_reference else 0, generator)
 
-    # NMS on RPN-like proposals (clustered, so suppression does real work).
-    for num_boxes in (1000, 4000):
-        centres = random_boxes(num_boxes // 20, generator, 32, 400).repeat(20, 1)
-        boxes = (centres + torch.randn(num_boxes, 4, generator=generator) * 8).to(device=device, dtype=dtype)
-        scores = torch.rand(num_boxes, generator=generator).to(device=device, dtype=dtype)
-        impls = {"normkit": lambda: nms(boxes, scores, 0.7), "reference": lambda: nms_reference(boxes, scores, 0.7)}
-        if tv is not None:
-            impls["torchvision"] = lambda: tv.nms(boxes, scores, 0.7)
-        times = timed(impls, device, repeats)
-        for name, t in times.items():
-            rows.append([f"NMS {num_boxes} boxes, IoU 0.7", "fwd", name, t * 1e3, ratio(times, "reference", name),
-                         ratio(times, name, "torchvision")])
 
-    table = markdown_table(["workload", "pass", "impl", "ms", "reference / this", "this / torchvision"], rows)
-    print(table)
-    notes = [f"{args.dtype}, median of {repeats} interleaved repeats; RoIAlign sampling_ratio 2, aligned=True; RoIs "
-             f"with log-uniform sides 8-600 px, FPN levels by floor(4 + log2(sqrt(area) / 224)).",
-             "reference = normkit.ops.*_reference (pure PyTorch, loops over boxes); run only up to "
-             f"{reference_max_rois} RoIs here.",
-             "torchvision: " + ("measured in the same run." if tv is not None else
-                                "not importable with working ops on this machine, so no column."),
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
+                             "torch's default)")
+    parser.add_argument("--reference", default="auto", choices=["auto", "on", "off"],
+                        help="time the slow references: auto = only when torchvision is not importable")
+    parser.add_argument("--full", action="store_true", help="GPU-sized workloads even on CPU (slow)")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    on_gpu = device.type == "cuda"
+    full = args.full or on_gpu
+    repeats = args.repeats or (25 if on_gpu else 7)
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    else:
+        thread_counts = [default_threads] if on_gpu else sorted({1, default_threads})
+    tv = load_torchvision(device)
+    with_reference = args.reference == "on" or (args.reference == "auto" and tv is None)
+    sections, results = [], []
+    headers = ["workload", "pass", "normkit ms", "torchvision ms", "reference ms", "normkit / torchvision",
+               "reference / normkit", "note"]
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        print(f"-- {threads} intra-op thread(s)", flush=True)
+        rows = run_workloads(tv, device, dtype, repeats, full, with_reference)
+        table = markdown_table(headers, rows)
+        results.append({"threads": threads, "rows": rows})
+        print(table, flush=True)
+        sections.append(f"### {threads} intra-op thread(s)\n\n{table}\n")
+    torch.set_num_threads(default_threads)
+    notes = [f"{args.dtype}, median of {repeats} interleaved repeats (NMS rows: each repeat at least 20 ms of "
+             "calls); RoIAlign sampling_ratio 2, aligned=True; RoIs with log-uniform sides 8-600 px, FPN levels by "
+             "floor(4 + log2(sqrt(area) / 224)). Lower ratios of normkit / torchvision are better for normkit.",
+             "torchvision: " + ("measured in the same process on the same inputs." if tv is not None else
+                                "not importable with working ops here, so no column (see results/roi_ops_peers_*)."),
+             "reference = normkit.ops.*_reference (pure PyTorch, loops over boxes): " +
+             ("run up to 250 RoIs and 4000 NMS boxes." if with_reference and not full else
+              "run up to 1000 RoIs and 4000 NMS boxes." if with_reference else "not run."),
              "" if full else "CPU run with reduced sizes (64 FPN / 256 C4 channels, 250 and 1000 RoIs); "
                              "pass --full for the GPU sizes."]
-    write_results("roi_ops", device, table + "\n\n" + "\n".join(n for n in notes if n))
+    markdown = "\n".join(n for n in notes if n) + "\n\n" + "\n".join(sections)
+    path = write_results("roi_ops_peers" if tv is not None else "roi_ops", device, markdown, "bench_roi_ops.py")
+    print(f"wrote {path}")
+    return {"path": path, "headers": headers, "sections": results}
 
 
 if __name__ == "__main__":

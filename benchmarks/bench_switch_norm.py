@@ -46,14 +46,7 @@ def saved_bytes_beyond_input(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    repeats = args.repeats or (30 if device.type == "cuda" else 7)
+def run_table(device, dtype, repeats) -> tuple[list[str], list[list], list]:
     rows, plot = [], []
     for shape in SHAPES:
         x = torch.randn(shape, device=device, dtype=dtype)
@@ -76,25 +69,55 @@ def main(argv: list[str] | None = None) -> None:
         nbytes = x.numel() * x.element_size()
         for name, m in layers.items():
             row = [str(shape), name, fwd[name] * 1e3, fwd_bwd[name] * 1e3,
-                   fwd_bwd[name] / fwd_bwd["BatchNorm2d"], fwd_bwd["reference SN"] / fwd_bwd[name],
-                   saved_bytes_beyond_input(m, xg) / 2 ** 20]
+                   fwd_bwd[name] / fwd_bwd["BatchNorm2d"], fwd_bwd[name] / fwd_bwd["GroupNorm(32)"],
+                   fwd_bwd["reference SN"] / fwd_bwd[name], saved_bytes_beyond_input(m, xg) / 2 ** 20]
             if device.type == "cuda":
                 bwd = max(fwd_bwd[name] - fwd[name], 1e-9)
                 row += [3 * nbytes / fwd[name] / 1e9, 5 * nbytes / bwd / 1e9]
             rows.append(row)
         plot.append((str(shape), {k: fwd_bwd[k] * 1e3 for k in layers}))
-    headers = ["shape", "layer", "fwd ms", "fwd+bwd ms", "fwd+bwd / BN", "reference / this (fwd+bwd)",
-               "saved MiB beyond x"]
+    headers = ["shape", "layer", "fwd ms", "fwd+bwd ms", "fwd+bwd / BN", "fwd+bwd / GN(32)",
+               "reference / this (fwd+bwd)", "saved MiB beyond x"]
     if device.type == "cuda":
         headers += ["fwd GB/s (3x model)", "bwd GB/s (5x model)"]
-    table = markdown_table(headers, rows)
-    print(table)
-    notes = (f"\nTraining mode, {args.dtype}, NCHW, median of {repeats} interleaved repeats. Targets: CPU fwd+bwd "
-             "within 1.5x of BatchNorm2d and >= 3x faster than the reference; GPU fwd >= 80% of HBM roofline, "
-             "fwd+bwd within 1.2x of cuDNN BatchNorm2d, >= 5x faster than the reference.\n")
-    path = write_results("switch_norm", device, table + "\n" + notes)
-    _plot(plot, path.replace(".md", ".png"), f"SN fwd+bwd, {args.dtype}, {device.type}")
+    return headers, rows, plot
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Returns {"path", "headers", "sections": [{"threads", "rows"}]} (tools/gpu_check.py reads the ratios)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
+                             "torch's default)")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    on_gpu = device.type == "cuda"
+    repeats = args.repeats or (30 if on_gpu else 9)
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    else:
+        thread_counts = [default_threads] if on_gpu else sorted({1, default_threads})
+    sections, results = [], []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        headers, rows, plot = run_table(device, dtype, repeats)
+        table = markdown_table(headers, rows)
+        print(f"-- {threads} intra-op thread(s)\n{table}", flush=True)
+        sections.append(f"### {threads} intra-op thread(s)\n\n{table}\n")
+        results.append({"threads": threads, "rows": rows})
+    torch.set_num_threads(default_threads)
+    notes = (f"Training mode, {args.dtype}, NCHW, median of {repeats} interleaved repeats. Targets: CPU fwd+bwd "
+             "within 1.2x of GroupNorm(32) (same memory traffic), <= 1.0x BatchNorm2d and >= 3x faster than the "
+             "reference; GPU fwd >= 80% of HBM roofline, fwd+bwd within 1.2x of cuDNN BatchNorm2d, >= 5x faster "
+             "than the reference.\n")
+    path = write_results("switch_norm", device, notes + "\n" + "\n".join(sections))
+    _plot(plot, path.replace(".md", ".png"), f"SN fwd+bwd, {args.dtype}, {device.type}, {thread_counts[-1]} threads")
     print(f"wrote {path}")
+    return {"path": path, "headers": headers, "sections": results}
 
 
 def _plot(plot, path: str, title: str) -> None:

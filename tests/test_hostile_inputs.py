@@ -72,7 +72,10 @@ def test_roi_ops_check_scalar_arguments():
     with pytest.raises(RuntimeError, match="output size must be below 2"):
         ops.roi_align(x, rois, 1.0, 2 ** 32 + 2, 2, -1, True)
     with pytest.raises(RuntimeError, match="feature map sizes must be below 2"):
-        ops._roi_pool_backward(grad, rois, torch.zeros(1, 2, 2, 2, dtype=torch.long), 1.0, 2, 2, 1, 2, 2 ** 32, 8)
+        ops._roi_pool_backward(grad, rois, torch.zeros(1, 2, 2, 2, dtype=torch.int32), 1.0, 2, 2, 1, 2, 2 ** 32, 8)
+    # RoIPool's argmax is an int32 cell index: a plane of 2^31 cells or more is refused before anything is read.
+    with pytest.raises(RuntimeError, match="fewer than 2\\^31 cells per channel"):
+        ops.roi_pool(torch.zeros(1, 1, 1, 1).expand(1, 1, 2 ** 16, 2 ** 15), rois, 1.0, 2, 2)
     with pytest.raises(ValueError, match="sampling_ratio must be at most 65536"):
         roi_align(x, rois, 2, 1.0, 2 ** 40)
 

@@ -5,6 +5,11 @@ import torch
 from conftest import DEVICES
 from normkit.ops import batched_nms, nms, nms_reference
 
+try:
+    import torchvision
+except ImportError:  # the default CI has no torchvision
+    torchvision = None
+
 
 def random_boxes(n, device="cpu", dtype=torch.float32, spread=100.0):
     xy = torch.rand(n, 2, dtype=torch.float64) * spread
@@ -101,6 +106,51 @@ def test_batched_nms_equals_per_class_nms(device, offset):
                                                                          offset)] for c in range(5)])
     expected = expected[torch.sort(scores[expected], descending=True, stable=True).indices]
     assert torch.equal(batched_nms(boxes, scores, idxs, 0.5, offset), expected)
+
+
+def clustered_boxes(n, generator):
+    """Jittered copies of n / 10 boxes (as RPN proposals are): most boxes are suppressed by an earlier one."""
+    base = random_boxes(-(-n // 10), spread=400.0).repeat(10, 1)[:n]
+    return base + torch.randn(n, 4, generator=generator, dtype=torch.float64).float() * 2
+
+
+def per_class_reference(boxes, scores, idxs, threshold, offset):
+    """batched NMS from its definition: the reference NMS within each category, merged by decreasing score."""
+    kept = [torch.nonzero(idxs == c).flatten()[nms_reference(boxes[idxs == c], scores[idxs == c], threshold, offset)]
+            for c in torch.unique(idxs)]
+    kept = torch.cat(kept)
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+
+
+# 2500 boxes in several categories take the CPU kernel's parallel path over categories.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("n, classes", [(600, 1), (2500, 1), (2500, 4), (2500, 90)])
+def test_clustered_boxes_match_reference(device, offset, n, classes):
+    generator = torch.Generator().manual_seed(n + classes)
+    boxes = clustered_boxes(n, generator)
+    scores = torch.rand(n, generator=generator)
+    idxs = torch.randint(0, classes, (n,), generator=generator)
+    if classes == 1:
+        expected = nms_reference(boxes, scores, 0.6, offset)
+        assert torch.equal(nms(boxes.to(device), scores.to(device), 0.6, offset).cpu(), expected)
+    expected = per_class_reference(boxes, scores, idxs, 0.6, offset)
+    assert torch.equal(batched_nms(boxes.to(device), scores.to(device), idxs.to(device), 0.6, offset).cpu(), expected)
+
+
+@pytest.mark.skipif(torchvision is None, reason="needs torchvision")
+@pytest.mark.parametrize("n", [500, 5000])  # torchvision's batched NMS changes strategy above 4000 boxes on CPU
+@pytest.mark.parametrize("classes", [1, 3, 80])
+def test_kept_indices_equal_torchvision(n, classes):
+    generator = torch.Generator().manual_seed(n + classes)
+    boxes = clustered_boxes(n, generator)
+    # Distinct scores: torchvision's per-category strategy orders equal scores arbitrarily.
+    scores = torch.randperm(n, generator=generator).float() / n
+    idxs = torch.randint(0, classes, (n,), generator=generator)
+    for threshold in (0.5, 0.7):
+        assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
+        assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
+                           torchvision.ops.batched_nms(boxes, scores, idxs, threshold))
 
 
 def test_opcheck_and_compile():

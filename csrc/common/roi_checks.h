@@ -34,9 +34,16 @@ inline void check_roi_grad(const at::Tensor& grad, const at::Tensor& rois, int64
 }
 
 inline void check_roi_pool_argmax(const at::Tensor& argmax, const at::Tensor& grad) {
-  TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kLong,
-              "_roi_pool_backward: argmax must be an int64 tensor shaped like grad ", grad.sizes(), ", got ",
+  TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kInt,
+              "_roi_pool_backward: argmax must be an int32 tensor shaped like grad ", grad.sizes(), ", got ",
               argmax.scalar_type(), argmax.sizes());
+}
+
+// RoIPool keeps each output's argmax as an int32 cell index within its plane (as torchvision does): half the
+// memory traffic of int64 in a forward that mostly writes outputs. Planes must therefore hold < 2^31 cells.
+inline void check_pool_plane(int64_t height, int64_t width, const char* op) {
+  TORCH_CHECK(height * width <= int64_t(std::numeric_limits<int32_t>::max()), op,
+              ": feature maps must have fewer than 2^31 cells per channel, got ", height, " x ", width);
 }
 
 inline void check_nms_inputs(const at::Tensor& dets, const at::Tensor& scores, int64_t offset) {

@@ -165,40 +165,66 @@ C10_HOST_DEVICE inline void pool_bin_range(int start, T bin, int p, int size, in
   end = min_of(max_of(int(ceil(T(p + 1) * bin)) + start, 0), size);
 }
 
-// ---- NMS ----
-
-// `offset` is 0 (torchvision: areas without +1) or 1 (Detectron legacy: inclusive pixel boxes).
 // Max over the bin [h0, h1) x [w0, w1) of a (height x width) plane: returns the flat index of the first maximum
 // and stores its value; a NaN propagates (the first NaN wins), as torch.max does.
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline int64_t bin_argmax(const scalar_t* plane, int width, int h0, int h1, int w0, int w1,
                                           acc_t& best_val) {
+  // 64-bit cell offsets and pointers walking the rows: extensions are built with -fwrapv (Python's flags), under
+  // which int loop counters are sign-extended again on every step.
   int64_t best = int64_t(h0) * width + w0;
   best_val = acc_t(plane[best]);
-  for (int h = h0; h < h1; ++h) {
-    for (int w = w0; w < w1; ++w) {
-      const int64_t idx = int64_t(h) * width + w;
-      const acc_t v = acc_t(plane[idx]);
-      if (v > best_val || (v != v && best_val == best_val)) {
+  // One comparison per cell on the common path; NaNs are only noted, and the rare bin that has one is scanned
+  // again for the first.
+  bool saw_nan = false;
+  for (int64_t row = int64_t(h0) * width; row < int64_t(h1) * width; row += width) {
+    const scalar_t* cells = plane + row;
+    for (int64_t w = w0; w < w1; ++w) {
+      const acc_t v = acc_t(cells[w]);
+      if (v > best_val) {
         best_val = v;
-        best = idx;
+        best = row + w;
+      }
+      saw_nan |= v != v;
+    }
+  }
+  if (saw_nan) {
+    for (int64_t row = int64_t(h0) * width; row < int64_t(h1) * width; row += width) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const acc_t v = acc_t(plane[row + w]);
+        if (v != v) {
+          best_val = v;
+          return row + w;
+        }
       }
     }
   }
   return best;
 }
 
+// ---- NMS ----
+
+// `offset` is 0 (torchvision: areas without +1) or 1 (Detectron legacy: inclusive pixel boxes).
 template <typename T>
 C10_HOST_DEVICE inline T box_area(const T* b, T offset) {
   return (b[2] - b[0] + offset) * (b[3] - b[1] + offset);
 }
 
+// IoU from scalar coordinates: the CPU kernel keeps its boxes as separate coordinate arrays so that a row of
+// IoUs vectorises. Same operations in the same order as torchvision's kernels (no fused multiply-add), so
+// finite boxes keep exactly torchvision's set.
 template <typename T>
-C10_HOST_DEVICE inline T box_iou(const T* a, T area_a, const T* b, T area_b, T offset) {
-  const T w = max_of(min_of(a[2], b[2]) - max_of(a[0], b[0]) + offset, T(0));
-  const T h = max_of(min_of(a[3], b[3]) - max_of(a[1], b[1]) + offset, T(0));
+C10_HOST_DEVICE inline T box_iou(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1, T bx2, T by2, T area_b,
+                                 T offset) {
+  const T w = max_of(min_of(ax2, bx2) - max_of(ax1, bx1) + offset, T(0));
+  const T h = max_of(min_of(ay2, by2) - max_of(ay1, by1) + offset, T(0));
   const T inter = w * h;
   return inter / (area_a + area_b - inter);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T box_iou(const T* a, T area_a, const T* b, T area_b, T offset) {
+  return box_iou(a[0], a[1], a[2], a[3], area_a, b[0], b[1], b[2], b[3], area_b, offset);
 }
 
 // torchvision suppresses IoU > threshold; the Detectron legacy NMS (offset 1) suppresses IoU >= threshold.

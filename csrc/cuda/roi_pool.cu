@@ -24,7 +24,7 @@ template <typename scalar_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ rois, int64_t total,
                                int batch, int channels, int height, int width, int pooled_h, int pooled_w,
                                at::opmath_type<scalar_t> spatial_scale, scalar_t* __restrict__ output,
-                               int64_t* __restrict__ argmax) {
+                               int32_t* __restrict__ argmax) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t index = global_thread_index(); index < total; index += global_thread_count()) {
     const int pw = int(index % pooled_w);
@@ -46,14 +46,14 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
     }
     const scalar_t* src = input + (int64_t(batch_index) * channels + c) * height * width;
     acc_t best_val;
-    argmax[index] = roi::bin_argmax(src, width, h0, h1, w0, w1, best_val);
+    argmax[index] = int32_t(roi::bin_argmax(src, width, h0, h1, w0, w1, best_val));  // < plane
     output[index] = scalar_t(best_val);
   }
 }
 
 template <typename scalar_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rois,
-                                const int64_t* __restrict__ argmax, int64_t total, int batch, int channels,
+                                const int32_t* __restrict__ argmax, int64_t total, int batch, int channels,
                                 int64_t plane, int64_t bins, at::opmath_type<scalar_t>* __restrict__ grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t index = global_thread_index(); index < total; index += global_thread_count()) {
@@ -73,10 +73,11 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(const at::Tensor& input
   roi::check_pooled_size(pooled_h, pooled_w, "roi_pool");
   roi::check_spatial_scale(spatial_scale, "roi_pool");
   roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_pool");
+  roi::check_pool_plane(input.size(2), input.size(3), "roi_pool");
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t K = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options());
-  at::Tensor argmax = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(at::kLong));
+  at::Tensor argmax = at::empty({K, C, pooled_h, pooled_w}, input.options().dtype(at::kInt));
   if (output.numel() == 0) return {output, argmax};
   const at::Tensor in = input.contiguous();
   const at::Tensor boxes = rois.contiguous();
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(const at::Tensor& input
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t><<<roi_cuda::capped_blocks(total), roi_cuda::kThreads, 0, stream>>>(
         in.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), total, int(input.size(0)), int(C), int(H), int(W),
-        int(pooled_h), int(pooled_w), acc_t(spatial_scale), output.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>());
+        int(pooled_h), int(pooled_w), acc_t(spatial_scale), output.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {output, argmax};
@@ -109,7 +110,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t><<<roi_cuda::capped_blocks(total), roi_cuda::kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), arg.data_ptr<int64_t>(), total, int(batch_size),
+        g.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), total, int(batch_size),
         int(channels), height * width, pooled_h * pooled_w, grad_input.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -59,11 +59,17 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int
 def _setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_h, pooled_w = inputs
     ctx.save_for_backward(rois, output[1])
+    # The argmax output has no gradient: without this autograd would materialise a zero tensor the size of the
+    # output for it in every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.input_shape = tuple(input.shape)
     ctx.args = (spatial_scale, pooled_h, pooled_w)
 
 
 def _backward(ctx, grad, _grad_argmax):
+    if grad is None:  # no gradient reached the pooled output (grads are not materialised, see _setup_context)
+        return None, None, None, None, None
     rois, argmax = ctx.saved_tensors
     spatial_scale, pooled_h, pooled_w = ctx.args
     batch, channels, height, width = ctx.input_shape
@@ -81,7 +87,7 @@ def _fake_roi_pool(input, rois, spatial_scale, pooled_height, pooled_width):
     torch._check(pooled_height > 0 and pooled_width > 0,
                  lambda: f"roi_pool: output size must be positive, got ({pooled_height}, {pooled_width})")
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
 
 
 def _fake_roi_pool_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels,
