@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, synchronize, time_interleaved, write_results  # noqa: E402
+from common import add_kernel_benchmark_arguments, markdown_table, synchronize, time_interleaved, write_results  # noqa: E402
 
 from normkit.nn import ConditionalClassifier  # noqa: E402
 from normkit.ops import (class_embedding, class_embedding_reference, dynamic_classify,  # noqa: E402
@@ -135,13 +135,8 @@ def run_table(sizes, device, dtype, repeats) -> list[list]:
 def main(argv=None) -> dict:
     """Returns {"path", "headers", "sections": [{"threads", "rows"}]} (tools/gpu_check.py reads the ratios)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_kernel_benchmark_arguments(parser)
     parser.add_argument("--full", action="store_true", help="run the GPU size list on CPU too")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", default=None,
-                        help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
-                             "torch's default)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"

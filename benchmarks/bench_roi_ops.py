@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, time_interleaved, write_results  # noqa: E402
+from common import add_kernel_benchmark_arguments, markdown_table, time_interleaved, write_results  # noqa: E402
 
 from normkit.nn import assign_boxes_to_levels  # noqa: E402
 from normkit.ops import batched_nms, nms, nms_reference, roi_align, roi_align_reference, roi_pool, roi_pool_reference  # noqa: E402
@@ -195,12 +195,7 @@ def run_workloads(tv, device, dtype, repeats, full, with_reference) -> list:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", default=None,
-                        help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
-                             "torch's default)")
+    add_kernel_benchmark_arguments(parser)
     parser.add_argument("--reference", default="auto", choices=["auto", "on", "off"],
                         help="time the slow references: auto = only when torchvision is not importable")
     parser.add_argument("--full", action="store_true", help="GPU-sized workloads even on CPU (slow)")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, time_interleaved, write_results  # noqa: E402
+from common import add_kernel_benchmark_arguments, markdown_table, time_interleaved, write_results  # noqa: E402
 
 from normkit.nn import SwitchNorm2d  # noqa: E402
 
@@ -86,12 +86,7 @@ def run_table(device, dtype, repeats) -> tuple[list[str], list[list], list]:
 def main(argv: list[str] | None = None) -> dict:
     """Returns {"path", "headers", "sections": [{"threads", "rows"}]} (tools/gpu_check.py reads the ratios)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", default=None,
-                        help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
-                             "torch's default)")
+    add_kernel_benchmark_arguments(parser)
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"

@@ -5,6 +5,7 @@ interleaved round-robin so drifts in machine load hit them alike, and the median
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -14,6 +15,16 @@ from typing import Any, Callable
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def add_kernel_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every kernel benchmark takes: --device, --dtype, --repeats, --threads."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated intra-op CPU thread counts, one table each (default on CPU: 1 and "
+                             "torch's default)")
 
 
 def synchronize(device: torch.device | str) -> None:
