@@ -4,7 +4,8 @@
 normkit variants (Detectron-1 conventions):
 - frozen BN: FrozenBN backbone, FPN and heads without norm, 2fc box head (torchvision's architecture);
 - GN: GN backbone, FPN, 4conv1fc box head and mask head (the GN baseline configs);
-- SN: the ``e2e_mask_rcnn_R-50-FPN_2x_sn_8-1`` config (SN without BN everywhere).
+- SN: the ``e2e_mask_rcnn_R-50-FPN_2x_sn_8-1`` config (SN without BN everywhere);
+- SN backbone: the frozen-BN architecture with SN (without BN) in the backbone only: the cost of SN itself.
 
 torchvision runs in this interpreter when importable, else in the interpreter named by ``--peer-python``
 (or the ``NORMKIT_PEER_PYTHON`` environment variable); it is skipped otherwise.
@@ -33,9 +34,17 @@ SN_CONFIG = ROOT / "configs" / "detection" / "e2e_mask_rcnn_R-50-FPN_2x_sn_8-1.y
 NUM_CLASSES = 80
 
 
+VARIANTS = ("frozen BN", "GN", "SN", "SN backbone")
+
+
 def model_config(variant: str) -> dict:
     cfg = read_config(SN_CONFIG)["model"]
     if variant == "SN":
+        return cfg
+    if variant == "SN backbone":
+        sn_backbone = dict(cfg["backbone"])
+        cfg = model_config("frozen BN")
+        cfg["backbone"] = sn_backbone
         return cfg
     norm, kwargs = ("frozenbn", {}) if variant == "frozen BN" else ("gn", {"num_groups": 32})
     cfg["backbone"].update(norm=norm, norm_kwargs=kwargs)
@@ -146,14 +155,14 @@ def main(argv=None) -> int:
     batch, h, w = (2, 800, 1333) if device.type == "cuda" else (1, 320, 320)
     data = make_batch(batch, h, w, device)
     fns = {}
-    for variant in ("frozen BN", "GN", "SN"):
+    for variant in VARIANTS:
         infer, train = normkit_fns(variant, data, device)
         fns[f"{variant} infer"], fns[f"{variant} train"] = infer, train
     times = time_interleaved(fns, device=device, warmup=1, repeats=args.repeats)
     tv = torchvision_times(args, batch, h, w)
     rows = []
     base = times["frozen BN train"]
-    for variant in ("frozen BN", "GN", "SN"):
+    for variant in VARIANTS:
         rows.append([f"normkit {variant}", batch / times[f"{variant} infer"], batch / times[f"{variant} train"],
                      times[f"{variant} train"] / base])
     if tv:
@@ -162,6 +171,11 @@ def main(argv=None) -> int:
     table = markdown_table(["model", "inference img/s", "training img/s", "train time / normkit frozen BN"], rows)
     text = (f"R-50-FPN Mask R-CNN, batch {batch} at {h}x{w} on {device.type}, median of {args.repeats} "
             f"interleaved repeats.\n\n{table}\n")
+    text += ("\nVariants: frozen BN is torchvision's architecture (2fc box head, no norm in FPN or heads); GN and SN "
+             "are the published GN and SN-(8,1) configs (norms in FPN, 4conv1fc box head and mask head); SN backbone "
+             "is the frozen-BN architecture with SN (without BN) in the backbone only, which isolates the cost of SN. "
+             "For a fair torchvision row run with an interpreter that has torchvision, so both sides use the same "
+             "torch build.\n")
     if not tv:
         text += "\ntorchvision was not available (pass --peer-python); its row is missing.\n"
     print(text)
