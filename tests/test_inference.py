@@ -195,3 +195,9 @@ def test_test_sizes_resize_the_uint8_image_before_normalising(image_resize):
     resized = (cv2.resize(image, (5, 3), interpolation=cv2.INTER_LINEAR) if image_resize == "cv2" else
                np.asarray(Image.fromarray(image).resize((5, 3), Image.BILINEAR)))
     np.testing.assert_allclose(wrapper(batch)[0, 0], sigmoid((resized[..., 0] - 128.0) / 64.0), rtol=1e-6)
+
+
+def test_test_sizes_are_given_one_way():
+    from normkit.evaluation.sem_seg import check_eval_config
+    with pytest.raises(ValueError, match="scales and evaluation.short_sides both set"):
+        check_eval_config({"scales": [1.0], "short_sides": [450]})

@@ -57,6 +57,9 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
         if values is not None and (not isinstance(values, (list, tuple)) or not values
                                    or any(not isinstance(v, (int, float)) or not v > 0 for v in values)):
             raise ValueError(f"evaluation.{key} must be a non-empty list of positive numbers, got {values!r}")
+    if eval_cfg.get("scales") is not None and eval_cfg.get("short_sides") is not None:
+        raise ValueError("evaluation.scales and evaluation.short_sides both set: give the test sizes one way "
+                         "(short_sides, as CSAIL, or scale multipliers, as mmseg)")
     if eval_cfg.get("mode", "whole") not in MODES:
         raise ValueError(f"unknown evaluation.mode {eval_cfg['mode']!r}; choose one of {', '.join(MODES)}")
     multiple = eval_cfg.get("size_multiple")

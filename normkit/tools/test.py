@@ -74,6 +74,8 @@ def evaluation_config(cfg: dict, args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             eval_cfg[key] = value
+    if args.scales is not None:  # --scales replaces the config's test sizes, however the config gives them
+        eval_cfg.pop("short_sides", None)
     if args.flip:
         eval_cfg["flip"] = True
     return eval_cfg
