@@ -37,9 +37,12 @@ def with_cuda() -> bool:
 
 
 def make_extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-wrapv undoes the -fwrapv that Python's own build flags add to every extension: with wrapping signed
+    # overflow GCC cannot bound the kernels' int64 loop counters, and leaves their reductions unvectorized
+    # (3-5x slower SN statistics). No normkit code relies on signed overflow.
+    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not with_cuda():
         return CppExtension("normkit._C", sources, include_dirs=include_dirs,
