@@ -1,6 +1,7 @@
 // Every normkit operator schema, in one place. Kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu,
-// each registering its own TORCH_LIBRARY_IMPL block; autograd and fake kernels are registered in Python
-// (normkit/ops). Private ops (leading underscore) are the pieces public ops and their backwards are built from.
+// each registering its own TORCH_LIBRARY_IMPL block; device-neutral compositions and C++ autograd kernels in
+// csrc/autograd/<op>.cpp. Other autograd and all fake kernels are registered in Python (normkit/ops).
+// Private ops (leading underscore) are the pieces public ops and their backwards are built from.
 #include <Python.h>
 #include <torch/library.h>
 

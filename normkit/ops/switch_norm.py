@@ -126,41 +126,22 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dispatcher registrations: the composite forward/backward, autograd and fake (meta) kernels.
-
-def _spatial_size(x: Tensor):
-    return math.prod(x.shape[2:])
-
+# Fake (meta) kernels, and the synchronized backward. The composite forward/backward and the autograd kernel are
+# C++ (csrc/autograd/switch_norm.cpp): per-layer Python overhead would outweigh the kernels of small feature maps.
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _has_bn(mean_weight: Tensor, has_instance: bool) -> bool:
-    return mean_weight.shape[0] == num_mixture_weights(True, has_instance)
-
-
-def _switch_norm_composite(input, weight, bias, mean_weight, var_weight, running_mean, running_var,
-                           use_batch_stats, has_instance, eps):
-    ops = torch.ops.normkit
-    moments = ops._switch_norm_moments(input)
-    bn_stats = None
-    if not use_batch_stats and _has_bn(mean_weight, has_instance):
-        bn_stats = torch.stack([running_mean, running_var, torch.zeros_like(running_mean)]).to(moments.dtype)
-    coefficients, bn_used = ops._switch_norm_forward_coefficients(
-        moments, weight, bias, mean_weight, var_weight, bn_stats, _spatial_size(input), has_instance, eps)
-    return ops._switch_norm_affine(input, coefficients), moments, bn_used
-
-
 def switch_norm_input_backward(grad_output, input, moments, bn_stats, weight, mean_weight, var_weight,
                                has_instance, eps, reduce_bn_grad=None):
-    """The shared backward: gradient moments, O(N*C) reductions, then dx in one elementwise pass.
+    """The synchronized backward: `_switch_norm_backward`'s steps (csrc/autograd/switch_norm.cpp) around a reduction.
 
-    `reduce_bn_grad` (for synchronized SN) receives the per-channel BN gradient partial sums and returns them
-    reduced over all ranks; None means the BN statistics are constants (eval) and get no gradient.
+    `reduce_bn_grad` receives the per-channel BN gradient partial sums and returns them reduced over all ranks;
+    None means the BN statistics are constants (eval) and get no gradient.
     """
     ops = torch.ops.normkit
-    count = _spatial_size(input)
+    count = math.prod(input.shape[2:])
     grad_moments = ops._switch_norm_grad_moments(grad_output, input)
     grad_weight, grad_bias, grad_mean_weight, grad_var_weight, bn_grad = ops._switch_norm_backward_reduce(
         grad_moments, moments, bn_stats, weight, mean_weight, var_weight, count, has_instance, eps)
@@ -173,37 +154,8 @@ def switch_norm_input_backward(grad_output, input, moments, bn_stats, weight, me
             grad_mean_weight.to(mean_weight.dtype), grad_var_weight.to(var_weight.dtype))
 
 
-def _switch_norm_backward_composite(grad_output, input, moments, bn_stats, weight, mean_weight, var_weight,
-                                    use_batch_stats, has_instance, eps):
-    local = (lambda g: g) if use_batch_stats else None
-    return switch_norm_input_backward(grad_output, input, moments, bn_stats, weight, mean_weight, var_weight,
-                                      has_instance, eps, reduce_bn_grad=local)
-
-
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, mean_weight, var_weight, _, _, use_batch_stats, has_instance, eps = inputs
-    _, moments, bn_stats = output
-    ctx.save_for_backward(input, weight, mean_weight, var_weight, moments, bn_stats)
-    ctx.has_bias = bias is not None
-    ctx.flags = (use_batch_stats, has_instance, eps)
-
-
-def _backward(ctx, grad_output, _grad_moments, _grad_bn_stats):
-    input, weight, mean_weight, var_weight, moments, bn_stats = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias, grad_mean_weight, grad_var_weight = torch.ops.normkit._switch_norm_backward(
-        grad_output, input, moments, bn_stats, weight, mean_weight, var_weight, *ctx.flags)
-    return (grad_input, grad_weight if weight is not None else None, grad_bias if ctx.has_bias else None,
-            grad_mean_weight, grad_var_weight, None, None, None, None, None)
-
-
 def _register() -> None:
-    lib = torch.library.Library("normkit", "IMPL")
-    lib.impl("switch_norm", _switch_norm_composite, "CompositeExplicitAutograd")
-    lib.impl("_switch_norm_backward", _switch_norm_backward_composite, "CompositeExplicitAutograd")
-    _LIBRARIES.append(lib)  # a Library deregisters its kernels when garbage-collected
-
-    torch.library.register_autograd("normkit::switch_norm", _backward, setup_context=_setup_context)
-
+    """Fake (meta) kernels of the pieces; switch_norm's composite and autograd kernels are in C++."""
     def nc_stats(x, width):
         return x.new_empty((x.shape[0], x.shape[1], width), dtype=_acc_dtype(x.dtype))
 
@@ -238,7 +190,6 @@ def _register() -> None:
         return torch.empty_like(input)
 
 
-_LIBRARIES: list = []
 register_ops(_register)
 
 
