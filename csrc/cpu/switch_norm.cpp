@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common/nc_layout.h"
@@ -23,18 +24,42 @@ using namespace switch_norm;
 constexpr int64_t kChannelBlock = 256;
 // Elements per inner (vectorized) partial sum; partial sums are then added in order, bounding rounding growth.
 constexpr int64_t kChunk = 1024;
+// Independent accumulators per sum: a single running sum is bound by the add latency, not by the loads.
+constexpr int kLanes = 16;
+
+// Sums of f(i) and g(i) over [0, n), in chunks of kChunk, each chunk spread over kLanes accumulators.
+template <typename acc_t, typename F, typename G>
+inline std::pair<acc_t, acc_t> chunked_sums(int64_t n, const F& f, const G& g) {
+  acc_t total_f = 0, total_g = 0;
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t end = std::min(n, start + kChunk);
+    acc_t lanes_f[kLanes] = {}, lanes_g[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lanes_f[j] += f(i + j);
+        lanes_g[j] += g(i + j);
+      }
+    }
+    for (int j = 0; i < end; ++i, ++j) {
+      lanes_f[j] += f(i);
+      lanes_g[j] += g(i);
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {  // pairwise: vectorizes, unlike a serial sum
+      for (int j = 0; j < width; ++j) {
+        lanes_f[j] += lanes_f[j + width];
+        lanes_g[j] += lanes_g[j + width];
+      }
+    }
+    total_f += lanes_f[0];
+    total_g += lanes_g[0];
+  }
+  return {total_f, total_g};
+}
 
 template <typename acc_t, typename F>
 inline acc_t chunked_sum(int64_t n, const F& f) {
-  acc_t total = 0;
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t end = std::min(n, start + kChunk);
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = start; i < end; ++i) s += f(i);
-    total += s;
-  }
-  return total;
+  return chunked_sums<acc_t>(n, f, [](int64_t) { return acc_t(0); }).first;
 }
 
 // Calls body(n, c0, cb) for every sample n and block of channels [c0, c0 + cb), in parallel.
@@ -121,19 +146,8 @@ void grad_moments_kernel(const at::Tensor& dy, const at::Tensor& x, const NCLayo
       for (int64_t p = begin; p < end; ++p) {
         const scalar_t* px = xp + p * lay.L;
         const scalar_t* pg = gp + p * lay.L;
-        acc_t sum_dy = 0, sum_dy_x = 0;
-        for (int64_t start = 0; start < lay.L; start += kChunk) {
-          const int64_t stop = std::min(lay.L, start + kChunk);
-          acc_t a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-          for (int64_t i = start; i < stop; ++i) {
-            const acc_t g = acc_t(pg[i]);
-            a += g;
-            b += g * acc_t(px[i]);
-          }
-          sum_dy += a;
-          sum_dy_x += b;
-        }
+        const auto [sum_dy, sum_dy_x] = chunked_sums<acc_t>(
+            lay.L, [&](int64_t i) { return acc_t(pg[i]); }, [&](int64_t i) { return acc_t(pg[i]) * acc_t(px[i]); });
         sp[2 * p] = sum_dy;
         sp[2 * p + 1] = sum_dy_x;
       }
@@ -242,13 +256,25 @@ at::Tensor affine_backward_cpu(const at::Tensor& grad_output, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// O(N*C) coefficient steps (serial: N*C is small next to the streaming passes)
+// O(N*C) coefficient steps. Parallel over samples or channels; every sum keeps one order whatever the thread
+// count, so results do not depend on it.
+
+// Grain (in planes) of the coefficient loops: below a few thousand planes a thread's start-up costs more.
+constexpr int64_t kPlaneGrain = 2048;
+
+template <typename F>
+inline void parallel_rows(int64_t rows, int64_t row_len, const F& body) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kPlaneGrain / std::max<int64_t>(row_len, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) body(r);
+                   });
+}
 
 // LN statistics per sample, (mean, var) for each n.
 template <typename acc_t>
 std::vector<acc_t> layer_stats(const acc_t* mom, int64_t N, int64_t C, const GroupForm<acc_t>& form) {
   std::vector<acc_t> ln(2 * N);
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_rows(N, C, [&](int64_t n) {
     const acc_t* row = mom + 2 * n * C;
     acc_t s = 0;
     for (int64_t c = 0; c < C; ++c) s += row[2 * c];
@@ -257,7 +283,7 @@ std::vector<acc_t> layer_stats(const acc_t* mom, int64_t N, int64_t C, const Gro
     for (int64_t c = 0; c < C; ++c) v += form.member_term(row[2 * c], row[2 * c + 1], mean);
     ln[2 * n] = mean;
     ln[2 * n + 1] = v / form.denominator(acc_t(C));
-  }
+  });
   return ln;
 }
 
@@ -277,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
     const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
     scalar_t* bn = args.bn_used.mutable_data_ptr<scalar_t>();
     if (mix.has_bn() && !args.bn_given) {
-      for (int64_t c = 0; c < C; ++c) {
+      parallel_rows(C, N, [&](int64_t c) {
         scalar_t s = 0;
         for (int64_t n = 0; n < N; ++n) s += mom[2 * (n * C + c)];
         const scalar_t mean = s / scalar_t(N);
@@ -286,40 +312,54 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
         bn[c] = mean;
         bn[C + c] = v / form.denominator(scalar_t(N));
         bn[2 * C + c] = scalar_t(N);
-      }
+      });
     }
     const scalar_t* gamma = params.gamma.const_data_ptr<scalar_t>();
     const scalar_t* beta = params.beta.const_data_ptr<scalar_t>();
     scalar_t* cp = args.coefficients.mutable_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n) {
+    parallel_rows(N, C, [&](int64_t n) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t p = n * C + c;
         const Normalizer<scalar_t> nz(mix, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c],
                                       bn[C + c], scalar_t(eps));
         plane_coefficients(nz, gamma[c], beta[c], cp + 2 * p);
       }
-    }
+    });
   });
   return {args.coefficients, args.bn_used};
 }
 
-// Normalizer and gradient of every (n, c) plane, shared by the two backward steps.
+// What both backward steps need of every (n, c) plane.
 template <typename acc_t>
-struct BackwardPlanes {
-  std::vector<Normalizer<acc_t>> norms;
-  std::vector<PlaneGrad<acc_t>> grads;
+struct BackwardContext {
+  const acc_t *mom, *gm, *gamma, *bn;
+  std::vector<acc_t> ln;
+  Mixture<acc_t> mix;
+  GroupForm<acc_t> form;
+  int64_t N, C;
+  acc_t eps;
 
-  BackwardPlanes(const acc_t* mom, const acc_t* gm, const acc_t* gamma, const acc_t* bn, const std::vector<acc_t>& ln,
-                 const Mixture<acc_t>& mix, const GroupForm<acc_t>& form, int64_t N, int64_t C, acc_t eps) {
-    norms.reserve(N * C);
-    grads.reserve(N * C);
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t p = n * C + c;
-        norms.emplace_back(mix, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c], bn[C + c], eps);
-        grads.emplace_back(norms.back(), gamma[c], gm[2 * p], gm[2 * p + 1]);
-      }
-    }
+  BackwardContext(const BackwardArgs& args, int64_t count, bool has_instance, double eps_in)
+      : mom(args.moments.const_data_ptr<acc_t>()),
+        gm(args.grad_moments.const_data_ptr<acc_t>()),
+        gamma(args.params.gamma.const_data_ptr<acc_t>()),
+        bn(args.bn_stats.const_data_ptr<acc_t>()),
+        mix(args.params.mean_logits.const_data_ptr<acc_t>(), args.params.var_logits.const_data_ptr<acc_t>(),
+            args.params.K, has_instance),
+        form(has_instance, count),
+        N(args.N()),
+        C(args.C()),
+        eps(acc_t(eps_in)) {
+    ln = layer_stats(mom, N, C, form);
+  }
+
+  Normalizer<acc_t> normalizer(int64_t n, int64_t c) const {
+    const int64_t p = n * C + c;
+    return Normalizer<acc_t>(mix, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c], bn[C + c], eps);
+  }
+  PlaneGrad<acc_t> plane_grad(const Normalizer<acc_t>& nz, int64_t n, int64_t c) const {
+    const int64_t p = n * C + c;
+    return PlaneGrad<acc_t>(nz, gamma[c], gm[2 * p], gm[2 * p + 1]);
   }
 };
 
@@ -328,41 +368,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight, const at::Tensor& var_weight,
     int64_t count, bool has_instance, double eps) {
   const BackwardArgs args(grad_moments, moments, bn_stats, c10::nullopt, weight, mean_weight, var_weight, has_instance);
-  const at::Tensor &mom_t = args.moments, &bn_t = args.bn_stats, &gm_t = args.grad_moments;
-  const Params& params = args.params;
   const int64_t N = args.N(), C = args.C();
-  const auto opts = mom_t.options();
-  at::Tensor grad_weight = at::zeros({C}, opts), grad_bias = at::zeros({C}, opts);
-  at::Tensor grad_mean_weight = at::empty({params.K}, opts), grad_var_weight = at::empty({params.K}, opts);
-  at::Tensor bn_grad = at::zeros({2, C}, opts);
-  AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_backward_reduce_cpu", [&] {
-    const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
-    const scalar_t* bn = bn_t.const_data_ptr<scalar_t>();
-    const scalar_t* gm = gm_t.const_data_ptr<scalar_t>();
-    const GroupForm<scalar_t> form(has_instance, count);
-    const Mixture<scalar_t> mix(params.mean_logits.const_data_ptr<scalar_t>(),
-                                params.var_logits.const_data_ptr<scalar_t>(), params.K, has_instance);
-    const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
-    const BackwardPlanes<scalar_t> planes(mom, gm, params.gamma.const_data_ptr<scalar_t>(), bn, ln, mix, form, N, C,
-                                          scalar_t(eps));
+  const auto opts = args.moments.options();
+  at::Tensor grad_weight = at::empty({C}, opts), grad_bias = at::empty({C}, opts);
+  at::Tensor grad_mean_weight = at::empty({args.params.K}, opts), grad_var_weight = at::empty({args.params.K}, opts);
+  at::Tensor bn_grad = at::empty({2, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES(args.moments.scalar_type(), "switch_norm_backward_reduce_cpu", [&] {
+    const BackwardContext<scalar_t> ctx(args, count, has_instance, eps);
     scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
     scalar_t* bg = bn_grad.mutable_data_ptr<scalar_t>();
-    scalar_t d_mean_w[3] = {0, 0, 0}, d_var_w[3] = {0, 0, 0};
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
+    // Per channel: sums over the batch, and the channel's share of the mixture-weight gradients.
+    std::vector<scalar_t> mixture_parts(6 * C);
+    parallel_rows(C, N, [&](int64_t c) {
+      scalar_t w = 0, b = 0, bm = 0, bv = 0;
+      scalar_t* d_mean_w = mixture_parts.data() + 6 * c;
+      scalar_t* d_var_w = d_mean_w + 3;
+      std::fill(d_mean_w, d_mean_w + 6, scalar_t(0));
+      for (int64_t n = 0; n < N; ++n) {
         const int64_t p = n * C + c;
-        const PlaneGrad<scalar_t>& g = planes.grads[p];
-        gw[c] += g.grad_gamma;
-        gb[c] += gm[2 * p];
-        bg[c] += g.grad_mean;
-        bg[C + c] += g.grad_var;
-        accumulate_mixture_grads(g, form, mom[2 * p], mom[2 * p + 1], ln[2 * n], ln[2 * n + 1], bn[c], bn[C + c],
-                                 d_mean_w, d_var_w);
+        const PlaneGrad<scalar_t> g = ctx.plane_grad(ctx.normalizer(n, c), n, c);
+        w += g.grad_gamma;
+        b += ctx.gm[2 * p];
+        bm += g.grad_mean;
+        bv += g.grad_var;
+        accumulate_mixture_grads(g, ctx.form, ctx.mom[2 * p], ctx.mom[2 * p + 1], ctx.ln[2 * n], ctx.ln[2 * n + 1],
+                                 ctx.bn[c], ctx.bn[C + c], d_mean_w, d_var_w);
+      }
+      gw[c] = w;
+      gb[c] = b;
+      bg[c] = bm;
+      bg[C + c] = bv;
+    });
+    scalar_t d_mean_w[3] = {0, 0, 0}, d_var_w[3] = {0, 0, 0};
+    for (int64_t c = 0; c < C; ++c) {
+      for (int i = 0; i < 3; ++i) {
+        d_mean_w[i] += mixture_parts[6 * c + i];
+        d_var_w[i] += mixture_parts[6 * c + 3 + i];
       }
     }
-    softmax_backward(mix.mean_w, d_mean_w, mix.first, params.K, grad_mean_weight.mutable_data_ptr<scalar_t>());
-    softmax_backward(mix.var_w, d_var_w, mix.first, params.K, grad_var_weight.mutable_data_ptr<scalar_t>());
+    softmax_backward(ctx.mix.mean_w, d_mean_w, ctx.mix.first, args.params.K,
+                     grad_mean_weight.mutable_data_ptr<scalar_t>());
+    softmax_backward(ctx.mix.var_w, d_var_w, ctx.mix.first, args.params.K,
+                     grad_var_weight.mutable_data_ptr<scalar_t>());
   });
   return {grad_weight, grad_bias, grad_mean_weight, grad_var_weight, bn_grad};
 }
@@ -372,36 +420,34 @@ at::Tensor backward_coefficients_cpu(const at::Tensor& grad_moments, const at::T
                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean_weight,
                                      const at::Tensor& var_weight, int64_t count, bool has_instance, double eps) {
   const BackwardArgs args(grad_moments, moments, bn_stats, bn_grad, weight, mean_weight, var_weight, has_instance);
-  const at::Tensor &mom_t = args.moments, &bn_t = args.bn_stats, &gm_t = args.grad_moments, &bg_t = args.bn_grad;
-  const Params& params = args.params;
   const int64_t N = args.N(), C = args.C();
-  at::Tensor coef = at::empty({N, C, 3}, mom_t.options());
-  AT_DISPATCH_FLOATING_TYPES(mom_t.scalar_type(), "switch_norm_backward_coefficients_cpu", [&] {
-    const scalar_t* mom = mom_t.const_data_ptr<scalar_t>();
-    const scalar_t* bn = bn_t.const_data_ptr<scalar_t>();
-    const scalar_t* gamma = params.gamma.const_data_ptr<scalar_t>();
-    const GroupForm<scalar_t> form(has_instance, count);
-    const Mixture<scalar_t> mix(params.mean_logits.const_data_ptr<scalar_t>(),
-                                params.var_logits.const_data_ptr<scalar_t>(), params.K, has_instance);
-    const bool with_bn = mix.has_bn() && bg_t.defined();
-    const scalar_t* bg = with_bn ? bg_t.const_data_ptr<scalar_t>() : nullptr;
-    const std::vector<scalar_t> ln = layer_stats(mom, N, C, form);
-    const BackwardPlanes<scalar_t> planes(mom, gm_t.const_data_ptr<scalar_t>(), gamma, bn, ln, mix, form, N, C,
-                                          scalar_t(eps));
+  at::Tensor coef = at::empty({N, C, 3}, args.moments.options());
+  AT_DISPATCH_FLOATING_TYPES(args.moments.scalar_type(), "switch_norm_backward_coefficients_cpu", [&] {
+    const BackwardContext<scalar_t> ctx(args, count, has_instance, eps);
+    const bool with_bn = ctx.mix.has_bn() && args.bn_grad.defined();
+    const scalar_t* bg = with_bn ? args.bn_grad.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bn = ctx.bn;
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n) {
+    parallel_rows(N, C, [&](int64_t n) {
+      std::vector<PlaneGrad<scalar_t>> grads;  // of this sample's planes, needed twice
+      std::vector<scalar_t> gamma_rstd;
+      grads.reserve(C);
+      gamma_rstd.reserve(C);
       scalar_t ln_grad_mean = 0, ln_grad_var = 0;
       for (int64_t c = 0; c < C; ++c) {
-        ln_grad_mean += planes.grads[n * C + c].grad_mean;
-        ln_grad_var += planes.grads[n * C + c].grad_var;
+        const Normalizer<scalar_t> nz = ctx.normalizer(n, c);
+        grads.push_back(ctx.plane_grad(nz, n, c));
+        gamma_rstd.push_back(ctx.gamma[c] * nz.rstd);
+        ln_grad_mean += grads.back().grad_mean;
+        ln_grad_var += grads.back().grad_var;
       }
       for (int64_t c = 0; c < C; ++c) {
         const int64_t p = n * C + c;
-        plane_input_grad(mix, form, planes.grads[p], gamma[c] * planes.norms[p].rstd, mom[2 * p], scalar_t(C),
-                         ln[2 * n], ln_grad_mean, ln_grad_var, with_bn, with_bn ? bn[2 * C + c] : scalar_t(0), bn[c],
+        plane_input_grad(ctx.mix, ctx.form, grads[c], gamma_rstd[c], ctx.mom[2 * p], scalar_t(C), ctx.ln[2 * n],
+                         ln_grad_mean, ln_grad_var, with_bn, with_bn ? bn[2 * C + c] : scalar_t(0), bn[c],
                          with_bn ? bg[c] : scalar_t(0), with_bn ? bg[C + c] : scalar_t(0), cp + 3 * p);
       }
-    }
+    });
   });
   return coef;
 }
