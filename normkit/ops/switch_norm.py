@@ -73,7 +73,7 @@ def check_momentum(momentum, who: str) -> None:
 
 def _flat(t: Tensor | None) -> Tensor | None:
     # Official checkpoints shape per-channel tensors (1, C, 1, 1) / (1, C, 1); the kernels take (C,).
-    return None if t is None else t.reshape(-1)
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
 def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_weight: Tensor, var_weight: Tensor,
@@ -115,8 +115,10 @@ def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_
 def update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
                          momentum: float, using_moving_average: bool) -> None:
     with torch.no_grad():
-        mean = batch_mean.to(running_mean.dtype).view_as(running_mean)
-        var = batch_var.to(running_var.dtype).view_as(running_var)
+        mean, var = batch_mean, batch_var
+        if mean.shape != running_mean.shape or mean.dtype != running_mean.dtype:
+            mean = mean.to(running_mean.dtype).view_as(running_mean)
+            var = var.to(running_var.dtype).view_as(running_var)
         if using_moving_average:
             running_mean.lerp_(mean, momentum)
             running_var.lerp_(var, momentum)
