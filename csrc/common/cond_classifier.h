@@ -2,7 +2,10 @@
 //
 // The class softmax runs at every pixel over the K class logits, which lie K rows apart in a (B, K, N)
 // guidance tensor. Both devices walk the classes of one pixel in three passes (max, sum of exponentials,
-// normalised probabilities), accumulating in `acc_t` (float for fp16/bf16/fp32, double for fp64).
+// normalised probabilities), accumulating in `acc_t` (float for fp16/bf16/fp32, double for fp64). The CUDA
+// kernel recomputes the exponentials in the last pass (cheaper than storing and re-reading them in global
+// memory); the CPU kernel keeps them in a cache-resident block of pixels, and computes the float ones with
+// its own vectorizable exp (cpu/cond_classifier.cpp).
 #pragma once
 
 #include <c10/macros/Macros.h>
