@@ -118,3 +118,25 @@ def test_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = module(features)
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.1)
+
+
+def test_autocast_backward_matches_fp32_gradients():
+    # The generator's backward gets a bf16 gradient for fp32 weights and embeddings: it must cast, and every
+    # parameter gradient must keep its parameter's dtype and stay close to the fp32 one.
+    module = ConditionalClassifier(16, 5, dropout=0.0).train()
+    module.load_state_dict(random_state(module))
+    features = torch.randn(2, 16, 8, 8)
+
+    def grads(autocast: bool):
+        module.zero_grad()
+        x = features.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, guidance = module(x)
+        (logits.float().square().mean() + guidance.float().mean()).backward()
+        return {"features": x.grad, **{name: p.grad.clone() for name, p in module.named_parameters()}}
+
+    expected, got = grads(False), grads(True)
+    for name, grad in got.items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, expected[name], rtol=0.1, atol=0.05 * expected[name].abs().max().item(),
+                                   msg=name)

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <tuple>
@@ -21,6 +22,11 @@ using SoftmaxForward = at::Tensor (*)(const at::Tensor& guidance);
 using SoftmaxBackward = void (*)(const at::Tensor& prob, at::Tensor& grad_prob);
 
 // Features stored channels_last are read as (B, N, C) rows; results then keep that layout.
+// The GEMMs inside the ops run in the inputs' dtype: an autocast region around a call would otherwise reach them
+// (a kernel's own ATen calls still pass the Autocast keys) and return, say, bf16 logits for fp32 inputs, whose
+// gradient then fails the backward's dtype check.
+using NoAutocastGuard = c10::impl::ExcludeDispatchKeyGuard;
+
 inline bool uses_channels_last(const at::Tensor& features) {
   return features.dim() == 4 && !features.is_contiguous() &&
          features.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -51,6 +57,7 @@ inline void check_class_embedding_inputs(const at::Tensor& guidance, const at::T
 }
 
 inline at::Tensor class_embedding(const at::Tensor& guidance, const at::Tensor& features, SoftmaxForward softmax) {
+  const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_class_embedding_inputs(guidance, features);
   const int64_t batch = features.size(0), channels = features.size(1), classes = guidance.size(1);
   const int64_t pixels = features.size(2) * features.size(3);
@@ -66,6 +73,7 @@ inline std::tuple<at::Tensor, at::Tensor> class_embedding_backward(const at::Ten
                                                                    const at::Tensor& features,
                                                                    SoftmaxForward softmax,
                                                                    SoftmaxBackward softmax_backward) {
+  const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_class_embedding_inputs(guidance, features);
   const int64_t batch = features.size(0), channels = features.size(1), classes = guidance.size(1);
   const int64_t height = features.size(2), width = features.size(3), pixels = height * width;
@@ -117,6 +125,7 @@ inline void check_dynamic_classify_inputs(const at::Tensor& features, const at::
 
 inline at::Tensor dynamic_classify(const at::Tensor& features, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias) {
+  const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_dynamic_classify_inputs(features, weight, bias);
   const int64_t batch = features.size(0), channels = features.size(1), classes = weight.size(1);
   const int64_t height = features.size(2), width = features.size(3), pixels = height * width;
@@ -136,6 +145,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward(
                                                                                 const at::Tensor& features,
                                                                                 const at::Tensor& weight,
                                                                                 bool has_bias) {
+  const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_dynamic_classify_inputs(features, weight, std::nullopt);
   const int64_t batch = features.size(0), channels = features.size(1), classes = weight.size(1);
   const int64_t height = features.size(2), width = features.size(3), pixels = height * width;
