@@ -14,116 +14,28 @@
 #include "common/nc_layout.h"
 #include "common/switch_norm.h"
 #include "common/switch_norm_host.h"
+#include "cpu/isa.h"
 
 namespace normkit {
 namespace {
 
 using namespace switch_norm;
 
-// Channels per task in the channels-last reductions: keeps the per-task accumulators in L1.
-constexpr int64_t kChannelBlock = 256;
-// Elements per inner (vectorized) partial sum; partial sums are then added in order, bounding rounding growth.
-constexpr int64_t kChunk = 1024;
-// Independent accumulators per sum: a single running sum is bound by the add latency, not by the loads.
-constexpr int kLanes = 16;
-
-// Sums of f(i) and g(i) over [0, n), in chunks of kChunk, each chunk spread over kLanes accumulators.
-template <typename acc_t, typename F, typename G>
-inline std::pair<acc_t, acc_t> chunked_sums(int64_t n, const F& f, const G& g) {
-  acc_t total_f = 0, total_g = 0;
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t end = std::min(n, start + kChunk);
-    acc_t lanes_f[kLanes] = {}, lanes_g[kLanes] = {};
-    int64_t i = start;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        lanes_f[j] += f(i + j);
-        lanes_g[j] += g(i + j);
-      }
-    }
-    for (int j = 0; i < end; ++i, ++j) {
-      lanes_f[j] += f(i);
-      lanes_g[j] += g(i);
-    }
-    for (int width = kLanes / 2; width > 0; width /= 2) {  // pairwise: vectorizes, unlike a serial sum
-      for (int j = 0; j < width; ++j) {
-        lanes_f[j] += lanes_f[j + width];
-        lanes_g[j] += lanes_g[j + width];
-      }
-    }
-    total_f += lanes_f[0];
-    total_g += lanes_g[0];
-  }
-  return {total_f, total_g};
-}
-
-template <typename acc_t, typename F>
-inline acc_t chunked_sum(int64_t n, const F& f) {
-  return chunked_sums<acc_t>(n, f, [](int64_t) { return acc_t(0); }).first;
-}
-
-// Calls body(n, c0, cb) for every sample n and block of channels [c0, c0 + cb), in parallel.
-template <typename F>
-inline void parallel_channel_blocks(const NCLayout& lay, const F& body) {
-  const int64_t blocks = (lay.C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, lay.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c0 = (t % blocks) * kChannelBlock;
-      body(t / blocks, c0, std::min(kChannelBlock, lay.C - c0));
-    }
-  });
-}
-
 // ---------------------------------------------------------------------------------------------------------------
-// Streaming passes
+// Streaming passes, built for the x86-64 baseline and for AVX2+FMA; NORMKIT_BEST_ISA picks one at run time.
 
-template <typename scalar_t>
-void moments_kernel(const at::Tensor& x, const NCLayout& lay, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  acc_t* mp = out.mutable_data_ptr<acc_t>();
-  const acc_t inv_l = acc_t(1) / acc_t(lay.L);
-  if (!lay.channels_last) {
-    at::parallel_for(0, lay.N * lay.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* px = xp + p * lay.L;
-        // Two passes over a plane that stays in cache: exact mean first, then squared deviations from it.
-        const acc_t mean = chunked_sum<acc_t>(lay.L, [&](int64_t i) { return acc_t(px[i]); }) * inv_l;
-        mp[2 * p] = mean;
-        mp[2 * p + 1] = chunked_sum<acc_t>(lay.L, [&](int64_t i) {
-          const acc_t d = acc_t(px[i]) - mean;
-          return d * d;
-        });
-      }
-    });
-    return;
-  }
-  parallel_channel_blocks(lay, [&](int64_t n, int64_t c0, int64_t cb) {
-    acc_t mean[kChannelBlock], m2[kChannelBlock];
-    std::fill(mean, mean + cb, acc_t(0));
-    std::fill(m2, m2 + cb, acc_t(0));
-    const scalar_t* base = xp + n * lay.L * lay.C + c0;
-    for (int64_t l = 0; l < lay.L; ++l) {
-      const scalar_t* row = base + l * lay.C;
-#pragma omp simd
-      for (int64_t j = 0; j < cb; ++j) mean[j] += acc_t(row[j]);
-    }
-    for (int64_t j = 0; j < cb; ++j) mean[j] *= inv_l;
-    for (int64_t l = 0; l < lay.L; ++l) {
-      const scalar_t* row = base + l * lay.C;
-#pragma omp simd
-      for (int64_t j = 0; j < cb; ++j) {
-        const acc_t d = acc_t(row[j]) - mean[j];
-        m2[j] += d * d;
-      }
-    }
-    acc_t* out_row = mp + (n * lay.C + c0) * 2;
-    for (int64_t j = 0; j < cb; ++j) {
-      out_row[2 * j] = mean[j];
-      out_row[2 * j + 1] = m2[j];
-    }
-  });
-}
+namespace baseline {
+#include "cpu/switch_norm_passes.inc"
+}  // namespace baseline
+
+#if NORMKIT_AVX2_CLONES
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/switch_norm_passes.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
 
 at::Tensor moments_cpu(const at::Tensor& input) {
   at::Tensor out = plane_stats_like(input);
@@ -131,50 +43,8 @@ at::Tensor moments_cpu(const at::Tensor& input) {
   const NCLayout lay = nc_layout(x);
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "switch_norm_moments_cpu",
-                                  [&] { moments_kernel<scalar_t>(x, lay, out); });
+                                  [&] { NORMKIT_BEST_ISA(moments_kernel<scalar_t>)(x, lay, out); });
   return out;
-}
-
-template <typename scalar_t>
-void grad_moments_kernel(const at::Tensor& dy, const at::Tensor& x, const NCLayout& lay, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-  acc_t* sp = out.mutable_data_ptr<acc_t>();
-  if (!lay.channels_last) {
-    at::parallel_for(0, lay.N * lay.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* px = xp + p * lay.L;
-        const scalar_t* pg = gp + p * lay.L;
-        const auto [sum_dy, sum_dy_x] = chunked_sums<acc_t>(
-            lay.L, [&](int64_t i) { return acc_t(pg[i]); }, [&](int64_t i) { return acc_t(pg[i]) * acc_t(px[i]); });
-        sp[2 * p] = sum_dy;
-        sp[2 * p + 1] = sum_dy_x;
-      }
-    });
-    return;
-  }
-  parallel_channel_blocks(lay, [&](int64_t n, int64_t c0, int64_t cb) {
-    acc_t a[kChannelBlock], b[kChannelBlock];
-    std::fill(a, a + cb, acc_t(0));
-    std::fill(b, b + cb, acc_t(0));
-    const int64_t offset = n * lay.L * lay.C + c0;
-    for (int64_t l = 0; l < lay.L; ++l) {
-      const scalar_t* rx = xp + offset + l * lay.C;
-      const scalar_t* rg = gp + offset + l * lay.C;
-#pragma omp simd
-      for (int64_t j = 0; j < cb; ++j) {
-        const acc_t g = acc_t(rg[j]);
-        a[j] += g;
-        b[j] += g * acc_t(rx[j]);
-      }
-    }
-    acc_t* out_row = sp + (n * lay.C + c0) * 2;
-    for (int64_t j = 0; j < cb; ++j) {
-      out_row[2 * j] = a[j];
-      out_row[2 * j + 1] = b[j];
-    }
-  });
 }
 
 at::Tensor grad_moments_cpu(const at::Tensor& grad_output, const at::Tensor& input) {
@@ -185,52 +55,8 @@ at::Tensor grad_moments_cpu(const at::Tensor& grad_output, const at::Tensor& inp
   const NCLayout lay = nc_layout(x);
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "switch_norm_grad_moments_cpu",
-                                  [&] { grad_moments_kernel<scalar_t>(dy, x, lay, out); });
+                                  [&] { NORMKIT_BEST_ISA(grad_moments_kernel<scalar_t>)(dy, x, lay, out); });
   return out;
-}
-
-// out = coef[n,c,0] * a + coef[n,c,1] * b + coef[n,c,2]  (kCoef == 2: out = coef0 * a + coef1).
-// Serves both the forward affine (scale, shift) and the input gradient (c1 * dy + c2 * x + c3).
-template <typename scalar_t, int kCoef>
-void per_plane_affine_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tensor& coef, const NCLayout& lay,
-                             at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* cp = coef.const_data_ptr<acc_t>();
-  const scalar_t* ap = a.const_data_ptr<scalar_t>();
-  const scalar_t* bp = kCoef == 3 ? b.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  if (!lay.channels_last) {
-    at::parallel_for(0, lay.N * lay.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const acc_t* k = cp + p * kCoef;
-        const int64_t base = p * lay.L;
-        if constexpr (kCoef == 3) {
-#pragma omp simd
-          for (int64_t i = base; i < base + lay.L; ++i) op[i] = scalar_t(k[0] * acc_t(ap[i]) + k[1] * acc_t(bp[i]) + k[2]);
-        } else {
-#pragma omp simd
-          for (int64_t i = base; i < base + lay.L; ++i) op[i] = scalar_t(k[0] * acc_t(ap[i]) + k[1]);
-        }
-      }
-    });
-    return;
-  }
-  parallel_channel_blocks(lay, [&](int64_t n, int64_t c0, int64_t cb) {
-    acc_t k[kCoef][kChannelBlock];  // de-interleaved so the row loop vectorizes
-    for (int64_t j = 0; j < cb; ++j)
-      for (int q = 0; q < kCoef; ++q) k[q][j] = cp[(n * lay.C + c0 + j) * kCoef + q];
-    for (int64_t l = 0; l < lay.L; ++l) {
-      const int64_t base = (n * lay.L + l) * lay.C + c0;
-      if constexpr (kCoef == 3) {
-#pragma omp simd
-        for (int64_t j = 0; j < cb; ++j)
-          op[base + j] = scalar_t(k[0][j] * acc_t(ap[base + j]) + k[1][j] * acc_t(bp[base + j]) + k[2][j]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < cb; ++j) op[base + j] = scalar_t(k[0][j] * acc_t(ap[base + j]) + k[1][j]);
-      }
-    }
-  });
 }
 
 template <int kCoef>
@@ -239,7 +65,7 @@ at::Tensor per_plane_affine_cpu(const at::Tensor& a, const at::Tensor* b, const 
   if (args.a.numel() == 0) return args.out;
   at::Tensor out = args.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.a.scalar_type(), "switch_norm_affine_cpu", [&] {
-    per_plane_affine_kernel<scalar_t, kCoef>(args.a, args.b, args.coefficients, args.layout, out);
+    NORMKIT_BEST_ISA(per_plane_affine_kernel<scalar_t, kCoef>)(args.a, args.b, args.coefficients, args.layout, out);
   });
   return out;
 }
@@ -259,8 +85,9 @@ at::Tensor affine_backward_cpu(const at::Tensor& grad_output, const at::Tensor& 
 // O(N*C) coefficient steps. Parallel over samples or channels; every sum keeps one order whatever the thread
 // count, so results do not depend on it.
 
-// Grain (in planes) of the coefficient loops: below a few thousand planes a thread's start-up costs more.
-constexpr int64_t kPlaneGrain = 2048;
+// Grain (in planes) of the coefficient loops, ~10 ns a plane: waking the other threads (tens of microseconds with
+// OMP_WAIT_POLICY=PASSIVE) costs more below tens of thousands of planes.
+constexpr int64_t kPlaneGrain = 32768;
 
 template <typename F>
 inline void parallel_rows(int64_t rows, int64_t row_len, const F& body) {
