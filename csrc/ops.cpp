@@ -58,7 +58,7 @@ TORCH_LIBRARY(normkit, m) {
   m.def("_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
         "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
         "bool aligned, bool deterministic) -> Tensor");
-  // argmax: int64 spatial index (y * W + x) of each output's source cell, -1 for empty bins.
+  // argmax: int32 spatial index (y * W + x) of each output's source cell, -1 for empty bins.
   m.def("roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
         "-> (Tensor output, Tensor argmax)");
   m.def("_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
