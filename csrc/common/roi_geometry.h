@@ -170,8 +170,8 @@ C10_HOST_DEVICE inline void pool_bin_range(int start, T bin, int p, int size, in
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline int64_t bin_argmax(const scalar_t* plane, int width, int h0, int h1, int w0, int w1,
                                           acc_t& best_val) {
-  // 64-bit cell offsets and pointers walking the rows: extensions are built with -fwrapv (Python's flags), under
-  // which int loop counters are sign-extended again on every step.
+  // 64-bit cell offsets and pointers walking the rows: int counters would be sign-extended again on every step
+  // wherever the build keeps Python's -fwrapv (setup.py removes it; other builds may not).
   int64_t best = int64_t(h0) * width + w0;
   best_val = acc_t(plane[best]);
   // One comparison per cell on the common path; NaNs are only noted, and the rare bin that has one is scanned
