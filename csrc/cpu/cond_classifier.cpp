@@ -31,18 +31,8 @@ int64_t pixel_block(int64_t classes, int64_t pixels) {
 }
 
 // The per-block loops, built for the x86-64 baseline and for AVX2+FMA; NORMKIT_BEST_ISA picks one at run time.
-namespace baseline {
-#include "cpu/cond_classifier_blocks.inc"
-}  // namespace baseline
-
-#if NORMKIT_AVX2_CLONES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "cpu/cond_classifier_blocks.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define NORMKIT_ISA_SOURCE "cpu/cond_classifier_blocks.inc"
+#include "cpu/isa_builds.h"
 
 at::Tensor class_softmax_cpu(const at::Tensor& guidance) {
   auto prob = at::empty_like(guidance);

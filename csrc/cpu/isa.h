@@ -1,7 +1,7 @@
 // Kernels built twice, for the x86-64 baseline and for AVX2+FMA, with the choice made at run time as ATen makes
-// it for its own kernels (ATEN_CPU_CAPABILITY=default forces the baseline). A source opts in by including its
-// loops into namespaces `baseline` and, between `#pragma GCC push_options` / `target("avx2,fma")` /
-// `pop_options`, `avx2` when NORMKIT_AVX2_CLONES is 1, then calling NORMKIT_BEST_ISA(kernel)(args...).
+// it for its own kernels (ATEN_CPU_CAPABILITY=default forces the baseline). A source opts in by building its
+// loops with cpu/isa_builds.h (into namespaces `baseline` and, under `#pragma GCC target("avx2,fma")`, `avx2`),
+// then calling NORMKIT_BEST_ISA(kernel)(args...).
 // The pragma gives the wider instruction set only to functions defined in that region: header code compiled
 // elsewhere (ATen, the standard library) stays baseline, so no AVX instruction leaks into shared inline functions.
 #pragma once

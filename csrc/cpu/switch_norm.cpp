@@ -24,18 +24,8 @@ using namespace switch_norm;
 // ---------------------------------------------------------------------------------------------------------------
 // Streaming passes, built for the x86-64 baseline and for AVX2+FMA; NORMKIT_BEST_ISA picks one at run time.
 
-namespace baseline {
-#include "cpu/switch_norm_passes.inc"
-}  // namespace baseline
-
-#if NORMKIT_AVX2_CLONES
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "cpu/switch_norm_passes.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define NORMKIT_ISA_SOURCE "cpu/switch_norm_passes.inc"
+#include "cpu/isa_builds.h"
 
 at::Tensor moments_cpu(const at::Tensor& input) {
   at::Tensor out = plane_stats_like(input);
