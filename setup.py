@@ -41,8 +41,10 @@ def make_extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     # -fno-wrapv undoes the -fwrapv that Python's own build flags add to every extension: with wrapping signed
     # overflow GCC cannot bound the kernels' int64 loop counters, and leaves their reductions unvectorized
-    # (3-5x slower SN statistics). No normkit code relies on signed overflow.
-    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp"]
+    # (3-5x slower SN statistics). No normkit code relies on signed overflow. -fno-math-errno and -fno-trapping-math
+    # (PyTorch's own flags) let sqrt inline as one instruction and branches on floats become selects, so the SN
+    # coefficient loops vectorize; no normkit code reads errno or floating-point exception flags.
+    cxx_flags = ["-O3", "-fno-wrapv", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not with_cuda():
         return CppExtension("normkit._C", sources, include_dirs=include_dirs,

@@ -23,21 +23,23 @@ namespace switch_norm {
 
 template <typename T>
 struct GroupForm {
-  T within;   // A: weight of a member's M2
-  T between;  // B: weight of a member's squared mean deviation
-  bool instance;
+  T within;     // A: weight of a member's M2
+  T between;    // B: weight of a member's squared mean deviation
+  T in_within;  // IN variance per M2: A in instance mode, 0 in pooled mode (no IN), so that IN terms need no branch
+  T offset;     // D(G) = max(G * B - offset, 1): offset 0 in instance mode (D = G), 1 in pooled mode (G * L - 1)
   int64_t count;  // L
 
   C10_HOST_DEVICE GroupForm(bool has_instance, int64_t L)
       : within(has_instance ? T(1) / T(L > 1 ? L - 1 : 1) : T(1)),
         between(has_instance ? T(1) : T(L)),
-        instance(has_instance),
+        in_within(has_instance ? within : T(0)),
+        offset(has_instance ? T(0) : T(1)),
         count(L) {}
 
   // D(G) for a group of `members` entries (a real number so that synchronized counts can be fractional-free floats).
+  // Branch-free, so that loops over planes vectorize on CPU.
   C10_HOST_DEVICE T denominator(T members) const {
-    if (instance) return members;
-    const T d = members * T(count) - T(1);
+    const T d = members * between - offset;
     return d > T(1) ? d : T(1);
   }
   // Contribution of one member to the numerator of the group variance.
@@ -60,8 +62,9 @@ struct Mixture {
     T m = logits[0];
     for (int i = 1; i < k; ++i) m = logits[i] > m ? logits[i] : m;
     T s = T(0);
+    using std::exp;
     for (int i = 0; i < k; ++i) {
-      out[i] = ::exp(logits[i] - m);
+      out[i] = exp(logits[i] - m);
       s += out[i];
     }
     for (int i = 0; i < k; ++i) out[i] /= s;
@@ -97,10 +100,11 @@ struct Normalizer {
 
   C10_HOST_DEVICE Normalizer(const Mixture<T>& mix, const GroupForm<T>& form, T mu, T m2, T ln_mean, T ln_var,
                              T bn_mean, T bn_var, T eps) {
-    const T in_var = form.instance ? form.within * m2 : T(0);
+    const T in_var = form.in_within * m2;
     mean = mix.mean_w[0] * mu + mix.mean_w[1] * ln_mean + mix.mean_w[2] * bn_mean;
     var = mix.var_w[0] * in_var + mix.var_w[1] * ln_var + mix.var_w[2] * bn_var;
-    rstd = T(1) / ::sqrt(var + eps);
+    using std::sqrt;  // the float overload for float (a bare ::sqrt computes in double)
+    rstd = T(1) / sqrt(var + eps);
   }
 };
 
@@ -120,13 +124,21 @@ struct PlaneGrad {
   }
 };
 
-// Gradient of a group statistic w.r.t. one member's (mu, M2): adds into (d_mu, d_m2).
+// Gradient w.r.t. one plane's moments (mu, M2). Returned by value, never through references, so that CPU loops
+// over planes vectorize.
 template <typename T>
-C10_HOST_DEVICE inline void group_backward(const GroupForm<T>& form, T members, T mean_weight, T var_weight,
-                                           T group_grad_mean, T group_grad_var, T mu, T group_mean, T& d_mu, T& d_m2) {
+struct MomentGrad {
+  T d_mu, d_m2;
+};
+
+// Gradient of a group statistic w.r.t. one member's (mu, M2).
+template <typename T>
+C10_HOST_DEVICE inline MomentGrad<T> group_backward(const GroupForm<T>& form, T members, T mean_weight, T var_weight,
+                                                    T group_grad_mean, T group_grad_var, T mu, T group_mean) {
   const T inv_d = T(1) / form.denominator(members);
-  d_mu += mean_weight * group_grad_mean / members + var_weight * group_grad_var * T(2) * form.between * (mu - group_mean) * inv_d;
-  d_m2 += var_weight * group_grad_var * form.within * inv_d;
+  return {mean_weight * group_grad_mean / members +
+              var_weight * group_grad_var * T(2) * form.between * (mu - group_mean) * inv_d,
+          var_weight * group_grad_var * form.within * inv_d};
 }
 
 // dx = c1 * dy + c2 * x + c3 for the plane, from the gradients w.r.t. its moments (mu, M2).
@@ -145,16 +157,18 @@ C10_HOST_DEVICE inline void plane_coefficients(const Normalizer<T>& nz, T gamma,
   coef[1] = beta - nz.mean * scale;
 }
 
-// Adds one plane's contribution to the gradients w.r.t. the mixture weights (before the softmax backward).
+// Adds one plane's contribution to the gradients w.r.t. the mixture weights (before the softmax backward): the
+// three [IN, LN, BN] terms of each go to d_mean_w[i * stride] and d_var_w[i * stride].
 template <typename T>
 C10_HOST_DEVICE inline void accumulate_mixture_grads(const PlaneGrad<T>& g, const GroupForm<T>& form, T mu, T m2,
-                                                     T ln_mean, T ln_var, T bn_mean, T bn_var, T* d_mean_w, T* d_var_w) {
+                                                     T ln_mean, T ln_var, T bn_mean, T bn_var, T* d_mean_w, T* d_var_w,
+                                                     int64_t stride = 1) {
   d_mean_w[0] += g.grad_mean * mu;
-  d_mean_w[1] += g.grad_mean * ln_mean;
-  d_mean_w[2] += g.grad_mean * bn_mean;
-  d_var_w[0] += g.grad_var * (form.instance ? form.within * m2 : T(0));
-  d_var_w[1] += g.grad_var * ln_var;
-  d_var_w[2] += g.grad_var * bn_var;
+  d_mean_w[stride] += g.grad_mean * ln_mean;
+  d_mean_w[2 * stride] += g.grad_mean * bn_mean;
+  d_var_w[0] += g.grad_var * form.in_within * m2;
+  d_var_w[stride] += g.grad_var * ln_var;
+  d_var_w[2 * stride] += g.grad_var * bn_var;
 }
 
 // Input-gradient coefficients of one plane from its own gradient and the reduced LN (and, when the BN statistics
@@ -164,12 +178,17 @@ C10_HOST_DEVICE inline void plane_input_grad(const Mixture<T>& mix, const GroupF
                                              T gamma_rstd, T mu, T channels, T ln_mean, T ln_grad_mean, T ln_grad_var,
                                              bool with_bn, T bn_members, T bn_mean, T bn_grad_mean, T bn_grad_var,
                                              T* coef) {
-  T d_mu = 0, d_m2 = 0;
-  if (form.instance)  // IN: a group of one
-    group_backward(form, T(1), mix.mean_w[0], mix.var_w[0], g.grad_mean, g.grad_var, mu, mu, d_mu, d_m2);
-  group_backward(form, channels, mix.mean_w[1], mix.var_w[1], ln_grad_mean, ln_grad_var, mu, ln_mean, d_mu, d_m2);
-  if (with_bn)
-    group_backward(form, bn_members, mix.mean_w[2], mix.var_w[2], bn_grad_mean, bn_grad_var, mu, bn_mean, d_mu, d_m2);
+  // IN, a group of one; without IN (pooled mode) its mixture weights are 0 and the terms vanish, with no branch.
+  const MomentGrad<T> in = group_backward(form, T(1), mix.mean_w[0], mix.var_w[0], g.grad_mean, g.grad_var, mu, mu);
+  const MomentGrad<T> ln =
+      group_backward(form, channels, mix.mean_w[1], mix.var_w[1], ln_grad_mean, ln_grad_var, mu, ln_mean);
+  T d_mu = in.d_mu + ln.d_mu, d_m2 = in.d_m2 + ln.d_m2;
+  if (with_bn) {
+    const MomentGrad<T> bn =
+        group_backward(form, bn_members, mix.mean_w[2], mix.var_w[2], bn_grad_mean, bn_grad_var, mu, bn_mean);
+    d_mu += bn.d_mu;
+    d_m2 += bn.d_m2;
+  }
   input_grad_coefficients(gamma_rstd, d_mu, d_m2, mu, form.count, coef);
 }
 
