@@ -27,6 +27,27 @@ def add_kernel_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                              "torch's default)")
 
 
+def steady_cpu_allocator() -> bool:
+    """Keeps freed CPU tensors in glibc's heap instead of returning them to the OS; True when it could.
+
+    Tensors of a few MB and more come from mmap, and a freed heap top is trimmed: whether the next layer's output
+    lands on fresh pages (a page fault per 4 KB, ~1,600 for a 6 MB tensor) then depends on the order of earlier
+    allocations, and decides single-layer times on CPU (swings of 0.6-1.6x between runs of the same code). With
+    mmap off and trimming off every alternative reuses warm memory, as it would under a caching allocator, and
+    the timings compare kernels rather than allocator luck. A no-op outside glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))  # a C int
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
