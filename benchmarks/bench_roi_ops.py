@@ -28,7 +28,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_kernel_benchmark_arguments, markdown_table, time_interleaved, write_results  # noqa: E402
+from common import (add_kernel_benchmark_arguments, markdown_table, steady_cpu_allocator, time_interleaved,  # noqa: E402
+                    write_results)
 
 from normkit.nn import assign_boxes_to_levels  # noqa: E402
 from normkit.ops import batched_nms, nms, nms_reference, roi_align, roi_align_reference, roi_pool, roi_pool_reference  # noqa: E402
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
     full = args.full or on_gpu
+    steady = not on_gpu and steady_cpu_allocator()
     repeats = args.repeats or (25 if on_gpu else 7)
     default_threads = torch.get_num_threads()
     if args.threads:
@@ -232,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
              ("run up to 250 RoIs and 4000 NMS boxes." if with_reference and not full else
               "run up to 1000 RoIs and 4000 NMS boxes." if with_reference else "not run."),
              "" if full else "CPU run with reduced sizes (64 FPN / 256 C4 channels, 250 and 1000 RoIs); "
-                             "pass --full for the GPU sizes."]
+                             "pass --full for the GPU sizes.",
+             "Freed memory is kept in the heap (common.steady_cpu_allocator), so no side pays page faults."
+             if steady else ""]
     markdown = "\n".join(n for n in notes if n) + "\n\n" + "\n".join(sections)
     path = write_results("roi_ops_peers" if tv is not None else "roi_ops", device, markdown, "bench_roi_ops.py")
     print(f"wrote {path}")
