@@ -135,8 +135,11 @@ struct MomentGrad {
 template <typename T>
 C10_HOST_DEVICE inline MomentGrad<T> group_backward(const GroupForm<T>& form, T members, T mean_weight, T var_weight,
                                                     T group_grad_mean, T group_grad_var, T mu, T group_mean) {
+  // Reciprocals first: for the IN and LN groups (members 1 and C) they are loop-invariant, so CPU loops over planes
+  // hoist them and multiply instead of dividing per plane.
+  const T inv_members = T(1) / members;
   const T inv_d = T(1) / form.denominator(members);
-  return {mean_weight * group_grad_mean / members +
+  return {mean_weight * group_grad_mean * inv_members +
               var_weight * group_grad_var * T(2) * form.between * (mu - group_mean) * inv_d,
           var_weight * group_grad_var * form.within * inv_d};
 }
@@ -146,7 +149,7 @@ template <typename T>
 C10_HOST_DEVICE inline void input_grad_coefficients(T gamma_rstd, T d_mu, T d_m2, T mu, int64_t L, T* coef) {
   coef[0] = gamma_rstd;
   coef[1] = T(2) * d_m2;
-  coef[2] = d_mu / T(L) - coef[1] * mu;
+  coef[2] = d_mu * (T(1) / T(L)) - coef[1] * mu;
 }
 
 // Forward coefficients of one plane: y = scale * x + shift.
