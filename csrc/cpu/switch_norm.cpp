@@ -72,13 +72,13 @@ at::Tensor affine_backward_cpu(const at::Tensor& grad_output, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// O(N*C) coefficient steps. The loops over channels vectorize (`omp simd`: inlined scalar math, no branch that
-// varies with c, rows of the (N, C) tables in order), and every sum keeps one order whatever the thread count, so
-// results do not depend on it.
+// O(N*C) coefficient steps. The loops over channels vectorize (`omp simd`, or `GCC ivdep` where a loop body keeps
+// structs by reference: inlined scalar math, no branch that varies with c, rows of the (N, C) tables in order), and
+// every sum keeps one order whatever the thread count, so results do not depend on it.
 
 // Grain (in planes) of the coefficient loops: 5-12 ns a plane once vectorized, so a task holds 20-50 us of work,
 // more than waking a thread that the streaming pass before just used. (32 x 256 planes: the backward coefficient
-// step takes 0.10 ms on one thread, 0.06 ms on two.)
+// step takes 0.09 ms on one thread, 0.06 ms on two.)
 constexpr int64_t kPlaneGrain = 4096;
 
 // body(n) for every sample (row of the (N, C) tables), in parallel.
