@@ -170,6 +170,44 @@ def test_opcheck(has_instance, shape, using_bn, training):
     assert moments.shape == (n, c, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [196, 1100])  # a tail after the last full vector; a second 1024-element chunk
+def test_cpu_plane_sums_independent_of_grouping(dtype, length):
+    # The CPU reductions walk planes in lock-step groups (8 for the moments, 4 for the gradient sums) with the last
+    # few planes alone; a plane's sums must not depend on which of the two paths, or which group, it falls into.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 9, length, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    dy = torch.randn(1, 9, length, generator=g, dtype=torch.float64).to(dtype)
+    ops = torch.ops.normkit
+    whole, shifted = ops._switch_norm_moments(x), ops._switch_norm_moments(x[:, 1:].contiguous())
+    # Plane 8 is left over after the group of 8 in `x`; in `shifted` it is the last plane of a full group.
+    assert torch.equal(whole[:, 1:], shifted)
+    whole = ops._switch_norm_grad_moments(dy, x)
+    shifted = ops._switch_norm_grad_moments(dy[:, 1:].contiguous(), x[:, 1:].contiguous())
+    assert torch.equal(whole[:, 1:], shifted)
+
+
+def test_cpu_results_independent_of_thread_count():
+    # 32 x 257 planes: the streaming passes and the O(N*C) coefficient steps (grain 4096 planes) both split over
+    # threads; every sum keeps one order, so one and two threads must agree bit for bit.
+    inputs = sample_inputs((32, 257, 3, 3), True, True, dtype=torch.float32)
+    grad = torch.randn(32, 257, 3, 3, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out, args = run(switch_norm, inputs, True, True, True,
+                            requires_grad=("input", "weight", "bias", "mean_weight", "var_weight"))
+            out.backward(grad)
+            results.append([out.detach()] + [args[k].grad for k in ("input", "weight", "bias", "mean_weight",
+                                                                     "var_weight")] + [args["running_mean"]])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 
