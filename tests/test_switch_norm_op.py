@@ -171,20 +171,28 @@ def test_opcheck(has_instance, shape, using_bn, training):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("length", [196, 1100])  # a tail after the last full vector; a second 1024-element chunk
-def test_cpu_plane_sums_independent_of_grouping(dtype, length):
-    # The CPU reductions walk planes in lock-step groups (8 for the moments, 4 for the gradient sums) with the last
-    # few planes alone; a plane's sums must not depend on which of the two paths, or which group, it falls into.
+@pytest.mark.parametrize("length", [3, 196, 1100])  # shorter than a vector; a partial last vector; two chunks
+def test_cpu_plane_sums_independent_of_position(dtype, length):
+    # The CPU reductions read a plane's last partial vector with a full load ending at the plane's end (or, for
+    # planes shorter than a vector, element by element), whatever the plane's alignment; a plane's sums must not
+    # depend on where it lies in the tensor, nor on which plane comes before it.
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(1, 9, length, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
     dy = torch.randn(1, 9, length, generator=g, dtype=torch.float64).to(dtype)
     ops = torch.ops.normkit
     whole, shifted = ops._switch_norm_moments(x), ops._switch_norm_moments(x[:, 1:].contiguous())
-    # Plane 8 is left over after the group of 8 in `x`; in `shifted` it is the last plane of a full group.
     assert torch.equal(whole[:, 1:], shifted)
     whole = ops._switch_norm_grad_moments(dy, x)
     shifted = ops._switch_norm_grad_moments(dy[:, 1:].contiguous(), x[:, 1:].contiguous())
     assert torch.equal(whole[:, 1:], shifted)
+    # And they are the plane's sums: the exact mean and M2, the sums of dy and dy * x (float64 references).
+    x64, dy64 = x.double(), dy.double()
+    mean = x64.mean(-1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops._switch_norm_moments(x).double(),
+                               torch.stack([mean, ((x64 - mean[..., None]) ** 2).sum(-1)], -1), **tol)
+    torch.testing.assert_close(ops._switch_norm_grad_moments(dy, x).double(),
+                               torch.stack([dy64.sum(-1), (dy64 * x64).sum(-1)], -1), **tol)
 
 
 def test_cpu_results_independent_of_thread_count():
