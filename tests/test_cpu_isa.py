@@ -15,8 +15,10 @@ from normkit.ops import class_embedding, class_embedding_reference, switch_norm,
 
 def check_switch_norm():
     g = torch.Generator().manual_seed(0)
-    # Planes shorter than a lane group, with tails, and longer than one 1024-element chunk; both memory layouts.
-    for shape, channels_last in [((3, 5, 4, 6), False), ((2, 3, 40, 41), False), ((2, 19, 5, 7), True)]:
+    # Planes with a partial last vector (28 elements), shorter than a vector (6), longer than one 1024-element chunk
+    # (1640); both memory layouts.
+    for shape, channels_last in [((3, 5, 4, 7), False), ((2, 4, 2, 3), False), ((2, 3, 40, 41), False),
+                                 ((2, 19, 5, 7), True)]:
         x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5
         params = [torch.randn(n, generator=g, dtype=torch.float64) for n in (shape[1], shape[1], 3, 3)]
         grad = torch.randn(*shape, generator=g, dtype=torch.float64)
