@@ -195,6 +195,22 @@ def test_cpu_plane_sums_independent_of_position(dtype, length):
                                torch.stack([dy64.sum(-1), (dy64 * x64).sum(-1)], -1), **tol)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.5, 3.0, 1e3])
+def test_cpu_moments_accurate_whatever_the_mean(offset):
+    # The CPU moments take M2 from one pass (sum x^2 - sum x * mean) while |mean| <= 2 std, and from squared
+    # deviations otherwise: either way M2 must stay accurate. At offset 1e3 (std 1) the one-pass form alone would be
+    # off by ~10% in float32.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 14, 14, generator=g, dtype=torch.float64) + offset
+    x[0, :3] *= 0.01  # some planes with a tiny spread around the offset
+    moments = torch.ops.normkit._switch_norm_moments(x.float()).double()
+    flat = x.float().double().flatten(2)
+    mean = flat.mean(-1)
+    m2 = ((flat - mean[..., None]) ** 2).sum(-1)
+    torch.testing.assert_close(moments[..., 0], mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments[..., 1], m2, rtol=2e-5, atol=0)
+
+
 def test_cpu_results_independent_of_thread_count():
     # 32 x 257 planes: the streaming passes and the O(N*C) coefficient steps (grain 4096 planes) both split over
     # threads; every sum keeps one order, so one and two threads must agree bit for bit.
