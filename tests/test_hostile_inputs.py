@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from normkit.nn import SwitchNorm2d
-from normkit.ops import batched_nms, class_embedding, nms, roi_align, roi_pool
+from normkit.ops import batched_nms, class_embedding, nms, roi_align, roi_pool, switch_norm
 
 ops = torch.ops.normkit
 INF, NAN = math.inf, math.nan
@@ -178,7 +178,6 @@ def test_clear_messages(call, message):
 
 
 def test_functional_switch_norm_rejects_bad_momentum():
-    from normkit.ops import switch_norm
     x, weight, bias, mw, vw, rm, rv = sn_args()
     with pytest.raises(ValueError, match=r"switch_norm: momentum must be a number in \[0, 1\]"):
         switch_norm(x, weight, bias, mw, vw, rm, rv, True, momentum=-0.1)
@@ -190,6 +189,18 @@ def test_class_embedding_double_backward_is_refused_clearly():
     (grad,) = torch.autograd.grad(class_embedding(guidance, features).sum(), guidance, create_graph=True)
     with pytest.raises(RuntimeError, match="class_embedding: double backward .* is not supported"):
         grad.sum().backward()
+
+
+def test_switch_norm_double_backward_is_refused_clearly():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    params = [torch.ones(4), torch.zeros(4), torch.ones(3), torch.ones(3)]
+    out = switch_norm(x, *params, training=True)
+    (grad,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="switch_norm: double backward .* is not supported"):
+        grad.sum().backward()
+    # The first-order gradient is the same with or without create_graph.
+    (plain,) = torch.autograd.grad((switch_norm(x, *params, training=True) ** 2).sum(), x)
+    torch.testing.assert_close(grad.detach(), plain)
 
 
 def test_roi_ops_on_meta_tensors():

@@ -7,6 +7,7 @@
 // on a 14x14 feature map. The synchronized (multi-GPU) backward composes the same kernels in Python
 // (normkit/ops/switch_norm.py: switch_norm_input_backward), with an all-reduce in between.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -118,6 +119,10 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     static const auto op = find_op<decltype(switch_norm_backward_composite)>("normkit::_switch_norm_backward");
+    // Without create_graph (grad mode off here) the backward's ops need no autograd: dispatching below the Autograd
+    // key skips the boxed not-implemented fallback that each of its five ops would otherwise go through.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     const auto saved = ctx->get_saved_variables();
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const optional<Tensor> weight = has_weight ? optional<Tensor>(saved[1]) : std::nullopt;

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from normkit.ops.layout import FLOAT_DTYPES
-from normkit._extension import register_ops, require_extension
+from normkit._extension import register_no_double_backward, register_ops, require_extension
 
 __all__ = ["switch_norm", "switch_norm_reference", "num_mixture_weights", "check_momentum"]
 
@@ -190,6 +190,10 @@ def _register() -> None:
     @torch.library.register_fake("normkit::_switch_norm_affine_backward")
     def _(grad_output, input, coefficients):
         return torch.empty_like(input)
+
+    # The backward has no derivative of its own: create_graph=True then backward must fail clearly (through the
+    # not-implemented fallback it gave wrong second derivatives silently).
+    register_no_double_backward("normkit::_switch_norm_backward", "switch_norm")
 
 
 register_ops(_register)
