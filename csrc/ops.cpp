@@ -30,12 +30,17 @@ TORCH_LIBRARY(normkit, m) {
   // moments: (N, C, 2) per-(n, c) mean and sum of squared deviations, in the accumulation dtype.
   // coefficients: (N, C, 2) per-(n, c) scale and shift with y = scale * x + shift.
   // bn_stats: (3, C) batch-norm statistics used [mean, var, count]; count is the number of (n) members.
+  // switch_norm follows aten::batch_norm: `training` (or no running buffers) takes the BN statistics from the batch
+  // and, with running buffers, updates them in place (momentum; moving_average=False: the official batch-average
+  // sums); otherwise the running statistics are used.
   m.def("switch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor mean_weight, Tensor var_weight, "
-        "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, bool has_instance, float eps) "
-        "-> (Tensor output, Tensor moments, Tensor bn_stats)");
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, bool moving_average, "
+        "bool has_instance, float eps) -> (Tensor output, Tensor moments, Tensor bn_stats)");
   m.def("_switch_norm_backward(Tensor grad_output, Tensor input, Tensor moments, Tensor bn_stats, Tensor? weight, "
         "Tensor mean_weight, Tensor var_weight, bool use_batch_stats, bool has_instance, float eps) "
         "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_mean_weight, Tensor grad_var_weight)");
+  m.def("_switch_norm_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor bn_stats, "
+        "float momentum, bool moving_average) -> ()");
   m.def("_switch_norm_moments(Tensor input) -> Tensor");
   m.def("_switch_norm_forward_coefficients(Tensor moments, Tensor? weight, Tensor? bias, Tensor mean_weight, "
         "Tensor var_weight, Tensor? bn_stats, int count, bool has_instance, float eps) -> (Tensor, Tensor)");

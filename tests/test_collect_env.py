@@ -17,9 +17,10 @@ def test_every_declared_operator_is_reported_with_its_device_kernels():
     declared = sorted(re.findall(r'm\.def\("(\w+)\(', OPS_CPP.read_text()))
     devices = op_devices()
     assert sorted(devices) == declared
-    # switch_norm and its backward are composed of the other operators; every other one has a CPU kernel,
-    # and a CUDA kernel exactly when the library was built for CUDA targets.
-    assert sorted(op for op in devices if not devices[op]) == ["_switch_norm_backward", "switch_norm"]
+    # switch_norm, its backward and the running-statistics update are composed of other operators; every other one
+    # has a CPU kernel, and a CUDA kernel exactly when the library was built for CUDA targets.
+    assert sorted(op for op in devices if not devices[op]) == ["_switch_norm_backward",
+                                                               "_switch_norm_update_running_stats", "switch_norm"]
     expected = ["CPU", "CUDA"] if _C.cuda_archs else ["CPU"]
     assert all(kinds == expected for kinds in devices.values() if kinds)
 

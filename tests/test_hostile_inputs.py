@@ -32,10 +32,17 @@ def test_switch_norm_ops_check_channel_vectors(short):
     else:
         bias = torch.zeros(2)
     with pytest.raises(RuntimeError, match=f"{short} must have C = 4 elements"):
-        ops.switch_norm(x, weight, bias, mw, vw, rm, rv, True, True, 1e-5)
+        ops.switch_norm(x, weight, bias, mw, vw, rm, rv, True, 0.1, True, True, 1e-5)
     moments = ops._switch_norm_moments(x)
     with pytest.raises(RuntimeError, match=f"{short} must have C = 4 elements"):
         ops._switch_norm_forward_coefficients(moments, weight, bias, mw, vw, None, 9, True, 1e-5)
+
+
+def test_switch_norm_running_stats_update_checks_shapes():
+    with pytest.raises(RuntimeError, match="running_mean and running_var must have C = 4 elements"):
+        ops._switch_norm_update_running_stats(torch.zeros(3), torch.ones(4), torch.ones(3, 4), 0.1, True)
+    with pytest.raises(RuntimeError, match=r"bn_stats must be \(3, C\)"):
+        ops._switch_norm_update_running_stats(torch.zeros(4), torch.ones(4), torch.ones(4), 0.1, True)
 
 
 def test_switch_norm_backward_ops_check_shapes():

@@ -131,6 +131,24 @@ def test_eval_uses_running_stats_and_leaves_them():
     assert not torch.allclose(out, out2)
 
 
+@pytest.mark.parametrize("shape", [(3,), (1, 3, 1)])  # normkit's and the official checkpoints' buffer shapes
+def test_training_updates_the_callers_running_buffers_in_place(shape):
+    inputs = sample_inputs((4, 3, 5, 5), True, True)
+    running_mean = inputs["running_mean"].clone().reshape(shape)
+    running_var = inputs["running_var"].clone().reshape(shape)
+    versions = running_mean._version, running_var._version
+    switch_norm(inputs["input"].requires_grad_(), inputs["weight"], inputs["bias"], inputs["mean_weight"],
+                inputs["var_weight"], running_mean, running_var, True, 0.25)
+    x = inputs["input"].detach().transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(running_mean.reshape(-1), 0.75 * inputs["running_mean"] + 0.25 * x.mean(1))
+    # the BN variance of the official formulas: mean over n of (var_in + mean_in^2), minus mean_bn^2 (biased in n)
+    planes = inputs["input"].detach().reshape(4, 3, -1)
+    var_bn = (planes.var(-1) + planes.mean(-1) ** 2).mean(0) - x.mean(1) ** 2
+    torch.testing.assert_close(running_var.reshape(-1), 0.75 * inputs["running_var"] + 0.25 * var_bn)
+    # autograd sees the in-place update, as for BatchNorm's buffers
+    assert running_mean._version > versions[0] and running_var._version > versions[1]
+
+
 def test_batch_average_mode_accumulates_sums():
     inputs = sample_inputs((4, 3, 5, 5), True, True)
     inputs["running_mean"].zero_()
@@ -158,7 +176,7 @@ def test_opcheck(has_instance, shape, using_bn, training):
     inputs = sample_inputs(shape, has_instance, using_bn)
     args = (inputs["input"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["bias"],
             inputs["mean_weight"].requires_grad_(), inputs["var_weight"], inputs["running_mean"],
-            inputs["running_var"], training, has_instance, 1e-5)
+            inputs["running_var"], training, 0.1, True, has_instance, 1e-5)
     torch.library.opcheck(torch.ops.normkit.switch_norm.default, args)
     n, c = shape[:2]
     moments = torch.ops.normkit._switch_norm_moments(inputs["input"].detach())
@@ -262,14 +280,20 @@ def test_torch_compile_smoke():
     inputs = sample_inputs((2, 4, 6, 6), True, True, dtype=torch.float32)
     x = inputs["input"].requires_grad_()
 
-    def f(x):
+    buffers = {"compiled": (inputs["running_mean"].clone(), inputs["running_var"].clone()),
+               "eager": (inputs["running_mean"].clone(), inputs["running_var"].clone())}
+
+    def f(x, running_mean, running_var):
         return switch_norm(x, inputs["weight"], inputs["bias"], inputs["mean_weight"], inputs["var_weight"],
-                           None, None, True).square().sum()
+                           running_mean, running_var, True).square().sum()
 
     compiled = torch.compile(f, fullgraph=True)
-    (g1,) = torch.autograd.grad(compiled(x), x)
-    (g2,) = torch.autograd.grad(f(x), x)
+    (g1,) = torch.autograd.grad(compiled(x, *buffers["compiled"]), x)
+    (g2,) = torch.autograd.grad(f(x, *buffers["eager"]), x)
     torch.testing.assert_close(g1, g2)
+    # the running statistics' in-place update survives functionalization
+    assert not torch.equal(buffers["eager"][0], inputs["running_mean"])
+    torch.testing.assert_close(buffers["compiled"], buffers["eager"])
 
 
 @pytest.mark.cuda

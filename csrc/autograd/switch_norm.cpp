@@ -36,27 +36,52 @@ bool has_bn_component(const Tensor& mean_weight, bool has_instance) {
   return mean_weight.size(0) == (has_instance ? 3 : 2);
 }
 
+// torch.nn.BatchNorm's convention, r <- (1 - momentum) * r + momentum * batch; with moving_average=False the official
+// batch-average mode instead sums E[x] and E[x^2] terms (normkit.nn.recompute_batch_stats turns them into statistics).
+// Also an op of its own for the synchronized forward, whose BN statistics come from an all_gather.
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& bn_stats,
+                          double momentum, bool moving_average) {
+  // Symbolic sizes: torch.compile traces this with fake tensors.
+  TORCH_CHECK(bn_stats.dim() == 2 && bn_stats.sym_size(0) >= 2, "switch_norm: bn_stats must be (3, C), got ",
+              bn_stats.sym_sizes());
+  const c10::SymInt channels = bn_stats.sym_size(1);
+  TORCH_CHECK(running_mean.sym_numel() == channels && running_var.sym_numel() == channels,
+              "switch_norm: running_mean and running_var must have C = ", channels, " elements, got shapes ",
+              running_mean.sym_sizes(), " and ", running_var.sym_sizes());
+  const Tensor mean = bn_stats[0].to(running_mean.scalar_type()).reshape_symint(running_mean.sym_sizes());
+  const Tensor var = bn_stats[1].to(running_var.scalar_type()).reshape_symint(running_var.sym_sizes());
+  if (moving_average) {
+    at::_foreach_lerp_({running_mean, running_var}, {mean, var}, momentum);  // one kernel on CUDA
+  } else {
+    running_mean.add_(mean);
+    running_var.add_(var + mean * mean);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> switch_norm_composite(const Tensor& input, const optional<Tensor>& weight,
                                                          const optional<Tensor>& bias, const Tensor& mean_weight,
                                                          const Tensor& var_weight, const optional<Tensor>& running_mean,
-                                                         const optional<Tensor>& running_var, bool use_batch_stats,
-                                                         bool has_instance, double eps) {
+                                                         const optional<Tensor>& running_var, bool training,
+                                                         double momentum, bool moving_average, bool has_instance,
+                                                         double eps) {
   static const auto moments_op = find_op<Tensor(const Tensor&)>("normkit::_switch_norm_moments");
   static const auto coefficients_op =
       find_op<std::tuple<Tensor, Tensor>(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                                          const Tensor&, const Tensor&, const optional<Tensor>&, int64_t, bool,
                                          double)>("normkit::_switch_norm_forward_coefficients");
   static const auto affine_op = find_op<Tensor(const Tensor&, const Tensor&)>("normkit::_switch_norm_affine");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "switch_norm: pass both running_mean and running_var, or neither");
+  const bool uses_running = running_mean.has_value() && has_bn_component(mean_weight, has_instance);
 
   const Tensor moments = moments_op.call(input);
   optional<Tensor> bn_stats;
-  if (!use_batch_stats && has_bn_component(mean_weight, has_instance)) {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                "switch_norm: running statistics are required when use_batch_stats is False");
+  if (uses_running && !training) {
     bn_stats = at::stack({*running_mean, *running_var, at::zeros_like(*running_mean)}).to(moments.scalar_type());
   }
   auto [coefficients, bn_used] = coefficients_op.call(moments, weight, bias, mean_weight, var_weight, bn_stats,
                                                       plane_size(input), has_instance, eps);
+  if (uses_running && training) update_running_stats(*running_mean, *running_var, bn_used, momentum, moving_average);
   return {affine_op.call(input, coefficients), moments, bn_used};
 }
 
@@ -100,20 +125,30 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
                                                 const optional<Tensor>& weight, const optional<Tensor>& bias,
                                                 const Tensor& mean_weight, const Tensor& var_weight,
                                                 const optional<Tensor>& running_mean,
-                                                const optional<Tensor>& running_var, bool use_batch_stats,
-                                                bool has_instance, double eps) {
+                                                const optional<Tensor>& running_var, bool training, double momentum,
+                                                bool moving_average, bool has_instance, double eps) {
     static const auto op = find_op<decltype(switch_norm_composite)>("normkit::switch_norm");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [output, moments, bn_stats] = op.call(input, weight, bias, mean_weight, var_weight, running_mean,
-                                               running_var, use_batch_stats, has_instance, eps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), mean_weight, var_weight, moments, bn_stats});
+    torch::autograd::variable_list outputs;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [output, moments, bn_stats] = op.call(input, weight, bias, mean_weight, var_weight, running_mean,
+                                                 running_var, training, momentum, moving_average, has_instance, eps);
+      ctx->save_for_backward({input, weight.value_or(Tensor()), mean_weight, var_weight, moments, bn_stats});
+      ctx->mark_non_differentiable({moments, bn_stats});
+      outputs = {output, moments, bn_stats};
+    }
+    // The running buffers were updated below the ADInplaceOrView key, which would have bumped their versions.
+    if (training && running_mean.has_value() && has_bn_component(mean_weight, has_instance)) {
+      torch::autograd::impl::bump_version(*running_mean);
+      torch::autograd::impl::bump_version(*running_var);
+    }
     ctx->saved_data["has_weight"] = weight.has_value();
     ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["use_batch_stats"] = use_batch_stats;
+    ctx->saved_data["use_batch_stats"] =
+        training || !running_mean.has_value() || !has_bn_component(mean_weight, has_instance);
     ctx->saved_data["has_instance"] = has_instance;
     ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({moments, bn_stats});
-    return {output, moments, bn_stats};
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -132,17 +167,18 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
                 ctx->saved_data["eps"].toDouble());
     const Tensor none;
     return {grad_input, has_weight ? grad_weight : none, ctx->saved_data["has_bias"].toBool() ? grad_bias : none,
-            grad_mean_weight, grad_var_weight, none, none, none, none, none};
+            grad_mean_weight, grad_var_weight, none, none, none, none, none, none, none};
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor> switch_norm_autograd(const Tensor& input, const optional<Tensor>& weight,
                                                         const optional<Tensor>& bias, const Tensor& mean_weight,
                                                         const Tensor& var_weight, const optional<Tensor>& running_mean,
-                                                        const optional<Tensor>& running_var, bool use_batch_stats,
-                                                        bool has_instance, double eps) {
+                                                        const optional<Tensor>& running_var, bool training,
+                                                        double momentum, bool moving_average, bool has_instance,
+                                                        double eps) {
   const auto out = SwitchNormFunction::apply(input, weight, bias, mean_weight, var_weight, running_mean, running_var,
-                                             use_batch_stats, has_instance, eps);
+                                             training, momentum, moving_average, has_instance, eps);
   return {out[0], out[1], out[2]};
 }
 
@@ -150,6 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> switch_norm_autograd(const Tensor& input, con
 
 TORCH_LIBRARY_IMPL(normkit, CompositeExplicitAutograd, m) {
   m.impl("switch_norm", &switch_norm_composite);
+  m.impl("_switch_norm_update_running_stats", &update_running_stats);
   m.impl("_switch_norm_backward", &switch_norm_backward_composite);
 }
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normkit.ops.layout import FLOAT_DTYPES
 from normkit.ops.switch_norm import (check_momentum, num_mixture_weights, switch_norm, switch_norm_input_backward,
-                                     switch_norm_reference, update_running_stats)
+                                     switch_norm_reference)
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm", "convert_sync_switchnorm",
            "flatten_official_sn"]
@@ -215,8 +215,8 @@ class SyncSwitchNorm(_SwitchNorm):
         # Empty local batches still take part in the collectives.
         y, bn_stats = _SyncSwitchNormFunction.apply(x, self.weight, self.bias, self.mean_weight, self.var_weight,
                                                     self.eps, self.process_group)
-        update_running_stats(self.running_mean, self.running_var, bn_stats[0], bn_stats[1], self.momentum,
-                             self.using_moving_average)
+        torch.ops.normkit._switch_norm_update_running_stats(self.running_mean, self.running_var, bn_stats,
+                                                            self.momentum, self.using_moving_average)
         return y
 
 

@@ -76,6 +76,11 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
+def _flat_buffer(t: Tensor | None) -> Tensor | None:
+    # A view, never a copy: the op updates the running statistics in place.
+    return t if t is None or t.dim() == 1 else t.view(-1)
+
+
 def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_weight: Tensor, var_weight: Tensor,
                 running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = False,
                 momentum: float = 0.003, eps: float = 1e-5, using_moving_average: bool = True, using_bn: bool = True,
@@ -103,28 +108,9 @@ def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_
     if input.numel() == 0:
         return input.clone()
     require_extension("switch_norm")
-    use_batch_stats = training or running_mean is None or not using_bn
-    output, _, bn_stats = torch.ops.normkit.switch_norm(
-        input, _flat(weight), _flat(bias), mean_weight, var_weight, _flat(running_mean), _flat(running_var),
-        use_batch_stats, has_instance, eps)
-    if training and using_bn and running_mean is not None:
-        update_running_stats(running_mean, running_var, bn_stats[0], bn_stats[1], momentum, using_moving_average)
-    return output
-
-
-def update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
-                         momentum: float, using_moving_average: bool) -> None:
-    with torch.no_grad():
-        mean, var = batch_mean, batch_var
-        if mean.shape != running_mean.shape or mean.dtype != running_mean.dtype:
-            mean = mean.to(running_mean.dtype).view_as(running_mean)
-            var = var.to(running_var.dtype).view_as(running_var)
-        if using_moving_average:
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(var, momentum)
-        else:  # official batch-average mode: sums of E[x] and E[x^2] terms
-            running_mean.add_(mean)
-            running_var.add_(var + mean * mean)
+    return torch.ops.normkit.switch_norm(
+        input, _flat(weight), _flat(bias), mean_weight, var_weight, _flat_buffer(running_mean),
+        _flat_buffer(running_var), training, momentum, using_moving_average, has_instance, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +196,19 @@ def _unbiased_var(x: Tensor, dims) -> Tensor:
     return x.var(dims, keepdim=True, unbiased=True)
 
 
+def _reference_update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor,
+                                    batch_var: Tensor, momentum: float, using_moving_average: bool) -> None:
+    with torch.no_grad():
+        mean = batch_mean.to(running_mean.dtype).view_as(running_mean)
+        var = batch_var.to(running_var.dtype).view_as(running_var)
+        if using_moving_average:
+            running_mean.mul_(1 - momentum).add_(momentum * mean)
+            running_var.mul_(1 - momentum).add_(momentum * var)
+        else:  # official batch-average mode: sums of E[x] and E[x^2] terms
+            running_mean.add_(mean)
+            running_var.add_(var + mean * mean)
+
+
 def switch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_weight: Tensor,
                           var_weight: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
                           training: bool = False, momentum: float = 0.003, eps: float = 1e-5,
@@ -237,8 +236,8 @@ def switch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | N
     if using_bn:
         if use_batch:
             if training and running_mean is not None:
-                update_running_stats(running_mean, running_var, mean_bn.detach().reshape(-1),
-                                     var_bn.detach().reshape(-1), momentum, using_moving_average)
+                _reference_update_running_stats(running_mean, running_var, mean_bn.detach().reshape(-1),
+                                                var_bn.detach().reshape(-1), momentum, using_moving_average)
         else:
             mean_bn = running_mean.reshape(1, c, 1).to(x.dtype)
             var_bn = running_var.reshape(1, c, 1).to(x.dtype)
