@@ -169,6 +169,16 @@ def test_empty_batch():
     y.sum().backward()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_leaves_the_running_statistics_through_the_op(device):
+    # the dispatcher op itself (torch.compile and direct callers skip the Python early return)
+    x = torch.randn(0, 4, 5, 5, device=device)
+    running_mean, running_var = torch.zeros(4, device=device), torch.ones(4, device=device)
+    torch.ops.normkit.switch_norm(x, None, None, torch.ones(3, device=device), torch.ones(3, device=device),
+                                  running_mean, running_var, True, 0.1, True, True, 1e-5)
+    assert torch.equal(running_mean.cpu(), torch.zeros(4)) and torch.equal(running_var.cpu(), torch.ones(4))
+
+
 @pytest.mark.parametrize("has_instance,shape,using_bn,training",
                          [(True, (2, 3, 4, 5), True, True), (True, (2, 3, 4, 5), True, False),
                           (False, (4, 3), True, True), (True, (2, 3, 4, 5), False, True)])
@@ -316,3 +326,19 @@ def test_cuda_matches_cpu(has_instance, shape, training):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
         torch.testing.assert_close(ga["running_var"].cpu(), ca["running_var"])
 
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_more_samples_than_a_grid_dimension():
+    # SwitchNorm1d's (N, C) input takes the channels-last reduction, whose grid has one row per sample, capped at
+    # 65535 rows: larger batches (tokens of a long sequence) loop over the samples.
+    inputs = sample_inputs((70_000, 8), False, True, dtype=torch.float32)
+    grads = ("input", "weight", "bias", "mean_weight", "var_weight")
+    cpu, ca = run(switch_norm, inputs, True, True, False, grads)
+    gpu, ga = run(switch_norm, {k: v.cuda() for k, v in inputs.items()}, True, True, False, grads)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(cpu)
+    for a, b in zip(torch.autograd.grad(gpu, [ga[k] for k in grads], g.cuda()),
+                    torch.autograd.grad(cpu, [ca[k] for k in grads], g)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)

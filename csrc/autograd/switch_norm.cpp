@@ -81,7 +81,10 @@ std::tuple<Tensor, Tensor, Tensor> switch_norm_composite(const Tensor& input, co
   }
   auto [coefficients, bn_used] = coefficients_op.call(moments, weight, bias, mean_weight, var_weight, bn_stats,
                                                       plane_size(input), has_instance, eps);
-  if (uses_running && training) update_running_stats(*running_mean, *running_var, bn_used, momentum, moving_average);
+  // An empty batch has no statistics to move the running ones towards (its BN mean would be 0 / 0).
+  if (uses_running && training && input.sym_size(0) > 0) {
+    update_running_stats(*running_mean, *running_var, bn_used, momentum, moving_average);
+  }
   return {affine_op.call(input, coefficients), moments, bn_used};
 }
 

@@ -145,23 +145,28 @@ __global__ void planar_reduce_kernel(Loader load, int64_t planes, int64_t L, acc
 }
 
 // Channels-last layout (N, L, C): block = 32 channels x kRowThreads rows over a slice of the rows of one sample;
-// grid = (channel tiles, N, row splits). Writes one partial accumulator per (n, split, c).
+// grid = (channel tiles, min(N, 65535), row splits). Writes one partial accumulator per (n, split, c).
 template <typename Loader>
-__global__ void channels_last_reduce_kernel(Loader load, int64_t L, int64_t C, int64_t rows_per_split,
+__global__ void channels_last_reduce_kernel(Loader load, int64_t N, int64_t L, int64_t C, int64_t rows_per_split,
                                             typename Loader::Acc* partial) {
   using Acc = typename Loader::Acc;
   __shared__ Acc shared[kRowThreads][kWarpSize];
   const int64_t c = int64_t(blockIdx.x) * kWarpSize + threadIdx.x;
-  const int64_t n = blockIdx.y, split = blockIdx.z;
+  const int64_t split = blockIdx.z;
   const int64_t row_end = std::min(L, (split + 1) * rows_per_split);
-  Acc acc{};
-  if (c < C)
-    for (int64_t l = split * rows_per_split + threadIdx.y; l < row_end; l += kRowThreads) load(acc, (n * L + l) * C + c);
-  shared[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int r = 1; r < kRowThreads; ++r) acc.merge(shared[r][threadIdx.x]);
-    partial[(n * gridDim.z + split) * C + c] = acc;
+  // gridDim.y is capped at 65535: a block takes every gridDim.y-th sample (SwitchNorm1d's (N, C) input has N rows).
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    Acc acc{};
+    if (c < C)
+      for (int64_t l = split * rows_per_split + threadIdx.y; l < row_end; l += kRowThreads)
+        load(acc, (n * L + l) * C + c);
+    shared[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      for (int r = 1; r < kRowThreads; ++r) acc.merge(shared[r][threadIdx.x]);
+      partial[(n * gridDim.z + split) * C + c] = acc;
+    }
+    __syncthreads();  // `shared` is rewritten by the next sample
   }
 }
 
@@ -199,9 +204,9 @@ void launch_nc_reduce(const Loader& load, const at::Tensor& like, const NCLayout
   const int64_t rows_per_split = (lay.L + splits - 1) / splits;
   at::Tensor partial = at::empty({int64_t(lay.N * splits * lay.C * sizeof(Acc))}, like.options().dtype(at::kByte));
   Acc* partial_ptr = reinterpret_cast<Acc*>(partial.mutable_data_ptr());
-  TORCH_CHECK(lay.N <= 65535, "switch_norm (CUDA, channels_last): batch size above 65535 is not supported");
-  channels_last_reduce_kernel<<<dim3(tiles, lay.N, splits), dim3(kWarpSize, kRowThreads), 0, stream>>>(
-      load, lay.L, lay.C, rows_per_split, partial_ptr);
+  const unsigned sample_blocks = unsigned(std::min<int64_t>(lay.N, 65535));
+  channels_last_reduce_kernel<<<dim3(tiles, sample_blocks, splits), dim3(kWarpSize, kRowThreads), 0, stream>>>(
+      load, lay.N, lay.L, lay.C, rows_per_split, partial_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t blocks = std::min<int64_t>((lay.N * lay.C + 255) / 256, int64_t(sms) * 8);
   merge_splits_kernel<<<blocks, 256, 0, stream>>>(partial_ptr, lay.N, splits, lay.C, out_ptr);
@@ -247,7 +252,7 @@ __global__ void per_plane_affine_kernel(const scalar_t* __restrict__ a, const sc
   const index_t stride = index_t(gridDim.x) * blockDim.x;
   for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     const index_t p = channels_last ? (i / (L * C)) * C + i % C : i / L;
-    const acc_t* k = coef + p * kCoef;
+    const acc_t* k = coef + int64_t(p) * kCoef;  // N * C * 3 may exceed int32 while numel does not
     acc_t v = k[0] * static_cast<acc_t>(a[i]);
     if constexpr (kCoef == 3) {
       v += k[1] * static_cast<acc_t>(b[i]) + k[2];
@@ -273,7 +278,8 @@ at::Tensor per_plane_affine_cuda(const at::Tensor& a_in, const at::Tensor* b_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "switch_norm_affine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bp = b_in ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (numel <= std::numeric_limits<int32_t>::max()) {  // 32-bit index math is much cheaper on the GPU
+    // 32-bit index math is much cheaper on the GPU; the grid-stride loop's last step must not wrap around either.
+    if (numel + blocks * kElementThreads <= std::numeric_limits<int32_t>::max()) {
       per_plane_affine_kernel<scalar_t, acc_t, kCoef, int32_t><<<blocks, kElementThreads, 0, stream>>>(
           a.const_data_ptr<scalar_t>(), bp, coef.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
           int32_t(numel), int32_t(lay.L), int32_t(lay.C), lay.channels_last);
