@@ -76,8 +76,10 @@ def test_roi_ops_check_scalar_arguments():
             ops.roi_align(x, rois, scale, 2, 2, -1, True)
         with pytest.raises(RuntimeError, match="spatial_scale must be a positive finite number"):
             ops.roi_pool(x, rois, scale, 2, 2)
-    with pytest.raises(RuntimeError, match="output size must be below 2"):
+    with pytest.raises(RuntimeError, match="output size must have fewer than 2\\^31 bins"):
         ops.roi_align(x, rois, 1.0, 2 ** 32 + 2, 2, -1, True)
+    with pytest.raises(RuntimeError, match="output size must have fewer than 2\\^31 bins"):
+        ops.roi_align(x, rois, 1.0, 46341, 46341, -1, True)  # each side fits an int, their product does not
     with pytest.raises(RuntimeError, match="feature map sizes must be below 2"):
         ops._roi_pool_backward(grad, rois, torch.zeros(1, 2, 2, 2, dtype=torch.int32), 1.0, 2, 2, 1, 2, 2 ** 32, 8)
     # RoIPool's argmax is an int32 cell index: a plane of 2^31 cells or more is refused before anything is read.

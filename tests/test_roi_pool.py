@@ -151,3 +151,20 @@ def test_cuda_equals_cpu(dtype):
         results.append((out.cpu(), xd.grad.cpu()))
     torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)
     torch.testing.assert_close(results[1][1].double(), results[0][1].double(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ops_called_directly_refuse_or_zero_what_the_cpu_refuses():
+    x = feature_map(1.0, channels=2, device="cuda")
+    # A fractional batch index: the CPU op raises; the CUDA op, which cannot raise, gives that RoI zeros.
+    rois = torch.tensor([[0.5, 0.0, 0.0, 20.0, 20.0], [1.0, 0.0, 0.0, 20.0, 20.0]], device="cuda")
+    out, argmax = torch.ops.normkit.roi_pool(x, rois, 1.0, 2, 2)
+    assert torch.equal(out[0].cpu(), torch.zeros(2, 2, 2)) and (argmax[0] == -1).all()
+    assert (out[1] != 0).any()
+    out = torch.ops.normkit.roi_align(x, rois, 1.0, 2, 2, 2, True)
+    assert torch.equal(out[0].cpu(), torch.zeros(2, 2, 2)) and (out[1] != 0).any()
+    # argmax on another device than grad would hand the kernel a host pointer
+    with pytest.raises(RuntimeError, match="argmax must be on the device of grad"):
+        torch.ops.normkit._roi_pool_backward(torch.ones(2, 2, 2, 2, device="cuda"), rois, argmax.cpu(), 1.0, 2, 2,
+                                             *x.shape)

@@ -37,6 +37,8 @@ inline void check_roi_pool_argmax(const at::Tensor& argmax, const at::Tensor& gr
   TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kInt,
               "_roi_pool_backward: argmax must be an int32 tensor shaped like grad ", grad.sizes(), ", got ",
               argmax.scalar_type(), argmax.sizes());
+  TORCH_CHECK(argmax.device() == grad.device(), "_roi_pool_backward: argmax must be on the device of grad (",
+              grad.device(), "), got ", argmax.device());
 }
 
 // RoIPool keeps each output's argmax as an int32 cell index within its plane (as torchvision does): half the
@@ -67,12 +69,12 @@ inline void check_nms_categories(const at::Tensor& idxs, const at::Tensor& dets)
               "), got ", idxs.device());
 }
 
-// The kernels index with int sizes and coordinates: a larger size would wrap around.
+// The kernels index bins and coordinates with int: a larger size, or more bins than an int holds, would wrap.
 inline void check_pooled_size(int64_t pooled_h, int64_t pooled_w, const char* op) {
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output size must be positive, got (", pooled_h, ", ", pooled_w,
               ")");
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
-  TORCH_CHECK(pooled_h <= kMaxInt && pooled_w <= kMaxInt, op, ": output size must be below 2^31, got (", pooled_h,
+  TORCH_CHECK(pooled_h <= kMaxInt / pooled_w, op, ": output size must have fewer than 2^31 bins, got (", pooled_h,
               ", ", pooled_w, ")");
 }
 

@@ -24,6 +24,30 @@ C10_HOST_DEVICE inline T min_of(T a, T b) { return b < a ? b : a; }
 template <typename T>
 C10_HOST_DEVICE inline T max_of(T a, T b) { return a < b ? b : a; }
 
+// a * b rounded on its own on every device. nvcc contracts a product followed by an add into one fused
+// multiply-add by default (the CPU kernels, built for the x86-64 baseline, have none), which moves sample points
+// and IoUs by an ulp: the GPU would then keep a different box set than the CPU and torchvision's CPU kernel when
+// an IoU lies at the threshold. __fmul_rn/__dmul_rn are never contracted.
+template <typename T>
+C10_HOST_DEVICE inline T mul_rn(T a, T b) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
+#else
+  return a * b;
+#endif
+}
+
+// The image a RoI reads: its batch index when that is an integer in [0, batch), else -1. The CPU kernels refuse
+// other values (check_batch_indices); the CUDA kernels, which cannot raise, give such a RoI zeros.
+template <typename T>
+C10_HOST_DEVICE inline int roi_batch_index(T value, int batch) {
+  return value >= T(0) && value < T(batch) && value == floor(value) ? int(value) : -1;
+}
+
 // False for NaN and +-inf (inf - inf and NaN - NaN are NaN); does not depend on <cmath> overloads on device.
 template <typename T>
 C10_HOST_DEVICE inline bool is_finite(T v) { return v - v == T(0); }
@@ -59,10 +83,10 @@ C10_HOST_DEVICE inline AlignRegion<T> align_region(const T* box, T spatial_scale
   // aligned=true shifts by half a pixel so that pixel centres, not corners, sit on integer coordinates.
   const T shift = aligned ? T(0.5) : T(0);
   AlignRegion<T> r;
-  r.start_w = box[0] * spatial_scale - shift;
-  r.start_h = box[1] * spatial_scale - shift;
-  T roi_w = box[2] * spatial_scale - shift - r.start_w;
-  T roi_h = box[3] * spatial_scale - shift - r.start_h;
+  r.start_w = mul_rn(box[0], spatial_scale) - shift;
+  r.start_h = mul_rn(box[1], spatial_scale) - shift;
+  T roi_w = mul_rn(box[2], spatial_scale) - shift - r.start_w;
+  T roi_h = mul_rn(box[3], spatial_scale) - shift - r.start_h;
   if (!aligned) {  // legacy behaviour: tiny or inverted boxes are forced to 1x1
     roi_w = roi_w < T(1) ? T(1) : roi_w;  // NaN stays NaN (the comparison is false)
     roi_h = roi_h < T(1) ? T(1) : roi_h;
@@ -78,7 +102,7 @@ C10_HOST_DEVICE inline AlignRegion<T> align_region(const T* box, T spatial_scale
 // Sample point `i` (of `grid` samples) of bin `p` along one axis. Not rounded: the grid stays continuous.
 template <typename T>
 C10_HOST_DEVICE inline T align_sample_coordinate(T start, T bin, int p, int i, int grid) {
-  return start + T(p) * bin + (T(i) + T(0.5)) * bin / T(grid);
+  return start + mul_rn(T(p), bin) + mul_rn(T(i) + T(0.5), bin) / T(grid);
 }
 
 // The four neighbours of a bilinear sample and their weights; `spatial index = y * width + x`.
@@ -207,18 +231,18 @@ C10_HOST_DEVICE inline int64_t bin_argmax(const scalar_t* plane, int width, int 
 // `offset` is 0 (torchvision: areas without +1) or 1 (Detectron legacy: inclusive pixel boxes).
 template <typename T>
 C10_HOST_DEVICE inline T box_area(const T* b, T offset) {
-  return (b[2] - b[0] + offset) * (b[3] - b[1] + offset);
+  return mul_rn(b[2] - b[0] + offset, b[3] - b[1] + offset);
 }
 
 // IoU from scalar coordinates: the CPU kernel keeps its boxes as separate coordinate arrays so that a row of
-// IoUs vectorises. Same operations in the same order as torchvision's kernels (no fused multiply-add), so
-// finite boxes keep exactly torchvision's set.
+// IoUs vectorises. Same operations in the same order as torchvision's CPU kernel, with no fused multiply-add on
+// any device (mul_rn), so finite boxes keep exactly its set.
 template <typename T>
 C10_HOST_DEVICE inline T box_iou(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1, T bx2, T by2, T area_b,
                                  T offset) {
   const T w = max_of(min_of(ax2, bx2) - max_of(ax1, bx1) + offset, T(0));
   const T h = max_of(min_of(ay2, by2) - max_of(ay1, by1) + offset, T(0));
-  const T inter = w * h;
+  const T inter = mul_rn(w, h);
   return inter / (area_a + area_b - inter);
 }
 

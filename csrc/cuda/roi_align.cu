@@ -55,9 +55,8 @@ template <typename scalar_t, typename acc_t>
 __device__ inline bool load_region(const scalar_t* rois, int64_t k, const AlignShape& s, acc_t spatial_scale,
                                    int sampling_ratio, bool aligned, int& n, AlignRegion<acc_t>& r) {
   const scalar_t* roi = rois + k * 5;
-  const acc_t index = acc_t(roi[0]);
-  if (!(index >= acc_t(0) && index < acc_t(s.batch))) return false;
-  n = int(index);
+  n = roi::roi_batch_index(acc_t(roi[0]), s.batch);
+  if (n < 0) return false;
   const acc_t box[4] = {acc_t(roi[1]), acc_t(roi[2]), acc_t(roi[3]), acc_t(roi[4])};
   r = roi::align_region<acc_t>(box, spatial_scale, s.pooled_h, s.pooled_w, sampling_ratio, aligned);
   return true;

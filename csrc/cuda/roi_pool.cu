@@ -32,14 +32,13 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
     const int c = int((index / pooled_w / pooled_h) % channels);
     const int64_t k = index / pooled_w / pooled_h / channels;
     const scalar_t* roi = rois + k * 5;
-    const acc_t batch_index = acc_t(roi[0]);
+    const int batch_index = roi::roi_batch_index(acc_t(roi[0]), batch);
     const acc_t box[4] = {acc_t(roi[1]), acc_t(roi[2]), acc_t(roi[3]), acc_t(roi[4])};
     const auto r = roi::pool_region<acc_t>(box, spatial_scale, pooled_h, pooled_w);
     int h0, h1, w0, w1;
     roi::pool_bin_range(r.start_h, r.bin_h, ph, height, h0, h1);
     roi::pool_bin_range(r.start_w, r.bin_w, pw, width, w0, w1);
-    const bool valid_index = batch_index >= acc_t(0) && batch_index < acc_t(batch);
-    if (!valid_index || !r.valid || h1 <= h0 || w1 <= w0) {
+    if (batch_index < 0 || !r.valid || h1 <= h0 || w1 <= w0) {
       output[index] = scalar_t(0);
       argmax[index] = -1;
       continue;
@@ -61,8 +60,8 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, const scalar_
     if (a < 0 || a >= plane) continue;
     const int64_t k = index / bins / channels;
     const int c = int((index / bins) % channels);
-    const acc_t batch_index = acc_t(rois[k * 5]);
-    if (!(batch_index >= acc_t(0) && batch_index < acc_t(batch))) continue;
+    const int batch_index = roi::roi_batch_index(acc_t(rois[k * 5]), batch);
+    if (batch_index < 0) continue;
     atomicAdd(grad_input + (int64_t(batch_index) * channels + c) * plane + a, acc_t(grad[index]));
   }
 }
