@@ -57,6 +57,16 @@ def test_decode_clamps_log_scale():
     assert (out[0, 2] - out[0, 0]).item() == pytest.approx(1000.0, rel=1e-5)
 
 
+def test_decode_of_mixed_precision_deltas_is_float32():
+    # Under autocast the heads' deltas are bf16/fp16; boxes at 1000-px coordinates need float32 (bf16 steps by 8 px).
+    coder = BoxCoder(legacy_plus_one=False)
+    reference = torch.tensor([[1000.5, 700.25, 1234.5, 900.75]])
+    deltas = torch.tensor([[0.1, -0.2, 0.05, 0.3]]).to(torch.bfloat16)
+    out = coder.decode(reference, deltas)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, coder.decode(reference, deltas.float()), rtol=0, atol=0)
+
+
 def test_smooth_l1():
     x = torch.tensor([0.05, 0.5, -2.0])
     assert smooth_l1_loss(x, torch.zeros(3), 1.0 / 9).tolist() == pytest.approx(

@@ -263,3 +263,15 @@ def test_roi_training_without_any_candidate_is_an_error():
     with pytest.raises(ValueError, match="no RoIs to train on"):
         heads({"f": torch.zeros(1, 4, 4, 4)}, [torch.zeros(0, 4)], torch.tensor([[4, 4]]), torch.ones(1),
               torch.tensor([[4, 4]]), target)
+
+
+def test_pooler_keeps_float32_boxes_under_autocast():
+    # A step at x = 1236 (exact in bf16). The box's one sample sits at its centre, x = 1236.0 with aligned=True;
+    # the box cast to bf16 ([1232, 1240]: 8-px steps there) would sample x = 1235.5, half-way up the step.
+    step = (torch.arange(1400) >= 1236).to(torch.float32).expand(1, 1, 4, 1400).contiguous()
+    boxes = [torch.tensor([[1234.5, 0.0, 1238.5, 3.0]])]
+    pooler = ROIPooler(1, (1.0,), 1, aligned=True)
+    assert pooler([step], boxes).item() == 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pooler([step.to(torch.bfloat16)], boxes)
+    assert got.dtype == torch.bfloat16 and got.item() == 1.0

@@ -81,6 +81,19 @@ def test_config_builds_trains_and_predicts(config):
             assert pred["masks"].shape == (n, h, w) and pred["masks"].dtype == torch.uint8
 
 
+def test_mixed_precision_step_keeps_box_geometry_in_float32():
+    # train.amp: the heads run in bf16 (fp16 on GPU), proposals, IoUs and RoIs stay float32 (detectron2 does too).
+    torch.manual_seed(0)
+    model = build_model(small(CONFIGS[0].parent / "e2e_mask_rcnn_R-50-FPN_2x_sn_8-1.yaml")).train()
+    pooled_boxes = []
+    model.roi_heads.box_pooler.register_forward_pre_hook(lambda _, args: pooled_boxes.extend(args[1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch(True))
+    assert pooled_boxes and all(b.dtype == torch.float32 for b in pooled_boxes)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
 def test_sn_placement_of_the_mask_config():
     cfg = read_config(next(c for c in CONFIGS if c.stem == "e2e_mask_rcnn_R-50-FPN_2x_sn_8-1"))
     model = build_model(cfg)

@@ -107,8 +107,10 @@ class BoxCoder:
 
     def decode(self, reference: Tensor, deltas: Tensor) -> Tensor:
         """Apply deltas Tensor[N, 4k] (k boxes per reference, e.g. one per class) to ``reference`` Tensor[N, 4]
-        -> boxes Tensor[N, 4k]."""
-        reference = reference.to(deltas.dtype)
+        -> boxes Tensor[N, 4k], in float32 at least: under mixed precision the deltas are fp16/bf16, whose 4-8 px
+        steps at 1000-px coordinates (and fp16 areas above 65504) would spoil proposals, IoUs and RoIs."""
+        dtype = torch.promote_types(torch.promote_types(reference.dtype, deltas.dtype), torch.float32)
+        reference, deltas = reference.to(dtype), deltas.to(dtype)
         wx, wy, ww, wh = self.weights
         w, h, cx, cy = self._centres(reference)
         dx = deltas[:, 0::4] / wx

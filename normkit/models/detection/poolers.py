@@ -65,7 +65,11 @@ class ROIPooler(nn.Module):
     def forward(self, features: Sequence[Tensor], boxes: List[Tensor]) -> Tensor:
         if len(features) != len(self.scales):
             raise ValueError(f"ROIPooler has {len(self.scales)} levels, got {len(features)} feature maps")
-        rois = boxes_to_rois([b.to(features[0].dtype) for b in boxes]).to(features[0].device)
+        # Under autocast roi_align runs in float32 and takes float32 boxes: casting them to the features' fp16/bf16
+        # would move 1000-px coordinates by up to 8 px.
+        device = features[0].device
+        dtype = torch.float32 if torch.is_autocast_enabled(device.type) else features[0].dtype
+        rois = boxes_to_rois([b.to(dtype) for b in boxes]).to(device)
         size = (self.output_size, self.output_size)
         if len(features) == 1:
             return roi_align(features[0], rois, size, self.scales[0], self.sampling_ratio, self.aligned)

@@ -229,7 +229,7 @@ class ROIHeads(nn.Module):
         for i, (p, d, props) in enumerate(zip(probs.split(counts), deltas.split(counts), proposals)):
             scale = float(scales[i])
             size = tuple(int(v) for v in orig_sizes[i])
-            boxes = self.box_coder.decode(props.to(d.dtype) / scale, d)  # in original-image coordinates
+            boxes = self.box_coder.decode(props / scale, d)  # in original-image coordinates
             boxes = clip_boxes(boxes, size, self.legacy_plus_one)
             results.append(self._postprocess(p, boxes, size))
         if self.mask_on:
