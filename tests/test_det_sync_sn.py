@@ -6,8 +6,10 @@ tiny model here is set up for that: every anchor is kept as a proposal (NMS thre
 anchor count, zero box deltas so proposals are the anchors themselves), the samplers take every anchor and
 RoI, and every image has the same ground-truth geometry (pixels differ, so batch statistics matter).
 """
+import copy
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,9 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model():
+def _model(config=CONFIG):
     torch.manual_seed(0)
-    model = build_model(CONFIG)
+    model = build_model(config)
     with torch.no_grad():
         model.rpn.head.anchor_deltas.weight.zero_()  # proposals = anchors: the same RoIs in every image
         model.rpn.head.anchor_deltas.bias.zero_()
@@ -98,3 +100,31 @@ def test_sync_sn_detection_losses_equal_the_concatenated_batch(tmp_path):
     halves = [_losses(model, _batch(range(i, i + 2))) for i in (0, 2)]
     unsynced = {k: (halves[0][k] + halves[1][k]) / 2 for k in whole}
     assert any(abs(unsynced[k] - whole[k]) > 1e-3 * abs(whole[k]) for k in whole), (unsynced, whole)
+
+
+def _worker_without_foreground(rank, world, port, out_dir):
+    # A collective that one rank skips would block the others: the gloo timeout turns such a hang into an error.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        config = copy.deepcopy(CONFIG)
+        config["model"]["roi_heads"]["proposal_append_gt"] = False
+        model = convert_sync_norm(_model(config))
+        batch = _batch(range(2 * rank, 2 * rank + 2))
+        if rank == 1:  # 2x2-pixel objects: no RoI (the anchors) reaches the foreground IoU of 0.5
+            for target in batch["targets"]:
+                target["boxes"] = torch.tensor([[8.0, 10.0, 10.0, 12.0], [30.0, 34.0, 32.0, 36.0]])
+                target["masks"] = [[torch.tensor([x1, y1, x2, y1, x2, y2, x1, y2])]
+                                   for x1, y1, x2, y2 in target["boxes"].tolist()]
+        losses = model(batch)
+        sum(losses.values()).backward()
+        torch.save({k: float(v) for k, v in losses.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_sn_mask_head_runs_on_a_rank_without_foreground(tmp_path):
+    mp.spawn(_worker_without_foreground, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[1]["mask_loss"] == 0.0 and ranks[0]["mask_loss"] > 0.0

@@ -203,10 +203,12 @@ class ROIHeads(nn.Module):
     def _mask_loss(self, features, fg_rois, fg_rois_f, labels, fg_counts, scales, targets) -> Tensor:
         size = self.mask_pooler.output_size * 2
         levels = [features[name] for name in self.mask_in_features]
-        if sum(fg_counts) == 0:
-            # no foreground RoI in the batch: a zero loss that keeps the mask head in the graph
-            return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
         logits = self.mask_head(self.mask_pooler(levels, fg_rois))
+        if sum(fg_counts) == 0:
+            # No foreground RoI in this process's batch (possible with proposal_append_gt=False). The head still ran,
+            # on no RoIs: with SyncSwitchNorm the other ranks wait for its collectives, forward and backward. The
+            # zero loss keeps its output and every parameter in the graph.
+            return logits.sum() * 0.0 + sum(p.sum() for p in self.mask_head.parameters()) * 0.0
         mask_targets = torch.cat([self._mask_targets(rf, t, float(s), size)
                                   for rf, t, s in zip(fg_rois_f, targets, scales)])
         fg_labels = torch.cat([lab[:n] for lab, n in zip(labels, fg_counts)])
