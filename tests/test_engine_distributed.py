@@ -70,3 +70,22 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path
         assert result["losses"] == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
         for key, value in single_state.items():
             torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("local_rank,visible,device", [(3, 2, None), (3, 1, 0), (1, 2, 1)])
+def test_each_local_rank_gets_a_gpu_of_its_own(monkeypatch, local_rank, visible, device):
+    # Two GPUs and a fourth process per node would share a GPU (NCCL: "Duplicate GPU detected"): refused. One
+    # visible GPU per process (CUDA_VISIBLE_DEVICES set per rank) is that process's device 0.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    if device is None:
+        with pytest.raises(RuntimeError, match="only 2 GPUs are visible"):
+            init_distributed("cuda")
+    else:
+        assert init_distributed("cuda").device == torch.device("cuda", device)

@@ -33,8 +33,9 @@ def capture_rng_state() -> dict:
         "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
                    "gauss_next": py_gauss_next},
     }
+    # Only this process's GPU: a rank uses one device, and the visible set may differ when the run resumes.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -45,8 +46,12 @@ def restore_rng_state(state: dict) -> None:
                          npy["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12 kept every visible device's state
+        device = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def non_finite_entries(obj, prefix: str = "") -> list[str]:

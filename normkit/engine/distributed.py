@@ -7,6 +7,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -61,7 +62,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         if not torch.cuda.is_available():
             raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        # One visible GPU per process (CUDA_VISIBLE_DEVICES set per rank) is device 0; otherwise each local rank
+        # needs a GPU of its own, or NCCL fails later with "Duplicate GPU detected".
+        if visible > 1 and local_rank >= visible:
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {visible} GPUs are visible: start at most "
+                               f"{visible} processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank % visible)
         torch_device = torch.device("cuda", torch.cuda.current_device())
     else:
         torch_device = torch.device("cpu")
@@ -69,8 +76,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
+        # 30 minutes (detectron2's default) rather than NCCL's 10: rank 0 runs COCOeval alone while the others wait.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                device_id=torch_device if use_cuda else None)
+                                device_id=torch_device if use_cuda else None, timeout=timedelta(minutes=30))
     return DistInfo(rank, world_size, local_rank, torch_device)
 
 

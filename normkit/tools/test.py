@@ -187,10 +187,16 @@ def main(argv=None):
     try:
         evaluator = CheckpointEvaluator(cfg, evaluation_config(cfg, args), info, args.num_workers)
         if args.watch:
-            return watch(evaluator, Path(args.watch), args.poll, args.idle_timeout)
-        results = evaluator(args.checkpoint)
-    finally:
-        destroy_distributed()
+            results = watch(evaluator, Path(args.watch), args.poll, args.idle_timeout)
+        else:
+            results = evaluator(args.checkpoint)
+    except BaseException:
+        # the other ranks may be inside a collective this one will never join: no barrier on the way out
+        destroy_distributed(wait_for_others=False)
+        raise
+    destroy_distributed()
+    if args.watch:
+        return results
     if info.is_main:
         evaluator.report(results, args.checkpoint)
         if args.out:

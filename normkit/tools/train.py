@@ -214,8 +214,9 @@ def train(cfg: dict, work_dir: Path, resume: bool, info, *, new_run: bool = Fals
         work_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     trainer.train()
-    # None: a resumed run that had already finished
-    results = eval_hook.latest if eval_hook.latest is not None else task.evaluate(trainer.model)
+    # None: a resumed run that had already finished. eval_fn evaluates the bare model, as the hook does (a DDP
+    # forward would broadcast buffers, a collective per batch that a rank with no batch left would not join).
+    results = eval_hook.latest if eval_hook.latest is not None else eval_hook.eval_fn()
     return results, task
 
 
