@@ -167,6 +167,45 @@ def test_distributed_evaluation_equals_single_process(setup):
         assert acc == pytest.approx(expected["pixel_acc"])
 
 
+def _watch_worker(rank, config, work, port, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.stdout = open(os.devnull, "w")
+    if rank == 1:  # the trainer's max_keep deletes iter_10 after rank 0 read it and before rank 1 does
+        load = torch.load
+
+        def deleted_meanwhile(path, *args, **kwargs):
+            if str(path).endswith("iter_0000010.pth"):
+                raise FileNotFoundError(path)
+            return load(path, *args, **kwargs)
+
+        torch.load = deleted_meanwhile
+    records = load_tool("test").main(["--config", config, "--watch", work, "--poll", "0.01", "--idle-timeout", "0.5"])
+    queue.put((rank, [r["checkpoint"] for r in records]))
+
+
+def test_distributed_watch_skips_a_checkpoint_some_rank_could_not_read(setup, tmp_path):
+    work = tmp_path / "watched"
+    work.mkdir()
+    for name in ("iter_0000010.pth", "iter_0000020.pth"):
+        (work / name).write_bytes((setup["work"] / name).read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(_watch_worker, args=(str(setup["config"]), str(work), port, queue), nprocs=2,
+                                 join=False, start_method="spawn")
+    for _ in range(240):  # ranks that disagree would wait in a collective until the process-group timeout
+        if context.join(timeout=0.5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the watchers hung")
+    assert sorted(queue.get() for _ in range(2)) == [(0, ["iter_0000020.pth"]), (1, [])]
+
+
 def test_demo_on_a_folder_and_a_file(setup, tmp_path, capsys):
     demo = load_tool("demo")
     images = setup["root"] / "ADEChallengeData2016" / "images" / "validation"

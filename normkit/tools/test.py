@@ -24,7 +24,8 @@ import re
 import time
 from pathlib import Path
 
-from normkit.engine import broadcast_object, destroy_distributed, init_distributed, load_checkpoint, setup_logging
+from normkit.engine import (all_gather_objects, broadcast_object, destroy_distributed, init_distributed,
+                            load_checkpoint, setup_logging)
 from normkit.models import build_model
 from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.tasks import task_for
@@ -165,7 +166,16 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
             time.sleep(poll)
             continue
         name = Path(path).name
-        results = evaluator(state if state is not None else path)
+        if not main:  # read it here too, then agree: the trainer's max_keep may delete it meanwhile
+            try:
+                state = load_checkpoint(path)
+            except (FileNotFoundError, RuntimeError):
+                state = None
+        if not all(all_gather_objects(state is not None)):
+            logger.warning("--watch: %s went away before every rank had read it; skipped", name)
+            done.add(name)
+            continue
+        results = evaluator(state)
         done.add(name)
         retry_at.pop(name, None)
         last_new = time.monotonic()

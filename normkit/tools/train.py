@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,
-                            Trainer, broadcast_object, build_lr_scheduler, build_optimizer, convert_sync_norm,
+                            Trainer, all_gather_objects, broadcast_object, build_lr_scheduler, build_optimizer, convert_sync_norm,
                             destroy_distributed, init_distributed, scale_to_total_batch, seed_all, setup_logging,
                             wrap_ddp)
 from normkit.io import atomic_write_text
@@ -158,6 +158,10 @@ def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
         logger.info("resumed from %s at iteration %d", path, trainer.iter)
     elif resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", work_dir)
+    starts = all_gather_objects(trainer.iter)  # every rank reads the work dir itself
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"ranks resumed from different iterations {starts}: every rank must see the same "
+                           f"checkpoints in {work_dir} (a shared file system)")
 
     eval_hook = EvalHook(lambda: task.evaluate(model), train_cfg["eval_period"])
     trainer.register_hooks([
