@@ -41,7 +41,8 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[in
         input: Tensor[N, C, H, W] features (NCHW or channels_last; fp32/fp64/fp16/bf16, or quantized per tensor:
             computed in float32 and quantized back with the input's scale and zero point).
         boxes: Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list of N_i Tensor[L_i, 4] boxes (one per
-            image, in order), in image coordinates; same dtype and device as input.
+            image, in order), in image coordinates; same dtype and device as input. A batch index that is not an
+            integer in [0, N) is an error on CPU; on CUDA (no device sync to check it) that RoI gives zeros.
         output_size: (height, width) of each output, or an int for a square.
         spatial_scale: feature size / image size, e.g. 1/16 for a stride-16 map.
         sampling_ratio: samples per bin along each axis (at most 65536); <= 0 samples ceil(box size / output

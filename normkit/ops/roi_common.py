@@ -140,9 +140,10 @@ def boxes_to_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
 
 
 def check_batch_indices(rois: Tensor, batch: int, op: str) -> None:
-    """Batch indices must be integers in [0, batch). Costs one device sync on GPU; skipped while compiling or
-    exporting and for meta tensors (no values; the kernels check on CPU)."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or rois.device.type == "meta":
+    """Batch indices must be integers in [0, batch); checked on CPU only. On a GPU the check would cost a device
+    sync per call (four per FPN pooling): the CUDA kernels instead give a RoI with an invalid index zeros, and no
+    gradient. Skipped too while compiling or exporting and for meta tensors (no values; the kernels check on CPU)."""
+    if rois.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return
     if rois.shape[0] == 0:
         return

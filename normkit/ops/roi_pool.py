@@ -36,7 +36,8 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[int
         input: Tensor[N, C, H, W] features (a channels_last input is read as a contiguous copy; a quantized
             input is pooled in float32 and quantized back with its scale and zero point).
         boxes: Tensor[K, 5] rows (batch_index, x1, y1, x2, y2), or a list of Tensor[L_i, 4] (one per image), in
-            image coordinates; same dtype and device as input.
+            image coordinates; same dtype and device as input. A batch index that is not an integer in [0, N) is
+            an error on CPU; on CUDA (no device sync to check it) that RoI gives zeros.
         output_size: (height, width) of each output, or an int for a square.
         spatial_scale: feature size / image size. Scaled coordinates are rounded (half away from zero).
 
