@@ -116,14 +116,15 @@ HEADERS = ["problem", "op", "fwd normkit", "fwd official", "fwd speedup", "fwd+b
 
 def run_table(sizes, device, dtype, repeats) -> list[list]:
     warmup = 3 if device.type == "cuda" else 1
+    min_time = 0.02 if device.type == "cuda" else 0.0  # back-to-back calls: the GPU's time, not launch + sync
     rows = []
     for batch, channels, classes, size in sizes:
         torch.manual_seed(0)
         for name, (ours, official, live) in make_cases(batch, channels, classes, size, device, dtype).items():
             fwd = time_interleaved({"normkit": forward_only(ours), "official": forward_only(official)},
-                                   device=device, warmup=warmup, repeats=repeats)
+                                   device=device, warmup=warmup, repeats=repeats, min_time=min_time)
             fwd_bwd = time_interleaved({"normkit": forward_backward(ours), "official": forward_backward(official)},
-                                       device=device, warmup=warmup, repeats=repeats)
+                                       device=device, warmup=warmup, repeats=repeats, min_time=min_time)
             row = [f"B={batch} C={channels} K={classes} {size}x{size}", name,
                    fwd["normkit"] * 1e3, fwd["official"] * 1e3, fwd["official"] / fwd["normkit"],
                    fwd_bwd["normkit"] * 1e3, fwd_bwd["official"] * 1e3, fwd_bwd["official"] / fwd_bwd["normkit"],
@@ -156,6 +157,12 @@ def main(argv=None) -> dict:
              f"speedup = official / normkit. Memory: {memory}.\n")
     if steady:
         notes += "Freed memory is kept in the heap (common.steady_cpu_allocator), so no side pays page faults.\n"
+    if on_gpu:
+        # cuDNN runs the official grouped conv on TF32 tensor cores by default, while normkit's GEMMs follow
+        # torch.backends.cuda.matmul (IEEE fp32 by default): compare the two at one precision.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        notes += (f"float32 convolutions and GEMMs both in "
+                  f"{'TF32' if torch.backends.cuda.matmul.allow_tf32 else 'IEEE float32'}.\n")
     if not (on_gpu or args.full):
         notes += ("CPU sizes are reduced (B=2, 64x64 and 32x32) so the run takes about two minutes on two cores; "
                   "the GPU run covers B=2/8 at 128x128 and 64x64.\n")

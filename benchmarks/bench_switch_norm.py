@@ -63,10 +63,11 @@ def run_table(device, dtype, repeats) -> tuple[list[str], list[list], list]:
             xg.grad = None
             m(xg).backward(grad)
 
-        # On CPU each sample averages calls over 50 ms: whether a call's 6-64 MB output lands on fresh pages (the
-        # allocator's choice, ~1,600 page faults per 6 MB) varies from call to call and would otherwise decide
-        # single-call samples.
-        min_time = 0.0 if device.type == "cuda" else 0.05
+        # Each sample averages back-to-back calls: over 50 ms on CPU, where whether a call's 6-64 MB output lands on
+        # fresh pages (the allocator's choice, ~1,600 page faults per 6 MB) varies from call to call and would
+        # otherwise decide single-call samples; over 20 ms on CUDA, so a sample is the GPU's time rather than one
+        # launch and sync.
+        min_time = 0.02 if device.type == "cuda" else 0.05
         fwd = time_interleaved({k: (lambda m=m: forward(m)) for k, m in layers.items()}, device=device,
                                repeats=repeats, warmup=2, min_time=min_time)
         fwd_bwd = time_interleaved({k: (lambda m=m: forward_backward(m)) for k, m in layers.items()}, device=device,

@@ -6,6 +6,7 @@ interleaved round-robin so drifts in machine load hit them alike, and the median
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -57,25 +58,28 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device 
                      warmup: int = 3, repeats: int = 15, min_time: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds.
 
-    `min_time` repeats each call inside a round until that many seconds passed (for very short calls).
+    A round runs each function `n` times back to back and synchronizes once: on CUDA the launches then queue
+    while the host prepares the next call, as in a training loop, and one sync's latency is shared by n calls.
+    n is 1, or with `min_time` the number of calls that takes about that long (from the fastest warm-up call).
     """
-    for fn in fns.values():
-        for _ in range(warmup):
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        fastest = float("inf")
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
             fn()
-    synchronize(device)
+            synchronize(device)
+            fastest = min(fastest, time.perf_counter() - start)
+        calls[name] = max(1, math.ceil(min_time / fastest)) if min_time > 0 and fastest > 0 else 1
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            calls = 0
+            synchronize(device)
             start = time.perf_counter()
-            while True:
+            for _ in range(calls[name]):
                 fn()
-                calls += 1
-                synchronize(device)
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_time:
-                    break
-            samples[name].append(elapsed / calls)
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
