@@ -1,0 +1,52 @@
+"""tools/gpu_check.py judges the benchmarks' result rows right: the one GPU run must not pass or fail wrongly."""
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+ROI_HEADERS = ["workload", "pass", "normkit ms", "torchvision ms", "reference ms", "normkit / torchvision",
+               "reference / normkit", "note"]
+
+
+def result(headers, rows):
+    return {"headers": headers, "sections": [{"threads": 1, "rows": rows}]}
+
+
+def test_roi_rows_need_torchvision_speed_and_nms_its_indices():
+    rows = [["NMS 4000 boxes, IoU 0.7", "fwd", 1.0, 1.1, "", 0.91, "", "700 kept, INDICES DIFFER FROM TORCHVISION"],
+            ["batched NMS 4000 boxes, 80 classes, IoU 0.5", "fwd", 1.0, 1.0, "", 1.0, "",
+             "900 kept, same indices as torchvision"],
+            ["RoIAlign FPN", "fwd", 1.2, 1.0, "", 1.2, "", ""],
+            ["RoIPool C4", "fwd", 1.0, "", 2.0, "", 2.0, ""]]
+    verdicts = [(name, ok) for name, ok, _ in gpu_check.roi_targets(result(ROI_HEADERS, rows))]
+    assert verdicts == [("NMS 4000 boxes, IoU 0.7 fwd <= 1.0x torchvision", True),
+                        ("NMS 4000 boxes, IoU 0.7 keeps torchvision's indices", False),
+                        ("batched NMS 4000 boxes, 80 classes, IoU 0.5 fwd <= 1.0x torchvision", True),
+                        ("batched NMS 4000 boxes, 80 classes, IoU 0.5 keeps torchvision's indices", True),
+                        ("RoIAlign FPN fwd <= 1.0x torchvision", False),
+                        ("RoIPool C4 fwd <= 1.0x torchvision", None)]  # torchvision absent: not judged
+
+
+def test_cond_classifier_ops_need_1_5x_and_the_head_1x():
+    headers = ["problem", "op", "fwd+bwd speedup"]
+    rows = [["B=2", "dynamic_classify", 1.4], ["B=2", "class_embedding", 1.6], ["B=2", "head", 1.0]]
+    verdicts = [ok for _, ok, _ in gpu_check.cond_classifier_targets(result(headers, rows))]
+    assert verdicts == [False, True, True]
+
+
+def test_switch_norm_bandwidth_is_judged_against_the_peak():
+    headers = ["shape", "layer", "fwd+bwd / BN", "reference / this (fwd+bwd)", "fwd GB/s (3x model)"]
+    rows = [["(2, 256, 128, 128)", "normkit SN", 1.1, 9.0, 2500.0], ["(2, 256, 128, 128)", "BatchNorm2d", 1, 0, 1]]
+    checks = gpu_check.switch_norm_targets(result(headers, rows), peak=3000.0)
+    assert [ok for _, ok, _ in checks] == [True, True, True]  # 83% of the peak, 1.1x BN, 9x the reference
+    assert [ok for _, ok, _ in gpu_check.switch_norm_targets(result(headers, rows), peak=3200.0)][0] is False
+
+
+def test_toolkit_root_finds_the_runtime_library(tmp_path):
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "cuda" / "lib64").mkdir()
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("")
+    (tmp_path / "cuda" / "lib64" / "libcudart.so.13").write_text("")
+    assert gpu_check.toolkit_root(str(tmp_path / "cuda" / "bin" / "nvcc")) == str(tmp_path / "cuda")
