@@ -36,12 +36,15 @@ def test_cond_classifier_ops_need_1_5x_and_the_head_1x():
     assert verdicts == [False, True, True]
 
 
-def test_switch_norm_bandwidth_is_judged_against_the_peak():
+def test_switch_norm_bandwidth_is_judged_against_the_peak_beyond_the_l2_cache():
     headers = ["shape", "layer", "fwd+bwd / BN", "reference / this (fwd+bwd)", "fwd GB/s (3x model)"]
-    rows = [["(2, 256, 128, 128)", "normkit SN", 1.1, 9.0, 2500.0], ["(2, 256, 128, 128)", "BatchNorm2d", 1, 0, 1]]
-    checks = gpu_check.switch_norm_targets(result(headers, rows), peak=3000.0)
-    assert [ok for _, ok, _ in checks] == [True, True, True]  # 83% of the peak, 1.1x BN, 9x the reference
-    assert [ok for _, ok, _ in gpu_check.switch_norm_targets(result(headers, rows), peak=3200.0)][0] is False
+    rows = [["(16, 256, 128, 128)", "normkit SN", 1.1, 9.0, 2500.0], ["(16, 256, 128, 128)", "BatchNorm2d", 1, 0, 1],
+            ["(2, 256, 128, 128)", "normkit SN", 1.3, 4.0, 2000.0]]
+    l2 = 50 * 2 ** 20
+    checks = gpu_check.switch_norm_targets(result(headers, rows), peak=3000.0, l2_bytes=l2)
+    # 268 MB: 83% of the peak, 1.1x BN, 9x the reference; 33.5 MB fits in L2: bandwidth not judged, 1.3x, 4x
+    assert [ok for _, ok, _ in checks] == [True, True, True, None, False, False]
+    assert gpu_check.switch_norm_targets(result(headers, rows), peak=3200.0, l2_bytes=l2)[0][1] is False
 
 
 def test_toolkit_root_finds_the_runtime_library(tmp_path):
