@@ -159,3 +159,13 @@ def test_creating_a_loader_iterator_leaves_the_global_torch_rng_alone():
     state = torch.get_rng_state()
     next(iter(DataLoader(list(range(4)), batch_size=2, **worker_options(0))))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("available,initialized,pinned", [(False, False, False), (True, False, False),
+                                                          (True, True, True)])
+def test_batches_are_pinned_only_for_a_process_that_uses_cuda(monkeypatch, available, initialized, pinned):
+    # A CPU run on a machine with GPUs must not open a CUDA context (on GPU 0, for every rank) to pin memory.
+    from normkit.data.base import worker_options
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    assert worker_options(0)["pin_memory"] is pinned and worker_options(2)["pin_memory"] is pinned

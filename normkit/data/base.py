@@ -189,6 +189,9 @@ def _worker_init(_worker_id: int) -> None:
 def worker_options(num_workers: int) -> dict:
     """DataLoader keyword arguments for `num_workers` worker processes (none: load in the main process).
 
+    Batches go to pinned memory when this process already uses CUDA (the model is on a GPU), so copies to the GPU
+    can overlap compute; a CPU run on a machine with GPUs opens no CUDA context for it.
+
     Workers start from a fork server, not from a fork of the (multi-threaded) training process: a forked
     child inherits thread pools without their threads, and OpenCV's pool then deadlocks on its first
     reconfiguration. Each worker runs single-threaded.
@@ -200,11 +203,12 @@ def worker_options(num_workers: int) -> dict:
     sharing it made resumed runs diverge. Samples draw their augmentation from `sample_rng`, not from it."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    generator = torch.Generator().manual_seed(0)
+    common = {"generator": torch.Generator().manual_seed(0),
+              "pin_memory": torch.cuda.is_available() and torch.cuda.is_initialized()}
     if num_workers == 0:
-        return {"num_workers": 0, "generator": generator}
+        return {"num_workers": 0, **common}
     return {"num_workers": num_workers, "worker_init_fn": _worker_init, "multiprocessing_context": "forkserver",
-            "generator": generator}
+            **common}
 
 
 def prepare_synthetic(data_cfg: dict, generate: Callable[..., object]) -> None:

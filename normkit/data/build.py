@@ -269,8 +269,7 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
         min_size = transform.crop_size if isinstance(transform, MMSegTrainTransform) else (0, 0)
         collate = SegmentationCollate(int(cfg.get("pad_multiple", 1)), min_size)
     loader = DataLoader(SegmentationTrainMapper(dataset, transform, seed, segmentation_normalizer(data_cfg)),
-                        batch_sampler=sampler, collate_fn=collate, **worker_options(num_workers),
-                        pin_memory=torch.cuda.is_available())
+                        batch_sampler=sampler, collate_fn=collate, **worker_options(num_workers))
     return TrainLoader(loader)
 
 

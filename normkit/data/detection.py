@@ -377,8 +377,8 @@ def build_coco_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, w
     sampler = DetectionBatchSampler(ratios, batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter, grouping=cfg.get("grouping", "orientation"))
     loader = DataLoader(_TrainSamples(dataset, mapper, seed, flip == "double"), batch_sampler=sampler,
-                        collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)), **worker_options(num_workers),
-                        pin_memory=torch.cuda.is_available())
+                        collate_fn=DetectionCollate(data_cfg.get("size_divisibility", 32)),
+                        **worker_options(num_workers))
     return DetectionTrainLoader(loader, dataset)
 
 
