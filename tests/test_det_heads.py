@@ -4,11 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normkit.models.detection import (RPN, AnchorGenerator, BoxPredictor, FastRCNNConvFCHead, MaskHead, ROIHeads,
-                                      ROIPooler, assign_fpn_levels, paste_masks_detectron, paste_masks_grid_sample,
-                                      polygons_to_mask_in_box)
+                                      ROIPooler, assign_fpn_levels, mask_head, paste_masks_detectron,
+                                      paste_masks_grid_sample, polygons_to_mask_in_box)
 from normkit.models.necks import FPN
 from normkit.nn import SwitchNorm2d
 from normkit.ops import roi_align
@@ -207,6 +208,22 @@ def test_paste_round_trip():
     pasted = paste_masks_detectron(masks, torch.tensor([[-10.0, -10.0, 29.0, 29.0]]), (20, 20))
     assert pasted[0].all()
     assert paste_masks_detectron(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 6)).shape == (0, 5, 6)
+
+
+def test_grid_sample_paste_in_chunks_equals_one_call(monkeypatch):
+    # Each detection is pasted on its own: chunking the detections (to bound the sampling grid's memory) changes
+    # nothing. Expected: one grid_sample over all of them, written out here.
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 28, 28, generator=g)
+    boxes = torch.tensor([[3.0, 4.0, 30.0, 20.0], [0.0, 0.0, 40.0, 30.0], [10.5, 2.5, 12.5, 29.0],
+                          [-5.0, -5.0, 20.0, 20.0], [20.0, 10.0, 39.0, 29.0]])
+    ys, xs = torch.arange(30) + 0.5, torch.arange(40) + 0.5
+    gx = (xs[None] - boxes[:, :1]) / (boxes[:, 2:3] - boxes[:, :1]) * 2 - 1
+    gy = (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]) * 2 - 1
+    grid = torch.stack((gx[:, None, :].expand(5, 30, 40), gy[:, :, None].expand(5, 30, 40)), dim=3)
+    expected = (F.grid_sample(masks[:, None], grid, align_corners=False)[:, 0] >= 0.5).to(torch.uint8)
+    monkeypatch.setattr(mask_head, "PASTE_CHUNK_PIXELS", 2 * 30 * 40)  # chunks of 2, 2 and 1 detections
+    torch.testing.assert_close(paste_masks_grid_sample(masks, boxes, (30, 40)), expected, rtol=0, atol=0)
 
 
 def test_rasterise_then_paste_recovers_the_polygon():

@@ -133,6 +133,11 @@ def paste_masks_detectron(masks: Tensor, boxes: Tensor, image_size: Tuple[int, i
     return torch.from_numpy(out)
 
 
+# Pixels (detections x image pixels) per grid_sample call: its grid holds 8 bytes a pixel, so 100 detections on an
+# 800x1333 image at once would take 850 MB; chunks of 2^24 pixels keep it at 128 MB (detectron2 chunks on GPU too).
+PASTE_CHUNK_PIXELS = 1 << 24
+
+
 def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int],
                             threshold: float = 0.5) -> Tensor:
     """detectron2 ``paste_masks_in_image``: sample each mask at the pixel centres inside its box (bilinear
@@ -147,6 +152,13 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, image_size: Tuple[int,
     x0, y0, x1, y1 = boxes.unbind(dim=1)
     gx = (xs[None, :] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1
     gy = (ys[None, :] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1
-    grid = torch.stack((gx[:, None, :].expand(n, h_img, w_img), gy[:, :, None].expand(n, h_img, w_img)), dim=3)
-    pasted = F.grid_sample(masks[:, None].to(torch.float32), grid, align_corners=False)[:, 0]
-    return (pasted >= threshold).to(torch.uint8)
+    out = torch.empty((n, h_img, w_img), dtype=torch.uint8, device=masks.device)
+    step = max(1, PASTE_CHUNK_PIXELS // (h_img * w_img))
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        k = gx[part].shape[0]
+        grid = torch.stack((gx[part, None, :].expand(k, h_img, w_img), gy[part, :, None].expand(k, h_img, w_img)),
+                           dim=3)
+        pasted = F.grid_sample(masks[part, None].to(torch.float32), grid, align_corners=False)[:, 0]
+        out[part] = pasted >= threshold
+    return out
