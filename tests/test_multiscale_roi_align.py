@@ -88,3 +88,10 @@ def test_modules():
     # torchvision's repr (its MultiScaleRoIAlign prints exactly these fields).
     assert repr(MultiScaleRoIAlign(["p2"], 7, 2)) == (
         "MultiScaleRoIAlign(featmap_names=['p2'], output_size=(7, 7), sampling_ratio=2)")
+
+
+def test_half_precision_boxes_get_the_levels_of_float32():
+    # a 300 x 300 box has an area above fp16's largest value (65504): computed in fp16 it went to the coarsest level
+    boxes = torch.tensor([[0.0, 0.0, 300.0, 300.0], [10.0, 10.0, 40.0, 50.0], [0.0, 0.0, 900.0, 700.0]])
+    assert torch.equal(assign_boxes_to_levels(boxes.half(), 2, 5), assign_boxes_to_levels(boxes, 2, 5))
+    assert assign_boxes_to_levels(boxes, 2, 5).tolist() == [2, 0, 3]  # levels 4, 2, 5 offset from level 2

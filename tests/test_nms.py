@@ -175,7 +175,9 @@ def test_autocast_runs_in_float32():
     (lambda: nms(torch.zeros(3, 4), torch.zeros(3, device="meta"), 0.5), r"same device as boxes"),
     (lambda: nms(torch.zeros(3, 4), torch.zeros(3), 0.5, offset=2), r"offset must be the int 0 .* or 1"),
     (lambda: nms(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), 0.5), r"floating-point"),
-    (lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5), r"integer Tensor\[3\]"),
+    (lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long), 0.5),
+     r"a Tensor\[3\] of category indices"),
+    (lambda: nms(torch.zeros(3, 4), torch.zeros(3), torch.tensor([0.5, 0.7])), r"iou_threshold must be a number"),
 ])
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):

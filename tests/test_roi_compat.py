@@ -270,3 +270,28 @@ def test_math_of_fpn_inputs():
     # Guard for the helpers above: the FPN maps are exact power-of-two strides of the image.
     features, _, _ = fpn_inputs()
     assert [round(math.log2(IMAGE[0] / f.shape[2])) for f in features.values()] == [2, 3, 4]
+
+
+def test_arguments_torchvision_accepts():
+    # numpy integers (sizes read from arrays), a one-element tensor threshold, a detector's float class column
+    import numpy as np
+    x = torch.randn(2, 3, 16, 16)
+    boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([[2.0, 3.0, 15.0, 11.0]])]
+    torch.testing.assert_close(roi_align(x, boxes, np.int64(3), 1.0, np.int64(2)), roi_align(x, boxes, 3, 1.0, 2))
+    module = RoIAlign(np.int64(3), 1.0, np.int64(2))
+    torch.testing.assert_close(torch.jit.script(module)(x, boxes), roi_align(x, boxes, 3, 1.0, 2))
+    b = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11]])
+    s = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert torch.equal(nms(b, s, torch.tensor(0.5)), nms(b, s, 0.5))
+    by_int = batched_nms(b, s, torch.tensor([0, 0, 1, 1]), 0.5)
+    assert by_int.tolist() == [0, 2]
+    assert torch.equal(batched_nms(b, s, torch.tensor([3.0, 3.0, 7.5, 7.5]), 0.5), by_int)
+    assert torch.equal(batched_nms(b, s, torch.tensor([False, False, True, True]), 0.5), by_int)
+
+
+def test_box_lists_of_mixed_dtypes_keep_the_wider_one():
+    # under autocast the features are bf16 while a list may mix bf16 and fp32 boxes: fp32 coordinates stay fp32
+    from normkit.ops.roi_common import boxes_to_rois
+    boxes = [torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.bfloat16), torch.tensor([[1000.5, 2.25, 1234.5, 9.0]])]
+    rois = boxes_to_rois(boxes, torch.zeros(2, 1, 4, 4, dtype=torch.bfloat16))
+    assert rois.dtype == torch.float32 and rois[1, 1:].tolist() == [1000.5, 2.25, 1234.5, 9.0]

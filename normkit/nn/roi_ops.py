@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from normkit.ops import roi_align, roi_pool
-from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair)
+from normkit.ops.roi_common import (BoxesLike, boxes_to_rois, check_boxes, check_output_size, output_size_pair,
+                                    plain_int)
 
 __all__ = ["RoIAlign", "RoIPool", "MultiScaleRoIAlign", "assign_boxes_to_levels", "multiscale_roi_align"]
 
@@ -30,7 +31,7 @@ class RoIAlign(nn.Module):
         check_output_size(output_size, "RoIAlign")
         self.output_size = output_size_pair(output_size)
         self.spatial_scale = float(spatial_scale)
-        self.sampling_ratio = sampling_ratio
+        self.sampling_ratio = plain_int(sampling_ratio)
         self.aligned = aligned
         self.deterministic = deterministic
 
@@ -68,6 +69,7 @@ def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canoni
     `eps` keeps boxes exactly at a level boundary (sqrt(area) = 224 * 2^j) from dropping a level to rounding.
     Empty, inverted or NaN boxes go to the finest level.
     """
+    boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))  # fp16 areas overflow above 256 x 256
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     levels = torch.floor(canonical_level + torch.log2(area.clamp(min=0).sqrt() / canonical_scale) + eps)
     levels = torch.nan_to_num(levels, nan=float(min_level)).clamp(min_level, max_level)
@@ -189,7 +191,7 @@ class MultiScaleRoIAlign(nn.Module):
                 raise ValueError("MultiScaleRoIAlign: featmap_names must name at least one level")
         check_output_size(output_size, "MultiScaleRoIAlign")
         self.output_size = output_size_pair(output_size)
-        self.sampling_ratio = sampling_ratio
+        self.sampling_ratio = plain_int(sampling_ratio)
         self.canonical_scale = float(canonical_scale)
         self.canonical_level = canonical_level
         self.aligned = aligned

@@ -34,6 +34,8 @@ def _check_nms_args(boxes, scores, iou_threshold, offset, op: str) -> None:
     # A bool would pass as 0/1 but reads like "use an offset"; the legacy convention is asked for explicitly.
     if not (isinstance(offset, numbers.Integral) and not isinstance(offset, bool) and offset in (0, 1)):
         raise ValueError(f"{op}: offset must be the int 0 (torchvision) or 1 (Detectron legacy), got {offset!r}")
+    if isinstance(iou_threshold, Tensor) and iou_threshold.numel() == 1 and not iou_threshold.is_complex():
+        iou_threshold = iou_threshold.item()  # a one-element tensor passes, as in torchvision
     if (not isinstance(iou_threshold, numbers.Real) or isinstance(iou_threshold, bool)
             or iou_threshold != iou_threshold):
         raise ValueError(f"{op}: iou_threshold must be a number, got {iou_threshold!r}")
@@ -65,21 +67,23 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     Equals NMS run per category with the kept indices merged by decreasing score (ties: input order), also for
     NaN/inf or huge coordinates and any integer category ids: the kernel groups the boxes by category instead of
-    shifting their coordinates. Empty `boxes` return an empty int64 tensor before any other argument is looked
-    at, as in torchvision.
+    shifting their coordinates. Floating-point or bool `idxs` group the boxes by value. Empty `boxes` return an
+    empty int64 tensor before any other argument is looked at, as in torchvision.
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if not torch.jit.is_scripting():
         require_extension("batched_nms")
         _check_nms_args(boxes, scores, iou_threshold, offset, "batched_nms")
-        if (not isinstance(idxs, Tensor) or idxs.shape != scores.shape or idxs.is_floating_point()
-                or idxs.is_complex() or idxs.dtype == torch.bool):
-            raise ValueError(f"batched_nms: idxs must be an integer Tensor[{boxes.shape[0]}] of category indices, "
+        if not isinstance(idxs, Tensor) or idxs.shape != scores.shape or idxs.is_complex():
+            raise ValueError(f"batched_nms: idxs must be a Tensor[{boxes.shape[0]}] of category indices, "
                              f"got {describe(idxs)}")
         if idxs.device != boxes.device:
             raise ValueError(f"batched_nms: idxs must be on the same device as boxes ({boxes.device}), got "
                              f"{idxs.device}")
+        if idxs.is_floating_point() or idxs.dtype == torch.bool:
+            # e.g. a detector's class column: categories are the distinct values, as torchvision's offsets make them
+            idxs = torch.unique(idxs, return_inverse=True)[1]
     return torch.ops.normkit.batched_nms(dequantized(boxes), dequantized(scores), idxs, float(iou_threshold), offset)
 
 

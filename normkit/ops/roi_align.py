@@ -7,6 +7,8 @@ definition: the test oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
@@ -26,7 +28,7 @@ def _check_roi_align_args(input, boxes, output_size, spatial_scale, sampling_rat
     check_boxes(boxes, input, op)
     check_output_size(output_size, op)
     check_spatial_scale(spatial_scale, op)
-    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
+    if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise ValueError(f"{op}: sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     if sampling_ratio > 65536:  # the kernels' cap (csrc/common/roi_geometry.h kMaxAdaptiveGrid)
         raise ValueError(f"{op}: sampling_ratio must be at most 65536 samples per bin and axis, got {sampling_ratio}")
@@ -63,7 +65,7 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: BroadcastingList2[in
     if not torch.jit.is_scripting():
         check_batch_indices(rois, input.shape[0], "roi_align")
     output = torch.ops.normkit.roi_align(dequantized(input), rois, float(spatial_scale), pooled_h, pooled_w,
-                                         sampling_ratio, aligned, deterministic)
+                                         int(sampling_ratio), aligned, deterministic)
     if input.is_quantized:
         return torch.quantize_per_tensor(output, input.q_scale(), input.q_zero_point(), input.dtype)
     return output

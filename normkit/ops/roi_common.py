@@ -27,6 +27,12 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def plain_int(value):
+    """An Integral (numpy integers too) as a Python int, as TorchScript and the ops take; anything else unchanged,
+    for the argument checks to refuse."""
+    return int(value) if _is_int(value) else value
+
+
 def check_output_size(output_size, op: str) -> None:
     """`int` or `(height, width)`, both positive ints."""
     size = (output_size, output_size) if not isinstance(output_size, (tuple, list)) else tuple(output_size)
@@ -37,10 +43,10 @@ def check_output_size(output_size, op: str) -> None:
 
 
 def output_size_pair(output_size: BroadcastingList2[int]) -> Tuple[int, int]:
-    """`int` or `(height, width)` -> (height, width), as checked by check_output_size."""
-    if isinstance(output_size, int):
-        return output_size, output_size
-    return int(output_size[0]), int(output_size[1])
+    """`int` (numpy integers too) or `(height, width)` -> (height, width), as checked by check_output_size."""
+    if isinstance(output_size, (list, tuple)):
+        return int(output_size[0]), int(output_size[1])
+    return int(output_size), int(output_size)
 
 
 def check_spatial_scale(spatial_scale, op: str) -> None:
@@ -133,6 +139,8 @@ def boxes_to_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
         return dequantized(input).new_zeros((0, 5))
     parts: List[Tensor] = []
     dtype = dequantized(boxes[0]).dtype
+    for b in boxes:  # the common dtype, as torch.cat promotes (mixed bf16/fp32 lists keep fp32 coordinates)
+        dtype = torch.promote_types(dtype, dequantized(b).dtype)
     for i, b in enumerate(boxes):
         b = dequantized(b).to(dtype)
         parts.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1))
