@@ -170,6 +170,23 @@ def test_module_bad_input():
         m(torch.randn(2, 4, 3, 3, device="meta"))
 
 
+def test_empty_batch_gives_every_parameter_a_zero_gradient_like_batchnorm():
+    # DDP expects a gradient for each parameter on every rank, one with an empty batch included
+    sn, bn = SwitchNorm2d(4), nn.BatchNorm2d(4)
+    for m in (sn, bn):
+        m(torch.randn(0, 4, 5, 5, requires_grad=True)).sum().backward()
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in sn.parameters())
+    assert torch.equal(sn.weight.grad, bn.weight.grad)
+
+
+def test_numpy_scalars_configure_a_module():
+    import numpy as np
+    sn = SwitchNorm2d(np.int64(4), momentum=np.float32(0.25))
+    assert sn.num_features == 4 and type(sn.num_features) is int and sn.momentum == 0.25
+    with pytest.raises(ValueError, match="momentum must be a number"):
+        SwitchNorm2d(4, momentum=None)
+
+
 def test_recompute_batch_stats_gives_total_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), SwitchNorm2d(4, using_moving_average=False), nn.BatchNorm2d(4))

@@ -7,6 +7,7 @@ reshaped to normkit's (C,) on load.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Mapping
 
 import torch
@@ -46,14 +47,14 @@ class _SwitchNorm(nn.Module):
                  using_moving_average: bool = True, using_bn: bool = True, last_gamma: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int (the number of channels "
                              f"C), got {num_features!r}")
         check_momentum(momentum, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
+        self.num_features = int(num_features)
         self.eps = eps
-        self.momentum = momentum
+        self.momentum = float(momentum)
         self.using_moving_average = using_moving_average
         self.using_bn = using_bn
         self.last_gamma = last_gamma

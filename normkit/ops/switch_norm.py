@@ -10,6 +10,7 @@ O(N*C) coefficient steps in between. Autograd saves only the input and O(N*C) st
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -65,7 +66,8 @@ def _check_inputs(x, weight, bias, mean_weight, var_weight, running_mean, runnin
 
 def check_momentum(momentum, who: str) -> None:
     """PyTorch convention: running <- (1 - momentum) * running + momentum * batch, so momentum is in [0, 1]."""
-    if (not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or momentum != momentum
+    # No None (BatchNorm's cumulative average): official SN has no such mode, and no num_batches_tracked buffer.
+    if (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or momentum != momentum
             or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"{who}: momentum must be a number in [0, 1] (PyTorch convention: the official 0.997 is "
                          f"0.003), got {momentum!r}")
@@ -106,7 +108,13 @@ def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_
     _check_inputs(input, weight, bias, mean_weight, var_weight, running_mean, running_var, using_bn, has_instance)
     check_momentum(momentum, "switch_norm")
     if input.numel() == 0:
-        return input.clone()
+        # Nothing to normalize. The parameters stay in the graph with zero gradients, as BatchNorm's do: DDP
+        # expects a gradient for each of them on every rank, an empty one included.
+        output = input.clone()
+        for param in (weight, bias, mean_weight, var_weight):
+            if param is not None:
+                output = output + param.sum() * 0
+        return output
     require_extension("switch_norm")
     return torch.ops.normkit.switch_norm(
         input, _flat(weight), _flat(bias), mean_weight, var_weight, _flat_buffer(running_mean),
