@@ -198,6 +198,37 @@ def test_opcheck(has_instance, shape, using_bn, training):
     assert moments.shape == (n, c, 2)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_float32_sums_over_large_planes_stay_accurate_in_both_layouts(memory_format):
+    # 512 x 512 planes: summed in one running float32 total, the channels-last rows lost 150x the planar accuracy
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 512, 512, generator=g, dtype=torch.float64) + 3.0
+    dy = torch.randn(1, 4, 512, 512, generator=g, dtype=torch.float64)
+    w = torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)  # instance statistics: one plane's sums decide it all
+    xr = x.clone().requires_grad_()
+    ref = switch_norm_reference(xr, None, None, w, w, training=True)
+    (ref_grad,) = torch.autograd.grad(ref, xr, dy)
+    x32 = x.float().contiguous(memory_format=memory_format).requires_grad_()
+    out = switch_norm(x32, None, None, w.float(), w.float(), training=True)
+    (grad,) = torch.autograd.grad(out, x32, dy.float().contiguous(memory_format=memory_format))
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (grad.double() - ref_grad).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["permuted", "transposed_spatial", "channels_last", "planes_of_one"])
+def test_fake_kernels_give_the_layouts_the_kernels_write(layout):
+    # torch.compile checks a fake kernel's strides against the real one's: a permuted input is copied to NCHW by
+    # the kernels, a channels-last one kept.
+    x = {"permuted": torch.randn(3, 2, 4, 5).transpose(0, 1),
+         "transposed_spatial": torch.randn(2, 3, 5, 4).transpose(-1, -2),
+         "channels_last": torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+         "planes_of_one": torch.randn(2, 3, 1, 1)}[layout]
+    coefficients = torch.randn(2, 3, 2)
+    torch.library.opcheck(torch.ops.normkit._switch_norm_affine.default, (x, coefficients))
+    torch.library.opcheck(torch.ops.normkit._switch_norm_affine_backward.default,
+                          (torch.randn_like(x), x, torch.randn(2, 3, 3)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("length", [3, 196, 1100])  # shorter than a vector; a partial last vector; two chunks
 def test_cpu_plane_sums_independent_of_position(dtype, length):

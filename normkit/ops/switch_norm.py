@@ -150,6 +150,16 @@ def switch_norm_input_backward(grad_output, input, moments, bn_stats, weight, me
             grad_mean_weight.to(mean_weight.dtype), grad_var_weight.to(var_weight.dtype))
 
 
+def _empty_in_kernel_layout(x: Tensor) -> Tensor:
+    """Like x in the layout the elementwise kernels write (csrc/common/nc_layout.h, to_nc_layout): x's own when it
+    is channels-last dense, or NCHW-contiguous with planes of more than one element; NCHW-contiguous otherwise
+    (a permuted input is copied to NCHW first)."""
+    channels_last = x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+    if channels_last or (math.prod(x.shape[2:]) > 1 and x.is_contiguous()):
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _register() -> None:
     """Fake (meta) kernels of the pieces; switch_norm's composite and autograd kernels are in C++."""
     def nc_stats(x, width):
@@ -165,7 +175,7 @@ def _register() -> None:
 
     @torch.library.register_fake("normkit::_switch_norm_affine")
     def _(input, coefficients):
-        return torch.empty_like(input)
+        return _empty_in_kernel_layout(input)
 
     @torch.library.register_fake("normkit::_switch_norm_grad_moments")
     def _(grad_output, input):
@@ -183,7 +193,7 @@ def _register() -> None:
 
     @torch.library.register_fake("normkit::_switch_norm_affine_backward")
     def _(grad_output, input, coefficients):
-        return torch.empty_like(input)
+        return _empty_in_kernel_layout(input)
 
     # The backward has no derivative of its own: create_graph=True then backward must fail clearly (through the
     # not-implemented fallback it gave wrong second derivatives silently).
