@@ -2,7 +2,8 @@
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py")
+GPU_CHECK = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 

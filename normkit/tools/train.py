@@ -46,9 +46,9 @@ from pathlib import Path
 import yaml
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,
-                            Trainer, all_gather_objects, broadcast_object, build_lr_scheduler, build_optimizer, convert_sync_norm,
-                            destroy_distributed, init_distributed, scale_to_total_batch, seed_all, setup_logging,
-                            wrap_ddp)
+                            Trainer, all_gather_objects, broadcast_object, build_lr_scheduler, build_optimizer,
+                            convert_sync_norm, destroy_distributed, init_distributed, scale_to_total_batch, seed_all,
+                            setup_logging, wrap_ddp)
 from normkit.io import atomic_write_text
 from normkit.models import build_model
 from normkit.schema import check_keys, config_bool, config_int, config_mapping
