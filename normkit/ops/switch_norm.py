@@ -74,12 +74,8 @@ def check_momentum(momentum, who: str) -> None:
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
-    # Official checkpoints shape per-channel tensors (1, C, 1, 1) / (1, C, 1); the kernels take (C,).
-    return t if t is None or t.dim() == 1 else t.reshape(-1)
-
-
-def _flat_buffer(t: Tensor | None) -> Tensor | None:
-    # A view, never a copy: the op updates the running statistics in place.
+    # Official checkpoints shape per-channel tensors (1, C, 1, 1) / (1, C, 1); the kernels take (C,). A view, never
+    # a copy (one non-trivial dimension always has one): the op updates the running statistics in place.
     return t if t is None or t.dim() == 1 else t.view(-1)
 
 
@@ -117,8 +113,8 @@ def switch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_
         return output
     require_extension("switch_norm")
     return torch.ops.normkit.switch_norm(
-        input, _flat(weight), _flat(bias), mean_weight, var_weight, _flat_buffer(running_mean),
-        _flat_buffer(running_var), training, momentum, using_moving_average, has_instance, eps)[0]
+        input, _flat(weight), _flat(bias), mean_weight, var_weight, _flat(running_mean),
+        _flat(running_var), training, momentum, using_moving_average, has_instance, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
