@@ -259,3 +259,27 @@ def test_cuda_equals_cpu(dtype, channels_last):
         grads.append(xd.grad.cpu().double())
     assert_close(outs[1], outs[0], dtype)
     assert_close(grads[1], grads[0], dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_deterministic_backward_in_chunks(channels_last):
+    # 12 RoIs of 7 * 7 bins * 64 * 64 samples: 9.6M contributions, more than one chunk (2^22) of the
+    # deterministic backward, with overlapping boxes so cells collect sums from several chunks.
+    x = torch.randn(2, 3, 160, 160, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rois = torch.tensor([[k % 2, 4.0 * k, 2.0 * k, 100.0 + 3 * k, 90.0 + 4 * k] for k in range(12)],
+                        dtype=torch.float64)
+    grad = torch.randn(12, 3, 7, 7, dtype=torch.float64)
+    grads = {}
+    for device, deterministic in (("cpu", True), ("cuda", True), ("cuda", False), ("cuda", True)):
+        xd = x.to(device).requires_grad_(True)
+        roi_align(xd, rois.to(device), 7, 1.0, 64, True, deterministic=deterministic).backward(grad.to(device))
+        result = xd.grad.cpu()
+        if (device, deterministic) == ("cuda", True) and (device, True) in grads:
+            assert torch.equal(result, grads[device, True])  # bitwise reproducible across chunks
+        grads[device, deterministic] = result
+    torch.testing.assert_close(grads["cuda", True], grads["cpu", True], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grads["cuda", False], grads["cpu", True], atol=1e-10, rtol=1e-10)

@@ -151,21 +151,22 @@ __global__ void grid_sizes_kernel(const scalar_t* __restrict__ rois, int64_t num
   }
 }
 
-// Deterministic backward, step 2: one thread per (roi, bin) lists the 4 contributions of each of its samples
-// from 4 * (sample_offset[k] + bin * grid_h * grid_w) on. cell = n * H * W + y * W + x, or `invalid_cell`
-// (sorted last, ignored) for samples outside the map; source = k * bins + bin; weight includes 1 / count.
+// Deterministic backward, step 2, for the RoIs [first_roi, first_roi + num_rois) of one chunk: one thread per
+// (roi, bin) lists the 4 contributions of each of its samples from 4 * (sample_offset[k] - sample_offset[first_roi]
+// + bin * grid_h * grid_w) on. cell = n * H * W + y * W + x, or `invalid_cell` (sorted last, ignored) for samples
+// outside the map; source = k * bins + bin; weight includes 1 / count.
 template <typename scalar_t>
 __global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, const int* __restrict__ grids,
-                                          const int64_t* __restrict__ sample_offset, int64_t num_rois, AlignShape s,
-                                          at::opmath_type<scalar_t> spatial_scale, int sampling_ratio, bool aligned,
-                                          int64_t invalid_cell, int64_t* __restrict__ cells,
-                                          at::opmath_type<scalar_t>* __restrict__ weights,
+                                          const int64_t* __restrict__ sample_offset, int64_t first_roi,
+                                          int64_t num_rois, AlignShape s, at::opmath_type<scalar_t> spatial_scale,
+                                          int sampling_ratio, bool aligned, int64_t invalid_cell,
+                                          int64_t* __restrict__ cells, at::opmath_type<scalar_t>* __restrict__ weights,
                                           int64_t* __restrict__ sources) {
   using acc_t = at::opmath_type<scalar_t>;
   const int bins = s.pooled_h * s.pooled_w;
   const int64_t plane = int64_t(s.height) * s.width;
   for (int64_t item = global_thread_index(); item < num_rois * bins; item += global_thread_count()) {
-    const int64_t k = item / bins;
+    const int64_t k = first_roi + item / bins;
     const int grid_h = grids[2 * k], grid_w = grids[2 * k + 1];
     if (grid_h == 0 || grid_w == 0) continue;
     const int bin = int(item % bins);
@@ -173,7 +174,7 @@ __global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, con
     AlignRegion<acc_t> r;
     int n = 0;
     load_region(rois, k, s, spatial_scale, sampling_ratio, aligned, n, r);
-    int64_t e = 4 * (sample_offset[k] + int64_t(bin) * grid_h * grid_w);
+    int64_t e = 4 * (sample_offset[k] - sample_offset[first_roi] + int64_t(bin) * grid_h * grid_w);
     for (int iy = 0; iy < grid_h; ++iy) {
       const acc_t y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, grid_h);
       for (int ix = 0; ix < grid_w; ++ix, e += 4) {
@@ -202,7 +203,8 @@ __global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, con
   }
 }
 
-// Deterministic backward, step 3: thread (segment, channel) sums the sorted contributions of one cell in order.
+// Deterministic backward, step 3: thread (segment, channel) sums the sorted contributions of one cell in order and
+// adds the sum to the cell's gradient (earlier chunks' sums are already there).
 template <typename scalar_t, bool kChannelsLast>
 __global__ void gather_segments_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ cells,
                                        const at::opmath_type<scalar_t>* __restrict__ weights,
@@ -228,8 +230,49 @@ __global__ void gather_segments_kernel(const scalar_t* __restrict__ grad, const 
       sum += weights[e] * acc_t(grad[g]);
     }
     const int64_t n = cell / plane, spatial = cell % plane;
-    grad_input[kChannelsLast ? (n * plane + spatial) * s.channels + c : (n * s.channels + c) * plane + spatial] = sum;
+    grad_input[kChannelsLast ? (n * plane + spatial) * s.channels + c : (n * s.channels + c) * plane + spatial] += sum;
   }
+}
+
+// The deterministic backward of the RoIs [first_roi, first_roi + num_rois), whose samples give num_entries > 0
+// contributions: list them, sort them by cell and add each cell's ordered sum into grad_input.
+void add_chunk_contributions(const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& grids,
+                             const at::Tensor& sample_offset, int64_t first_roi, int64_t num_rois, int64_t num_entries,
+                             const AlignShape& s, double spatial_scale, int64_t sampling_ratio, bool aligned,
+                             int64_t invalid_cell, bool channels_last, at::Tensor& grad_input) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor cells = at::empty({num_entries}, grad.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({num_entries}, grad_input.options());
+  at::Tensor sources = at::empty({num_entries}, grad.options().dtype(at::kLong));
+  const int64_t bin_items = num_rois * s.pooled_h * s.pooled_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_list_contributions", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    list_contributions_kernel<scalar_t><<<roi_cuda::capped_blocks(bin_items), roi_cuda::kThreads, 0, stream>>>(
+        boxes.data_ptr<scalar_t>(), grids.data_ptr<int>(), sample_offset.data_ptr<int64_t>(), first_roi, num_rois, s,
+        acc_t(spatial_scale), int(sampling_ratio), aligned, invalid_cell, cells.data_ptr<int64_t>(),
+        weights.data_ptr<acc_t>(), sources.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // A stable sort keeps each cell's contributions in listing order, so the summation order is fixed.
+  const auto sorted = cells.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_cells = std::get<0>(sorted);
+  const at::Tensor order = std::get<1>(sorted);
+  const at::Tensor sorted_weights = weights.index_select(0, order);
+  const at::Tensor sorted_sources = sources.index_select(0, order);
+  at::Tensor is_first = at::ones({num_entries}, grad.options().dtype(at::kBool));
+  is_first.slice(0, 1).copy_(sorted_cells.slice(0, 1) != sorted_cells.slice(0, 0, num_entries - 1));
+  const at::Tensor segment_begin = at::nonzero(is_first).flatten().contiguous();
+  const int64_t num_segments = segment_begin.numel();
+  const int64_t total = num_segments * s.channels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_gather_segments", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto kernel = channels_last ? gather_segments_kernel<scalar_t, true> : gather_segments_kernel<scalar_t, false>;
+    kernel<<<roi_cuda::capped_blocks(total), roi_cuda::kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), sorted_cells.data_ptr<int64_t>(), sorted_weights.data_ptr<acc_t>(),
+        sorted_sources.data_ptr<int64_t>(), segment_begin.data_ptr<int64_t>(), num_segments, num_entries, s,
+        invalid_cell, grad_input.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
@@ -307,43 +350,23 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   for (int64_t k = 0; k < num_rois; ++k) {
     offsets[k + 1] = offsets[k] + pooled_h * pooled_w * int64_t(grid_ptr[2 * k]) * grid_ptr[2 * k + 1];
   }
-  const int64_t num_entries = 4 * offsets.back();
-  if (num_entries == 0) return grad_input.to(grad.scalar_type());
+  if (offsets.back() == 0) return grad_input.to(grad.scalar_type());
   const at::Tensor sample_offset = at::tensor(offsets, at::kLong).to(grad.device());
   const int64_t invalid_cell = batch_size * height * width;
-  const auto acc_options = grad.options().dtype(at::toOpMathType(grad.scalar_type()));
-  at::Tensor cells = at::empty({num_entries}, grad.options().dtype(at::kLong));
-  at::Tensor weights = at::empty({num_entries}, acc_options);
-  at::Tensor sources = at::empty({num_entries}, grad.options().dtype(at::kLong));
-  const int64_t bin_items = num_rois * pooled_h * pooled_w;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_list_contributions", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    list_contributions_kernel<scalar_t><<<roi_cuda::capped_blocks(bin_items), roi_cuda::kThreads, 0, stream>>>(
-        boxes.data_ptr<scalar_t>(), grids.data_ptr<int>(), sample_offset.data_ptr<int64_t>(), num_rois, s,
-        acc_t(spatial_scale), int(sampling_ratio), aligned, invalid_cell, cells.data_ptr<int64_t>(),
-        weights.data_ptr<acc_t>(), sources.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  // A stable sort keeps each cell's contributions in listing order, so the summation order is fixed.
-  const auto sorted = cells.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor sorted_cells = std::get<0>(sorted);
-  const at::Tensor order = std::get<1>(sorted);
-  const at::Tensor sorted_weights = weights.index_select(0, order);
-  const at::Tensor sorted_sources = sources.index_select(0, order);
-  at::Tensor is_first = at::ones({num_entries}, grad.options().dtype(at::kBool));
-  is_first.slice(0, 1).copy_(sorted_cells.slice(0, 1) != sorted_cells.slice(0, 0, num_entries - 1));
-  const at::Tensor segment_begin = at::nonzero(is_first).flatten().contiguous();
-  const int64_t num_segments = segment_begin.numel();
-  const int64_t total = num_segments * channels;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_gather_segments", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = channels_last ? gather_segments_kernel<scalar_t, true> : gather_segments_kernel<scalar_t, false>;
-    kernel<<<roi_cuda::capped_blocks(total), roi_cuda::kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), sorted_cells.data_ptr<int64_t>(), sorted_weights.data_ptr<acc_t>(),
-        sorted_sources.data_ptr<int64_t>(), segment_begin.data_ptr<int64_t>(), num_segments, num_entries, s,
-        invalid_cell, grad_input.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // The RoIs go in chunks of at most kMaxChunkEntries contributions (a larger RoI is a chunk of its own), which
+  // bounds the scratch below (about 70 bytes a contribution, sort included). Chunks run in order on the stream,
+  // each adding its per-cell sums, so the summation order is still fixed by the input alone.
+  constexpr int64_t kMaxChunkEntries = int64_t(1) << 22;
+  for (int64_t first = 0; first < num_rois;) {
+    int64_t end = first + 1;
+    while (end < num_rois && 4 * (offsets[end + 1] - offsets[first]) <= kMaxChunkEntries) ++end;
+    const int64_t num_entries = 4 * (offsets[end] - offsets[first]);
+    if (num_entries > 0) {
+      add_chunk_contributions(g, boxes, grids, sample_offset, first, end - first, num_entries, s, spatial_scale,
+                              sampling_ratio, aligned, invalid_cell, channels_last, grad_input);
+    }
+    first = end;
+  }
   return grad_input.to(grad.scalar_type());
 }
 
