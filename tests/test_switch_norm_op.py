@@ -373,3 +373,34 @@ def test_cuda_more_samples_than_a_grid_dimension():
     for a, b in zip(torch.autograd.grad(gpu, [ga[k] for k in grads], g.cuda()),
                     torch.autograd.grad(cpu, [ca[k] for k in grads], g)):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 60 * 2 ** 30,
+                    reason="needs a CUDA device with 60 GiB")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cuda_more_than_2_31_elements(memory_format):
+    # 2 * 64 * 4096 * 4097 > 2^31 elements: the last plane straddles element 2^31, so 32-bit offsets anywhere in the
+    # reductions or the affine passes would corrupt it. Instance-only mixture weights (softmax(50, -50) is 1 to
+    # float precision) make each plane's output depend on that plane alone, so the float64 reference of the last
+    # channel's two planes checks the kernels' values there.
+    x = torch.randn(2, 64, 4096, 4097, device="cuda").contiguous(memory_format=memory_format).requires_grad_(True)
+    weight = torch.rand(64, device="cuda", requires_grad=True)
+    bias = torch.randn(64, device="cuda", requires_grad=True)
+    mixture = torch.tensor([50.0, -50.0], device="cuda")
+    out = switch_norm(x, weight, bias, mixture, mixture, None, None, True, 0.1, 1e-5, True, False, True)
+    grad_out = torch.randn_like(out)
+    grad_x, grad_weight, grad_bias = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    last = slice(63, 64)
+    x_ref = x.detach()[:, last].double().requires_grad_(True)
+    w_ref = weight.detach()[last].double().requires_grad_(True)
+    b_ref = bias.detach()[last].double().requires_grad_(True)
+    ref = switch_norm_reference(x_ref, w_ref, b_ref, mixture.double(), mixture.double(), None, None, True, 0.1, 1e-5,
+                                True, False, True)
+    ref_grads = torch.autograd.grad(ref, (x_ref, w_ref, b_ref), grad_out[:, last].double())
+    torch.testing.assert_close(out.detach()[:, last].double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_x[:, last].double(), ref_grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_weight[last].double(), ref_grads[1], rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(grad_bias[last].double(), ref_grads[2], rtol=1e-4, atol=1e-2)
+    del x, out, grad_out, grad_x
+    torch.cuda.empty_cache()
