@@ -72,7 +72,7 @@ def _batch(indices) -> dict:
 
 
 def _losses(model, batch) -> dict:
-    return {k: float(v) for k, v in model(batch).items() if k.endswith("loss")}
+    return {k: float(v.detach()) for k, v in model(batch).items() if k.endswith("loss")}
 
 
 def _worker(rank, world, port, out_dir):
