@@ -1,9 +1,11 @@
 """Every detection config builds, trains a step and predicts on a small CPU batch; bad input errors."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from normkit.data.detection import DetectionCollate, DetectionMapper, PixelNormalizer
 from normkit.models import build_model, read_config
 from normkit.nn import SwitchNorm2d
 
@@ -140,6 +142,23 @@ def test_bad_training_input(fpn_model, change, message):
     change(data)
     with pytest.raises(ValueError, match=message):
         fpn_model(data)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_downscaled_images_with_boxes_at_the_border_train(fpn_model, legacy):
+    # A 121x181 image shrunk to short side 60 (scale 0.496, 60x90): a legacy box ending at the last pixel column
+    # (180) scales to 89.3, beyond the new last column 89 (the slack must not reject the pipeline's own output).
+    h, w = 121, 181
+    off = 1 if legacy else 0
+    sample = {"image": np.zeros((h, w, 3), np.uint8), "image_id": 1, "labels": np.array([0, 3]),
+              "iscrowd": np.zeros(2, bool), "boxes": np.array([[100, 20, w - off, 60], [10, 50, 70, h - off]],
+                                                              np.float32)}
+    mapper = DetectionMapper(PixelNormalizer("rgb", 1, (0, 0, 0), (1, 1, 1)), [60], 1000, legacy_plus_one=legacy)
+    data = DetectionCollate(32)([mapper(sample, None, False), mapper(sample, None, True)])
+    assert data["image_sizes"][0].tolist() == [60, 90]
+    if legacy:
+        assert float(data["targets"][0]["boxes"][0, 2]) > 89.2
+    assert all(torch.isfinite(v) for v in fpn_model(data).values())
 
 
 def test_bad_config_keys():

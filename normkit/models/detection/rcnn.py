@@ -39,18 +39,16 @@ class GeneralizedRCNN(nn.Module):
             its ``freeze_at`` / ``freeze_mode`` decide what is frozen and how frozen norms behave).
         backbone_features: the feature names the rest of the model uses.
         neck: FPN or None. rpn: :class:`RPN`. roi_heads: :class:`ROIHeads`.
-        legacy_plus_one: the box convention checked in training targets (``x2 <= W - 1``).
     """
 
     def __init__(self, backbone: nn.Module, backbone_features: Sequence[str], rpn: RPN, roi_heads: ROIHeads, *,
-                 neck: Optional[nn.Module] = None, legacy_plus_one: bool = True):
+                 neck: Optional[nn.Module] = None):
         super().__init__()
         self.backbone = backbone
         self.backbone_features = tuple(backbone_features)
         self.neck = neck
         self.rpn = rpn
         self.roi_heads = roi_heads
-        self.legacy_plus_one = legacy_plus_one
 
     def features(self, images: Tensor) -> Dict[str, Tensor]:
         """Backbone (and neck) features of a batch of images."""
@@ -73,7 +71,6 @@ class GeneralizedRCNN(nn.Module):
         targets = batch.get("targets")
         if targets is None or len(targets) != images.shape[0]:
             raise ValueError(f"a training batch needs 'targets', one dict per image ({images.shape[0]})")
-        limit = 1.0 if self.legacy_plus_one else 0.0
         for i, t in enumerate(targets):
             boxes = t.get("boxes")
             check_boxes(boxes, f"targets[{i}]['boxes']")
@@ -84,9 +81,9 @@ class GeneralizedRCNN(nn.Module):
                 raise ValueError(f"targets[{i}]['labels'] must be in 0..{self.roi_heads.num_classes - 1} (contiguous "
                                  f"foreground classes), got range [{int(labels.min())}, {int(labels.max())}]")
             h, w = (float(v) for v in batch["image_sizes"][i])
-            # half a pixel of slack for the float arithmetic of resizing/flipping
-            outside = ((boxes[:, 0] < -0.5) | (boxes[:, 1] < -0.5) | (boxes[:, 2] > w - limit + 0.5) |
-                       (boxes[:, 3] > h - limit + 0.5))
+            # Half a pixel of slack for the rounding of the resized size (w = round(W * scale)). Legacy (+1) boxes
+            # are not held to w - 1: scaled by s < 1, a box ending at W - 1 ends at up to w - 1 + 1.5 - s.
+            outside = (boxes[:, 0] < -0.5) | (boxes[:, 1] < -0.5) | (boxes[:, 2] > w + 0.5) | (boxes[:, 3] > h + 0.5)
             if bool(outside.any()):
                 raise ValueError(f"targets[{i}]['boxes']: {int(outside.sum())} box(es) outside the {int(h)}x{int(w)} "
                                  f"image, e.g. {boxes[outside][0].tolist()}; clip boxes in the data pipeline")
@@ -196,7 +193,7 @@ def build_generalized_rcnn(cfg: Mapping) -> GeneralizedRCNN:
     roi_heads = _build_roi_heads(dict(cfg.pop("roi_heads")), cfg.pop("mask_head", None), feat_channels,
                                  feat_strides, num_classes, legacy)
     _check_empty(cfg, "model")
-    model = GeneralizedRCNN(backbone, bb_features, rpn, roi_heads, neck=neck, legacy_plus_one=legacy)
+    model = GeneralizedRCNN(backbone, bb_features, rpn, roi_heads, neck=neck)
     if pretrained:
         load_backbone_init(model, pretrained)
     return model
