@@ -3,7 +3,8 @@
 The training stream is a sequence of *global* batches (batch_size x world_size sample indices), one per
 iteration. Epoch e shuffles all indices with a Generator seeded by (seed, e); with orientation grouping
 (CSAIL) the shuffled indices are dealt into a landscape and a portrait bucket and a bucket is emitted as a
-batch when full (leftovers at the end of an epoch are dropped). Rank r takes the r-th slice of each global
+batch when full; a bucket's leftovers at the end of an epoch wait for the next epoch's indices (as in CSAIL's
+loader), so an orientation with fewer images than a global batch is still trained. Rank r takes the r-th slice of each global
 batch, so ranks never share a sample within an iteration and N processes together see exactly the batch a
 single process with N x batch_size would see. The stream depends only on indices, so skipping to
 `start_iter` costs no image decoding.
@@ -35,6 +36,7 @@ def global_batches(num_samples: int, global_batch: int, seed: int, landscape=Non
         if largest < global_batch:
             raise ValueError(f"orientation-grouped batches need {global_batch} images of one orientation "
                              f"(batch size x world size), but the dataset has at most {largest}")
+    buckets: dict[bool, list[int]] = {True: [], False: []}
     epoch = 0
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(num_samples)
@@ -42,7 +44,6 @@ def global_batches(num_samples: int, global_batch: int, seed: int, landscape=Non
             for start in range(0, num_samples - global_batch + 1, global_batch):
                 yield order[start:start + global_batch].tolist()
         else:
-            buckets: dict[bool, list[int]] = {True: [], False: []}
             for index in order.tolist():
                 bucket = buckets[bool(landscape[index])]
                 bucket.append(index)
