@@ -111,6 +111,10 @@ def test_rescale_size_matches_mmcv_keep_ratio():
     assert rescale_size(100, 200, (2048, 512)) == (512, 1024)   # short side binds
     assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side binds
     assert rescale_size(300, 200, (100, 50)) == (75, 50)
+    # RandomResize truncates scale * ratio first: (20, 10) * 1.25 -> (25, 12), so 10x20 -> 12x24 (not 13x25)
+    transform = MMSegTrainTransform(scale=(20, 10), ratio_range=(1.25, 1.25), crop_size=(40, 40), photometric=False)
+    image, label = transform(np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20), np.uint8), np.random.default_rng(0))
+    assert image.shape == (12, 24, 3) and label.shape == (12, 24)
 
 
 def test_cat_max_ratio_rejects_single_class_crops():

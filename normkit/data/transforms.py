@@ -136,7 +136,8 @@ class MMSegTrainTransform:
 
     def __call__(self, image, label, rng: np.random.Generator, short_side=None):
         ratio = rng.uniform(*self.ratio_range)
-        h, w = rescale_size(*image.shape[:2], (self.scale[0] * ratio, self.scale[1] * ratio))
+        # mmcv's RandomResize truncates the scaled reference size to whole pixels before the keep-ratio rescale
+        h, w = rescale_size(*image.shape[:2], (int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
         image, label = resize_pair(image, label, h, w)
         y, x = crop_with_cat_max_ratio(label, self.crop_size, self.cat_max_ratio, rng)
         ch, cw = self.crop_size
