@@ -72,8 +72,8 @@ def test_csail_batches(mini_root):
         images, labels = batch["images"], batch["labels"]
         assert images.dtype == torch.float32 and labels.dtype == torch.int64
         assert images.shape[-2] % 8 == 0 and images.shape[-1] % 8 == 0
-        orientations = {ds.image_size(i)[1] > ds.image_size(i)[0] for i in batch["meta"]["indices"]}
-        assert len(orientations) == 1  # one orientation per batch
+        orientations = {ds.image_size(i)[1] >= ds.image_size(i)[0] for i in batch["meta"]["indices"]}
+        assert len(orientations) == 1  # one orientation per batch; squares go with landscapes (h <= w), as in CSAIL
         for i in range(3):
             valid = labels[i] != 255
             ys, xs = valid.nonzero(as_tuple=True)

@@ -259,7 +259,7 @@ def build_train_loader(data_cfg: dict, batch_size: int, *, rank: int = 0, world_
     dataset = dataset if dataset is not None else build_dataset(data_cfg, "train")
     transform = build_train_transform(cfg)
     if isinstance(transform, CSAILTrainTransform):
-        landscape = [w > h for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
+        landscape = [w >= h for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
         sampler = TrainBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                     start_iter=start_iter, landscape=landscape, short_sides=transform.short_sides)
         collate = SegmentationCollate(int(cfg.get("pad_multiple", 8)))
