@@ -78,19 +78,23 @@ def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
 
 def crop_with_cat_max_ratio(label: np.ndarray, crop: tuple[int, int], cat_max_ratio: float,
                             rng: np.random.Generator, tries: int = 10) -> tuple[int, int]:
-    """Top-left corner of a random crop; re-drawn (up to `tries` times) while one class covers
-    `cat_max_ratio` or more of its labelled pixels, so crops are not all sky or all wall."""
+    """Top-left corner of a random crop, re-drawn while one class covers `cat_max_ratio` or more of its labelled
+    pixels, so crops are not all sky or all wall. As mmseg's RandomCrop: after `tries` failed checks the next
+    draw is taken unchecked."""
     h, w = label.shape
     ch, cw = crop
-    for _ in range(tries):
-        y = int(rng.integers(0, max(h - ch, 0) + 1))
-        x = int(rng.integers(0, max(w - cw, 0) + 1))
-        if cat_max_ratio >= 1:
-            break
-        values, counts = np.unique(label[y:y + ch, x:x + cw], return_counts=True)
-        counts = counts[values != IGNORE_INDEX]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-            break
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1))
+
+    y, x = draw()
+    if cat_max_ratio < 1:
+        for _ in range(tries):
+            values, counts = np.unique(label[y:y + ch, x:x + cw], return_counts=True)
+            counts = counts[values != IGNORE_INDEX]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            y, x = draw()
     return y, x
 
 
