@@ -41,7 +41,6 @@ def test_rpn_proposals_are_decoded_clipped_anchors_by_score():
 
 def test_rpn_collect_per_batch_vs_per_image():
     rpn, names = _rpn(levels=2, pre_nms_topk=(50, 50), post_nms_topk=(4, 4), nms_thresh=0.0)
-    rpn.eval()
     gen = torch.Generator().manual_seed(0)
     l0 = torch.randn(2, 1, 4, 4, generator=gen)
     l0[1] += 10  # image 1 scores far higher: a per-batch top-4 takes all from it
@@ -49,11 +48,20 @@ def test_rpn_collect_per_batch_vs_per_image():
     rpn.head.forward = lambda xs: ([l0, l1], [torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 2, 2)])
     feats = {names[0]: torch.zeros(2, 4, 4, 4), names[1]: torch.zeros(2, 4, 2, 2)}
     sizes = torch.tensor([[16, 16], [16, 16]])
-    props, _ = rpn(feats, sizes, (16, 16), torch.ones(2))
-    assert [p.shape[0] for p in props] == [0, 4]
-    rpn.collect = "per_image"
-    props, _ = rpn(feats, sizes, (16, 16), torch.ones(2))
-    assert [p.shape[0] for p in props] == [4, 4]
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 9.0, 9.0]]), "labels": torch.tensor([0]),
+                "iscrowd": torch.tensor([False])}] * 2
+
+    def counts(training, collect):
+        rpn.train(training)
+        rpn.collect = collect
+        props, _ = rpn(feats, sizes, (16, 16), torch.ones(2), targets if training else None)
+        return [p.shape[0] for p in props]
+
+    assert counts(True, "per_batch") == [0, 4]
+    assert counts(True, "per_image") == [4, 4]
+    # inference collects per image whatever the mode (Detectron-1 tests one image per batch), so results do not
+    # depend on how images are batched
+    assert counts(False, "per_batch") == counts(False, "per_image") == [4, 4]
 
 
 def _rpn_loss_setup(**kw):

@@ -51,7 +51,7 @@ naming the closest valid one)::
         img_dir: null
         short_side: 800
         max_size: 1333
-        batch_size: 1
+        batch_size: 1          # >1 zero-pads images to a common size: SN's IN/LN statistics then see the padding
 
 Training is deterministic per (seed, iteration, rank): the batch of every iteration is a function of the
 index stream (`DetectionBatchSampler`) and each sample's augmentation draws from `sample_rng(seed, key)`, so

@@ -58,8 +58,9 @@ class RPN(nn.Module):
         conv_channels: channels of the 3x3 conv (default ``in_channels``).
         pre_nms_topk, post_nms_topk: ``(train, test)`` boxes kept per image and level before NMS, and after
             NMS. With several levels, ``post_nms_topk`` is also the number of proposals collected over levels.
-        collect: ``"per_batch"`` (Detectron-1: the top ``post_nms_topk`` over all levels of *all images* of the
-            batch) or ``"per_image"`` (detectron2).
+        collect: ``"per_batch"`` (Detectron-1: in training, the top ``post_nms_topk`` over all levels of *all
+            images* of the batch) or ``"per_image"`` (detectron2). Inference always collects per image, as
+            Detectron-1's one-image test batches do, so results do not depend on the evaluation batch size.
         nms_thresh: 0.7. ``min_size``: minimum proposal side in original-image pixels (scaled by each image's
             scale; Detectron ``RPN_MIN_SIZE``, default 0).
         batch_size_per_image, positive_fraction, iou_thresholds: anchor sampling (256, 0.5, (0.3, 0.7)).
@@ -181,7 +182,7 @@ class RPN(nn.Module):
         scores = torch.cat(scores_all)
         image = torch.cat(image_all)
         if len(anchors) > 1:  # collect over levels: the best post_topk of the batch, or of each image
-            if self.collect == "per_batch":
+            if self.collect == "per_batch" and self.training:
                 order = torch.sort(scores, descending=True, stable=True).indices[:post_topk]
             else:
                 order = torch.cat([idx[torch.sort(scores[idx], descending=True, stable=True).indices[:post_topk]]
