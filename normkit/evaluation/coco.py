@@ -16,9 +16,9 @@ mask models, "masks" uint8 [N, H, W] at the original image size. It
   "bbox/APm", "bbox/APl", "bbox/AR1", "bbox/AR10", "bbox/AR100", "bbox/ARs", "bbox/ARm", "bbox/ARl",
   "segm/AP", ...} in 0..1 (as COCOeval prints them).
 
-Edge cases: no detection at all gives 0.0 for every metric (what COCOeval would compute: nothing is
-recalled), with a warning; a metric COCOeval cannot compute (-1, e.g. APl when the split has no large
-object) is reported as NaN; evaluating without any processed image is an error.
+Edge cases: a metric COCOeval cannot compute (-1, e.g. APl when the split has no large object) is reported as
+NaN; no detection at all is evaluated like any other result set (0.0 where there is ground truth: nothing is
+recalled), with a warning; evaluating without any processed image is an error.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from normkit.engine.distributed import all_gather_objects, is_main_process
@@ -170,15 +171,14 @@ class COCOEvaluator(DatasetEvaluator):
     def _evaluate_task(self, task: str, results: list[dict], image_ids: list[int]):
         header = f"{task}: COCOeval on {len(image_ids)} images, {len(results)} detections"
         if not results:
-            logger.warning("COCOEvaluator: no detection on %d images; every %s metric is 0", len(image_ids), task)
-            return [0.0] * len(COCO_METRICS), f"{header}\n(no detections: every {task} metric is 0.000)"
+            logger.warning("COCOEvaluator: no detection on %d images", len(image_ids))
         if task == "segm":  # the area used for the size ranges must be the mask's, not the box's
             dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
         else:
             dets = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            coco_dt = self.coco.loadRes(copy.deepcopy(dets))
+            coco_dt = self.coco.loadRes(copy.deepcopy(dets)) if dets else self._no_detections()
             evaluator = COCOeval(self.coco, coco_dt, task)
             evaluator.params.imgIds = image_ids
             evaluator.evaluate()
@@ -186,6 +186,15 @@ class COCOEvaluator(DatasetEvaluator):
             evaluator.summarize()
         table = "\n".join(line for line in out.getvalue().splitlines() if line.lstrip().startswith("Average"))
         return [float(s) for s in evaluator.stats], f"{header}\n{table}\n{self._per_class(evaluator)}"
+
+    def _no_detections(self) -> COCO:
+        """An empty result index (loadRes refuses an empty list): COCOeval then gives 0 where there is ground
+        truth and -1 (NaN here) where a size range has none, as for any other result set."""
+        empty = COCO()
+        empty.dataset = {"images": self.coco.dataset["images"], "categories": self.coco.dataset["categories"],
+                         "annotations": []}
+        empty.createIndex()
+        return empty
 
     def _per_class(self, evaluator: COCOeval) -> str:
         """AP per category (IoU .5:.95, all areas, 100 detections), NaN for categories without ground truth."""
