@@ -41,6 +41,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
@@ -97,7 +98,22 @@ def load_coco_json(path) -> COCO:
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco.createIndex()
+    _fill_missing_areas(coco, path)
     return coco
+
+
+def _fill_missing_areas(coco: COCO, path) -> None:
+    """COCOeval sorts ground truth into size ranges by `area`, which COCO defines as the segmentation's pixel
+    area; files written by other tools may leave it out. Fill it in: the mask's area, else the box's."""
+    missing = [ann for ann in coco.dataset["annotations"] if "area" not in ann]
+    for ann in missing:
+        if ann.get("segmentation"):
+            ann["area"] = float(mask_util.area(coco.annToRLE(ann)))
+        else:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    if missing:
+        logger.warning("%s: %d annotation(s) without 'area'; filled in from their masks (or boxes)", path,
+                       len(missing))
 
 
 def _valid_polygons(segmentation):
@@ -192,7 +208,7 @@ class COCODetection(Dataset):
             x1, y1 = min(max(x, 0.0), w - off), min(max(y, 0.0), h - off)
             x2 = min(max(x + max(0.0, bw - off), 0.0), w - off)
             y2 = min(max(y + max(0.0, bh - off), 0.0), h - off)
-            area = float(ann.get("area", bw * bh))
+            area = float(ann["area"])
             if not (area > 0 and x2 > x1 and y2 > y1):
                 dropped += 1
                 continue
