@@ -2,13 +2,15 @@
 import collections
 import itertools
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from normkit.data import MINI_ADE_CLASSES, build_train_loader, build_val_loader, generate_mini_ade
 from normkit.data.samplers import global_batches
-from normkit.data.transforms import (MMSegTrainTransform, crop_with_cat_max_ratio, pad_batch,
+from normkit.data.transforms import (CSAILTrainTransform, MMSegTrainTransform, crop_with_cat_max_ratio, pad_batch,
                                      photometric_distortion, rescale_size)
 
 
@@ -115,6 +117,25 @@ def test_rescale_size_matches_mmcv_keep_ratio():
     transform = MMSegTrainTransform(scale=(20, 10), ratio_range=(1.25, 1.25), crop_size=(40, 40), photometric=False)
     image, label = transform(np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20), np.uint8), np.random.default_rng(0))
     assert image.shape == (12, 24, 3) and label.shape == (12, 24)
+
+
+@pytest.mark.parametrize("backend", ["pil", "cv2"])
+def test_csail_resize_truncates_and_uses_the_recipes_library(backend):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (37, 53), dtype=np.uint8)
+    transform = CSAILTrainTransform((20,), 1000, flip=False, image_resize=backend)
+    out_image, out_label = transform(image, label, rng, 20)
+    # scale 20/37: 53 * 20 / 37 = 28.6 -> 28 (CSAIL's int32 sizes truncate)
+    assert out_image.shape == (20, 28, 3) and out_label.shape == (20, 28)
+    if backend == "pil":  # CSAIL: PIL BILINEAR (widened filter when shrinking) and NEAREST at pixel centres
+        expected_image = np.asarray(Image.fromarray(image).resize((28, 20), Image.BILINEAR))
+        expected_label = np.asarray(Image.fromarray(label).resize((28, 20), Image.NEAREST))
+    else:
+        expected_image = cv2.resize(image, (28, 20), interpolation=cv2.INTER_LINEAR)
+        expected_label = cv2.resize(label, (28, 20), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(out_image, expected_image)
+    np.testing.assert_array_equal(out_label, expected_label)
 
 
 def test_cat_max_ratio_rejects_single_class_crops():

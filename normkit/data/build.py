@@ -30,6 +30,7 @@ Schema (every key but `dataset`, `root` and `num_classes` is optional; defaults 
         # csail: one short side per batch, long side capped, images grouped by orientation
         short_sides: [300, 375, 450, 525, 600]
         max_long_side: 1000
+        image_resize: cv2        # cv2 (INTER_LINEAR / INTER_NEAREST) | pil (BILINEAR / NEAREST: CSAIL)
         pad_multiple: 8          # 32 for UPerNet
         # mmseg: ratio-range rescale, cat_max_ratio crop, photometric distortion, pad to the crop
         scale: [2048, 512]
@@ -85,7 +86,7 @@ DATA_KEYS = ("dataset", "root", "num_classes", "class_names", *PIXEL_KEYS, "synt
 # The keys of data.train / data.val: which files (every split), how to augment (train, per pipeline).
 FILE_KEYS = ("source", "list", "split", "img_dir", "ann_dir")
 TRAIN_KEYS = ("pipeline", "flip", "pad_multiple")
-PIPELINE_KEYS = {"csail": ("short_sides", "max_long_side"),
+PIPELINE_KEYS = {"csail": ("short_sides", "max_long_side", "image_resize"),
                  "mmseg": ("scale", "ratio_range", "crop_size", "cat_max_ratio", "photometric"),
                  "deeplab_v2": ("size", "ratio_range")}
 
@@ -169,7 +170,8 @@ def build_train_transform(cfg: dict):
     pipeline = cfg.get("pipeline", "csail")
     if pipeline == "csail":
         return CSAILTrainTransform(cfg.get("short_sides", (300, 375, 450, 525, 600)),
-                                   cfg.get("max_long_side", 1000), cfg.get("flip", True))
+                                   cfg.get("max_long_side", 1000), cfg.get("flip", True),
+                                   cfg.get("image_resize", "cv2"))
     if pipeline == "mmseg":
         return MMSegTrainTransform(cfg.get("scale", (2048, 512)), cfg.get("ratio_range", (0.5, 2.0)),
                                    cfg.get("crop_size", (512, 512)), cfg.get("cat_max_ratio", 0.75),

@@ -38,11 +38,17 @@ def resize_image(image: np.ndarray, height: int, width: int, backend: str = "cv2
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
-    """Bilinear image, nearest label (label values must never be interpolated)."""
+def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int, backend: str = "cv2"):
+    """Bilinear image, nearest label (label values must never be interpolated), with the library a recipe uses
+    (see `resize_image`; "pil" takes a uint8 image). PIL's nearest samples pixel centres like its bilinear;
+    cv2's INTER_NEAREST is the one cv2 recipes used."""
     if (height, width) == image.shape[:2]:
         return image, label
-    return (cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
+    if backend == "pil":
+        return (resize_image(image, height, width, "pil"),
+                np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST)))
+    return (resize_image(image, height, width, backend) if image.dtype == np.uint8 else
+            cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
             cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST))
 
 
@@ -52,19 +58,25 @@ def hflip_pair(image: np.ndarray, label: np.ndarray):
 
 class CSAILTrainTransform:
     """Rescale so the short side is the batch's `short_side` unless that makes the long side exceed
-    `max_long_side`, then flip with probability 1/2."""
+    `max_long_side` (each side truncated to whole pixels, as CSAIL's int32 size arrays do), then flip with
+    probability 1/2. `image_resize`: "pil" (CSAIL's PIL BILINEAR / NEAREST) or "cv2"."""
 
-    def __init__(self, short_sides=(300, 375, 450, 525, 600), max_long_side: int = 1000, flip: bool = True):
+    def __init__(self, short_sides=(300, 375, 450, 525, 600), max_long_side: int = 1000, flip: bool = True,
+                 image_resize: str = "cv2"):
         if not short_sides:
             raise ValueError("CSAIL pipeline needs at least one short side (data.train.short_sides)")
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"unknown data.train.image_resize {image_resize!r}; choose one of "
+                             f"{', '.join(IMAGE_RESIZES)}")
         self.short_sides = tuple(int(s) for s in short_sides)
         self.max_long_side = int(max_long_side)
         self.flip = flip
+        self.image_resize = image_resize
 
     def __call__(self, image, label, rng: np.random.Generator, short_side: int):
         h, w = image.shape[:2]
         scale = min(short_side / min(h, w), self.max_long_side / max(h, w))
-        image, label = resize_pair(image, label, max(1, round(h * scale)), max(1, round(w * scale)))
+        image, label = resize_pair(image, label, max(1, int(h * scale)), max(1, int(w * scale)), self.image_resize)
         if self.flip and rng.random() < 0.5:
             image, label = hflip_pair(image, label)
         return image, label
