@@ -5,8 +5,12 @@ Detection configs (COCO data) draw boxes, class names, scores and mask overlays 
                  [--score-threshold 0.5]     (detection: the lowest score drawn)
 
 OUT: a .png/.jpg file for a single image, otherwise a folder receiving <image name>.png per image
-(default: demo_out/), which must not be the input (an input image is never overwritten). Inference options
-default to the config's `evaluation:` section.
+(default: demo_out/), which must not be the input (an input image is never overwritten).
+
+Segmentation runs, for each image, the inference normkit-test evaluates with: SegmentationInference built from
+the config's `evaluation:` section (test sizes from scales or short_sides / max_long_side / size_multiple,
+image_resize, flip, whole or slide mode, pad_to, logits_resize), with --scales and --flip applied as normkit-test
+applies them, on the batch the val loader would make of the image.
 """
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ from normkit.data.base import read_image
 from normkit.data.build import resolve_class_names, segmentation_normalizer
 from normkit.data.detection import coco_inference_batch
 from normkit.engine import move_to_device
-from normkit.evaluation import inference, overlay
+from normkit.evaluation import SegmentationInference, overlay
 from normkit.evaluation.det_visualize import draw_detections
+from normkit.evaluation.sem_seg import check_eval_config
 from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.tasks import DetectionTask, task_for
+from normkit.tools.test import evaluation_config as test_evaluation_config
 from normkit.tools.test import positive_float
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -49,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", default="demo_out", help="output .png for one image, else a folder")
     parser.add_argument("--scales", type=positive_float, nargs="+",
-                        help="test scales, > 0 (default: evaluation.scales or 1.0)")
-    parser.add_argument("--flip", action="store_true")
+                        help="test scales, > 0, replacing the config's test sizes (default: evaluation.scales, "
+                             "or evaluation.short_sides, or 1.0)")
+    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     parser.add_argument("--alpha", type=opacity, default=0.5, help="overlay opacity in [0, 1]")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest score drawn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +89,25 @@ def refuse_overwriting_inputs(images: list[Path], outputs: list[Path], image_arg
     if clashes or (image_arg.is_dir() and out.resolve() == image_arg.resolve()):
         what = ", ".join(map(str, clashes[:3])) or "the input folder"
         raise ValueError(f"--out {out} would overwrite or mix with the input images ({what}); choose another --out")
+
+
+def evaluation_config(cfg: dict, args: argparse.Namespace) -> dict:
+    """The config's `evaluation:` section with the demo's --scales and --flip applied by normkit-test's own rule
+    (so --scales also replaces short_sides there and here), checked before the checkpoint is loaded; show_dir is
+    dropped: it asks the evaluator for image | prediction | label panels, and the demo has no labels."""
+    test_args = argparse.Namespace(scales=args.scales, flip=args.flip, mode=None, crop_size=None, stride=None,
+                                   show_dir=None)
+    eval_cfg = test_evaluation_config(cfg, test_args)
+    eval_cfg.pop("show_dir", None)
+    return check_eval_config(eval_cfg)
+
+
+def image_batch(image: np.ndarray, name: str, normalizer) -> dict:
+    """One image as build_val_loader batches a val image, without the label: {"images": [1, 3, H, W],
+    "images_uint8": uint8 RGB [1, H, W, 3], "meta": {"names", "ori_sizes"}}. SegmentationInference resizes
+    the uint8 image to each test size (as evaluation does), so both must be there."""
+    return {"images": normalizer.to_tensor(image)[None], "images_uint8": torch.from_numpy(image)[None],
+            "meta": {"names": [name], "ori_sizes": [(image.shape[0], image.shape[1])]}}
 
 
 def describe(pred: np.ndarray, class_names) -> str:
@@ -118,19 +144,18 @@ def main(argv=None) -> dict:
     refuse_overwriting_inputs(images, outputs, Path(args.image), Path(args.out))
     if task_for(cfg) is DetectionTask:
         return detect(args, cfg, images, outputs)
-    eval_cfg = cfg.get("evaluation") or {}
     data_cfg = cfg["data"]
     class_names = resolve_class_names(data_cfg)
     normalizer = segmentation_normalizer(data_cfg)
+    eval_cfg = evaluation_config(cfg, args)
     model = normkit.build_model(cfg, checkpoint=args.checkpoint).to(args.device).eval()
+    # the wrapper evaluation builds (normkit.evaluation.sem_seg.evaluate): one code path for the test-time recipe
+    wrapper = SegmentationInference(model, eval_cfg, normalizer=normalizer)
     predictions = {}
     for image_path, out_path in zip(images, outputs):
         image = read_image(image_path)
-        x = normalizer.to_tensor(image)[None].to(args.device)
-        probs = inference(model, x, scales=args.scales or eval_cfg.get("scales") or (1.0,),
-                          flip=args.flip or bool(eval_cfg.get("flip", False)), mode=eval_cfg.get("mode", "whole"),
-                          crop_size=eval_cfg.get("crop_size"), stride=eval_cfg.get("stride"),
-                          logits_resize=eval_cfg.get("logits_resize", "via_input"))
+        with torch.no_grad():
+            probs = wrapper(move_to_device(image_batch(image, image_path.stem, normalizer), args.device))
         pred = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(overlay(image, pred, args.alpha)).save(out_path)
