@@ -80,6 +80,22 @@ def test_boxes_polygons_and_bitmaps_move_with_the_image(legacy, flip, short):
     assert out["flipped"] == flip
 
 
+def test_image_is_resampled_by_the_box_scale():
+    # 600 x 1001 to short side 300: scale 0.5 but width round(500.5) = 500. Resampling by that size (scale
+    # 500/1001) would move a step at column 900 by 0.45 px against boxes * scale; Detectron-1 resizes by factor.
+    image = np.zeros((600, 1001, 3), np.uint8)
+    image[:, 900:] = 255
+    out = DetectionMapper(PixelNormalizer("rgb", 1, (0, 0, 0), (1, 1, 1)), [300], 2000)(
+        {"image": image, "image_id": 1, "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+         "iscrowd": np.zeros(0, bool)}, None, False)
+    assert out["image_size"] == (300, 500) and out["scale"] == 0.5
+    profile = out["image"][0, 150].double().numpy()
+    j = int(np.nonzero(profile >= 0.5)[0][0])
+    crossing = j - 1 + (0.5 - profile[j - 1]) / (profile[j] - profile[j - 1])
+    # pixel centres map back to (j + 0.5) / scale - 0.5; the step's midpoint 899.5 lands at 900 * scale - 0.5
+    assert crossing == pytest.approx(900 * 0.5 - 0.5, abs=0.05)
+
+
 def test_flip_box_conventions():
     boxes = np.array([[10, 20, 29, 39]], np.float32)  # pixel columns 10..29 of a 100-wide image
     assert flip_boxes(boxes, 100, True).tolist() == [[70, 20, 89, 39]]  # columns 70..89

@@ -164,7 +164,11 @@ class DetectionMapper:
             image = image[:, ::-1]
         pixels = self.normalizer(image)
         if size != (h, w):
-            pixels = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+            # By factor, as Detectron-1: cv2 then samples with exactly `scale` (a target size would make it use
+            # round(w * scale) / w), so pixels stay aligned with boxes * scale up to the far edge.
+            pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+            if pixels.shape[:2] != size:
+                raise RuntimeError(f"cv2.resize by {scale} gave {pixels.shape[:2]}, expected {size}")
         boxes = sample["boxes"]
         if flip:
             boxes = flip_boxes(boxes, w, self.legacy_plus_one)
