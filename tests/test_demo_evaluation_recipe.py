@@ -109,11 +109,11 @@ def test_demo_runs_the_evaluation_recipe(setup, tmp_path, recipe):
 def test_demo_options_override_the_config_as_normkit_test_does(setup, tmp_path):
     eval_cfg, _ = RECIPES["csail"]
     cfg, config = write_config(setup, "csail", eval_cfg)
-    # --scales replaces the config's short sides (size_multiple still applies): 0.5 -> 20 x 16 -> 24 x 16
+    # --scales multiplies the config's short sides and long-side cap (size_multiple still applies): with 0.5,
+    # short side 12 (cap 25): scale 0.375 -> 15 x 12 -> 16 x 16; short side 24 (cap 25): 0.625 -> 25 x 20 -> 32 x 24
     pred = run_demo(setup, config, tmp_path, "--scales", "0.5")
-    assert SizeRecorder.seen == [(24, 16), (24, 16)]  # the config's flip still applies
-    overridden = {key: value for key, value in eval_cfg.items() if key not in ("short_sides", "max_long_side")}
-    np.testing.assert_array_equal(pred, evaluation_prediction(setup, cfg, {**overridden, "scales": [0.5]}))
+    assert SizeRecorder.seen == [(16, 16), (16, 16), (32, 24), (32, 24)]  # the config's flip still applies
+    np.testing.assert_array_equal(pred, evaluation_prediction(setup, cfg, {**eval_cfg, "scales": [0.5]}))
     # --flip adds the mirrored pass to a config without it
     _, config = write_config(setup, "canvas", RECIPES["canvas"][0])
     run_demo(setup, config, tmp_path, "--flip")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from normkit.evaluation import evaluate, inference
+from normkit.evaluation.sem_seg import image_sizes
 
 
 def sigmoid(x):
@@ -118,7 +119,6 @@ def test_evaluate_on_known_predictions():
 
 
 def test_evaluate_short_sides_and_show_dir(tmp_path):
-    from normkit.evaluation.sem_seg import image_sizes
     # 100 x 400 to short sides 150 and 300: x1.5, and x2.5 where the long side reaches 1000
     assert image_sizes({"short_sides": [150, 300], "max_long_side": 1000}, 100, 400) == [(150, 600), (250, 1000)]
     # 300 x 401 to short side 450 (x1.5, 601.5 wide): mmcv rounds to 602; CSAIL's ValDataset takes int() = 601,
@@ -197,7 +197,15 @@ def test_test_sizes_resize_the_uint8_image_before_normalising(image_resize):
     np.testing.assert_allclose(wrapper(batch)[0, 0], sigmoid((resized[..., 0] - 128.0) / 64.0), rtol=1e-6)
 
 
-def test_test_sizes_are_given_one_way():
-    from normkit.evaluation.sem_seg import check_eval_config
-    with pytest.raises(ValueError, match="scales and evaluation.short_sides both set"):
-        check_eval_config({"scales": [1.0], "short_sides": [450]})
+def test_scales_multiply_the_configured_test_size_as_mmseg_img_ratios():
+    # mmseg: Resize(img_scale=(2048, 512), keep_ratio) under MultiScaleFlipAug(img_ratios): each ratio r rescales
+    # to (int(2048 r), int(512 r)), i.e. factor min(long / max(h, w), short / min(h, w)), sides int(x + 0.5).
+    def mmseg(h, w, r):
+        factor = min(int(2048 * r) / max(h, w), int(512 * r) / min(h, w))
+        return int(h * factor + 0.5), int(w * factor + 0.5)
+
+    cfg = {"short_sides": [512], "max_long_side": 2048, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]}
+    for h, w in ((500, 700), (375, 1500), (683, 512)):
+        assert image_sizes(cfg, h, w) == [mmseg(h, w, r) for r in cfg["scales"]]
+    assert image_sizes({"short_sides": [450]}, 300, 401) == image_sizes({"short_sides": [450], "scales": [1.0]},
+                                                                         300, 401)

@@ -114,10 +114,10 @@ def test_test_tool_slide_mode_and_errors(setup):
                             "24", "--stride", "16", "16"])
     cfg = tool.evaluation_config({"evaluation": {"mode": "whole", "scales": [1.0]}}, args)
     assert cfg == {"mode": "slide", "scales": [1.0], "crop_size": [32, 24], "stride": [16, 16]}
-    # --scales replaces a config that states its test sizes as short sides (CSAIL configs) instead of being ignored
+    # --scales multiplies a config's short sides (mmseg img_ratios over img_scale) instead of being ignored
     args = tool.parse_args(["--config", "c.yaml", "--checkpoint", "x.pth", "--scales", "0.5", "1.0"])
     cfg = tool.evaluation_config({"evaluation": {"short_sides": [450], "max_long_side": 1000}}, args)
-    assert cfg == {"scales": [0.5, 1.0], "max_long_side": 1000}
+    assert cfg == {"scales": [0.5, 1.0], "short_sides": [450], "max_long_side": 1000}
     with pytest.raises(SystemExit):  # --checkpoint and --watch are exclusive
         tool.parse_args(["--config", "c.yaml", "--checkpoint", "x.pth", "--watch", "dir"])
     with pytest.raises(FileNotFoundError, match="missing.pth"):

@@ -3,9 +3,11 @@
 
 eval_cfg (the `evaluation:` config section; all keys optional)::
 
-    scales: [1.0]          # image size multipliers, probabilities averaged (CSAIL/mmseg multi-scale test)
-    short_sides: null      # alternatively target short sides, e.g. [300, 375, 450, 525, 600] ...
+    short_sides: null      # target short sides, e.g. [300, 375, 450, 525, 600] (CSAIL multi-scale test) ...
     max_long_side: 1000    # ... each capped so the long side stays <= max_long_side
+    scales: [1.0]          # size multipliers, probabilities averaged: of the image's size, or with short_sides of
+                           # the configured size (short side and long-side cap times each, truncated to whole
+                           # pixels: mmseg's img_ratios over img_scale)
     size_multiple: null    # CSAIL ValDataset: each side int(side * scale) rounded up to a multiple of this
                            # (its padding_constant); null: int(side * scale + 0.5) (mmcv imrescale)
     image_resize: cv2      # how the uint8 image is resized to each test size before normalising: cv2
@@ -57,9 +59,6 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
         if values is not None and (not isinstance(values, (list, tuple)) or not values
                                    or any(not isinstance(v, (int, float)) or not v > 0 for v in values)):
             raise ValueError(f"evaluation.{key} must be a non-empty list of positive numbers, got {values!r}")
-    if eval_cfg.get("scales") is not None and eval_cfg.get("short_sides") is not None:
-        raise ValueError("evaluation.scales and evaluation.short_sides both set: give the test sizes one way "
-                         "(short_sides, as CSAIL, or scale multipliers, as mmseg)")
     if eval_cfg.get("mode", "whole") not in MODES:
         raise ValueError(f"unknown evaluation.mode {eval_cfg['mode']!r}; choose one of {', '.join(MODES)}")
     multiple = eval_cfg.get("size_multiple")
@@ -86,14 +85,17 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
 
 
 def image_sizes(eval_cfg: dict, height: int, width: int) -> list[tuple[int, int]]:
-    """The test sizes (h, w) of one image: one per `short_sides` entry (the short side scaled to it, the long side
-    capped at `max_long_side`) when given, else one per `scales` multiplier; each side is rounded as
-    `size_multiple` says."""
+    """The test sizes (h, w) of one image, each side rounded as `size_multiple` says: with `short_sides`, one per
+    (`scales` ratio, short side) pair, the short side scaled to int(short side * ratio) unless the long side would
+    pass int(max_long_side * ratio) (mmseg's MultiScaleFlipAug truncates the scaled img_scale); without, one per
+    `scales` multiplier of the image's size."""
+    ratios = list(eval_cfg.get("scales") or [1.0])
     if eval_cfg.get("short_sides"):
         max_long = eval_cfg.get("max_long_side", 1000)
-        scales = [min(s / min(height, width), max_long / max(height, width)) for s in eval_cfg["short_sides"]]
+        scales = [min(max(1, int(s * r)) / min(height, width), max(1, int(max_long * r)) / max(height, width))
+                  for r in ratios for s in eval_cfg["short_sides"]]
     else:
-        scales = list(eval_cfg.get("scales") or [1.0])
+        scales = ratios
     multiple = eval_cfg.get("size_multiple")
     if multiple:
         # CSAIL's ValDataset: int() first, then round2nearest_multiple, ((x - 1) // p + 1) * p

@@ -8,7 +8,7 @@ OUT: a .png/.jpg file for a single image, otherwise a folder receiving <image na
 (default: demo_out/), which must not be the input (an input image is never overwritten).
 
 Segmentation runs, for each image, the inference normkit-test evaluates with: SegmentationInference built from
-the config's `evaluation:` section (test sizes from scales or short_sides / max_long_side / size_multiple,
+the config's `evaluation:` section (test sizes from short_sides / max_long_side / size_multiple and scales,
 image_resize, flip, whole or slide mode, pad_to, logits_resize), with --scales and --flip applied as normkit-test
 applies them, on the batch the val loader would make of the image.
 """
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", default="demo_out", help="output .png for one image, else a folder")
     parser.add_argument("--scales", type=positive_float, nargs="+",
-                        help="test scales, > 0, replacing the config's test sizes (default: evaluation.scales, "
-                             "or evaluation.short_sides, or 1.0)")
+                        help="test scales, > 0, multiplying the config's test sizes as normkit-test does "
+                             "(default: evaluation.scales, or 1.0)")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     parser.add_argument("--alpha", type=opacity, default=0.5, help="overlay opacity in [0, 1]")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest score drawn")
@@ -93,7 +93,7 @@ def refuse_overwriting_inputs(images: list[Path], outputs: list[Path], image_arg
 
 def evaluation_config(cfg: dict, args: argparse.Namespace) -> dict:
     """The config's `evaluation:` section with the demo's --scales and --flip applied by normkit-test's own rule
-    (so --scales also replaces short_sides there and here), checked before the checkpoint is loaded; show_dir is
+    (so --scales multiplies short_sides there and here), checked before the checkpoint is loaded; show_dir is
     dropped: it asks the evaluator for image | prediction | label panels, and the demo has no labels."""
     test_args = argparse.Namespace(scales=args.scales, flip=args.flip, mode=None, crop_size=None, stride=None,
                                    show_dir=None)

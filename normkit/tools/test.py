@@ -53,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="checkpoint to evaluate (training checkpoint or weights)")
     target.add_argument("--watch", metavar="DIR", help="evaluate each new iter_*.pth appearing in DIR")
-    parser.add_argument("--scales", type=positive_float, nargs="+", help="test scales (> 0), probabilities averaged")
+    parser.add_argument("--scales", type=positive_float, nargs="+",
+                        help="test scales (> 0), probabilities averaged: multipliers of the config's short_sides / "
+                             "max_long_side (mmseg's img_ratios), else of the image size")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     parser.add_argument("--mode", choices=("whole", "slide"), help="whole-image or sliding-window inference")
     parser.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="slide window size")
@@ -75,8 +77,6 @@ def evaluation_config(cfg: dict, args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             eval_cfg[key] = value
-    if args.scales is not None:  # --scales replaces the config's test sizes, however the config gives them
-        eval_cfg.pop("short_sides", None)
     if args.flip:
         eval_cfg["flip"] = True
     return eval_cfg
