@@ -181,6 +181,12 @@ def _gloo_worker(rank: int, world_size: int, port: int, root: str, out_dir: str)
             i = index[int(batch["image_ids"][0])]
             ev.process(batch, [gt_prediction(ds, i) if scenario == "all" or rank == 0 else empty_prediction(ds, i)])
         results[scenario] = ev.evaluate()
+    # COCOeval failing on rank 0 must reach every rank as an error, not leave them waiting for its numbers
+    ev._evaluate_task = lambda *args: (_ for _ in ()).throw(OSError("disk full"))
+    try:
+        ev.evaluate()
+    except (OSError, RuntimeError) as exc:
+        results["failure"] = f"{type(exc).__name__}: {exc}"
     destroy_distributed()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
@@ -190,7 +196,10 @@ def test_distributed_evaluation_gathers_the_shards(root, tmp_path):
     """Two gloo processes each evaluate their shard; both return the dataset-wide numbers."""
     mp.spawn(_gloo_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
+    assert ranks[0]["failure"] == "OSError: disk full"
+    assert ranks[1]["failure"] == "RuntimeError: COCO evaluation failed on rank 0: OSError('disk full')"
+    assert {k: v for k, v in ranks[0].items() if k != "failure"} == {k: v for k, v in ranks[1].items()
+                                                                     if k != "failure"}
     assert ranks[0]["all"]["bbox/AP"] == pytest.approx(1.0)
     assert 0.2 < ranks[0]["rank0"]["bbox/AR100"] < 0.8  # rank 1's images count as misses
     written = json.loads((tmp_path / "bbox_instances_val2017_results.json").read_text())

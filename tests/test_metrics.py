@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from normkit.evaluation import SegmentationMetric, format_table
+from normkit.evaluation import SegmentationEvaluator, SegmentationMetric, format_table
 
 # Image A: the ignored pixel (label 255) is predicted 2 and must not count anywhere.
 LABEL_A = torch.tensor([[0, 0, 1], [1, 255, 2]])
@@ -90,7 +90,10 @@ def _all_reduce_worker(rank, init_file, queue):
     else:
         metric.update(PRED_B, LABEL_B)
     metric.all_reduce()
-    queue.put((rank, metric.compute()))
+    evaluator = SegmentationEvaluator(3)
+    evaluator.metric.update(PRED_A if rank == 0 else PRED_B, LABEL_A if rank == 0 else LABEL_B)
+    first, second = evaluator.evaluate(), evaluator.evaluate()  # the second must not sum the ranks again
+    queue.put((rank, (metric.compute(), first, second)))
     torch.distributed.destroy_process_group()
 
 
@@ -99,5 +102,6 @@ def test_all_reduce_sums_over_ranks(tmp_path):
     queue = ctx.SimpleQueue()
     mp.spawn(_all_reduce_worker, args=(os.fspath(tmp_path / "init"), queue), nprocs=2)
     results = dict(queue.get() for _ in range(2))
-    for r in results.values():
+    for r, first, second in results.values():
         assert r["per_class_iou"] == pytest.approx(IOU) and r["pixel_acc"] == pytest.approx(PIXEL_ACC)
+        assert first == r and second == r

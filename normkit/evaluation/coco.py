@@ -138,21 +138,33 @@ class COCOEvaluator(DatasetEvaluator):
         results = [r for _, res in gathered for r in res]
         if not image_ids:
             raise RuntimeError("COCOEvaluator.evaluate: no image was processed (is the val loader empty?)")
-        metrics = None
+        metrics, failure = None, None
         if is_main_process():  # one COCOeval run; the other ranks receive its numbers
-            if self.output_dir is not None:
-                self._write(results)
-            metrics, tables = {}, []
-            for task in self.tasks:
-                stats, table = self._evaluate_task(task, results, image_ids)
-                tables.append(table)
-                for key, value in zip(COCO_METRICS, stats):
-                    metrics[f"{task}/{key}"] = float("nan") if value < 0 else float(value)
-            # The tables go to stdout once; the log only says what was evaluated (the tools log to stdout
-            # too, where both printed every table twice).
-            logger.info("COCO evaluation on %d images of %s", len(image_ids), self.name)
-            print("\n".join(tables), flush=True)
-        return all_gather_objects(metrics)[0]
+            try:
+                metrics = self._evaluate_on_main(results, image_ids)
+            except Exception as exc:  # the other ranks are waiting in the gather below: tell them, then raise
+                failure = exc
+        metrics, message = all_gather_objects((metrics, None if failure is None else repr(failure)))[0]
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"COCO evaluation failed on rank 0: {message}")
+        return metrics
+
+    def _evaluate_on_main(self, results: list[dict], image_ids: list[int]) -> dict:
+        if self.output_dir is not None:
+            self._write(results)
+        metrics, tables = {}, []
+        for task in self.tasks:
+            stats, table = self._evaluate_task(task, results, image_ids)
+            tables.append(table)
+            for key, value in zip(COCO_METRICS, stats):
+                metrics[f"{task}/{key}"] = float("nan") if value < 0 else float(value)
+        # The tables go to stdout once; the log only says what was evaluated (the tools log to stdout
+        # too, where both printed every table twice).
+        logger.info("COCO evaluation on %d images of %s", len(image_ids), self.name)
+        print("\n".join(tables), flush=True)
+        return metrics
 
     def _write(self, results: list[dict]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

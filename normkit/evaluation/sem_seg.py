@@ -167,8 +167,10 @@ class SegmentationEvaluator(DatasetEvaluator):
                 Image.fromarray(panel).save(self.show_dir / f"{name}.png")
 
     def evaluate(self) -> dict:
+        local = self.metric.counts.clone()
         self.metric.all_reduce()
         results = self.metric.compute()
+        self.metric.counts = local  # this rank's counts again: evaluating twice must not sum the ranks twice
         if self.class_names:
             results["class_names"] = list(self.class_names)
         return results
