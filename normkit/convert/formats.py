@@ -7,13 +7,13 @@ Each converter is a table of explicit rename rules applied by :func:`normkit.con
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Set
 
 from normkit.convert.common import StateDict, flatten_official_sn, rename_keys
 from normkit.io import read_tensor_dict
 
 __all__ = ["convert", "convert_csail", "convert_sn_imagenet", "convert_mmcv_resnet_v1c", "convert_mmseg",
-           "convert_deeplab_v2", "CONVERTERS"]
+           "convert_deeplab_v2", "CONVERTERS", "BACKBONE_FORMATS"]
 
 # Published files keep the weights under "state_dict" (official SN, mmseg, with "meta"/"optimizer" beside it) or
 # "model" (Detectron); CSAIL and DeepLab files are the bare state dict.
@@ -61,6 +61,10 @@ def convert_sn_imagenet(path) -> StateDict:
     Any torchvision-layout ImageNet ResNet converts the same way, CSAIL's deep-stem ``resnet*-imagenet.pth``
     (``conv1..3``/``bn1..3``) included (format ``resnet-imagenet``)."""
     state = read_tensor_dict(path, SOURCE_CONTAINERS)
+    if any(k.startswith("Conv_Body.") for k in state):
+        raise ValueError(f"{path} is in the Detectron.pytorch layout (Conv_Body.*res*, as SN-Detectron's released "
+                         "ImageNet initialisations): for a detector convert it with --from sn-imagenet-to-c4 "
+                         "(C4 configs) or --from sn-imagenet-to-fpn (FPN and DC5 configs)")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     rules = _resnet_rules("", "") + [(r"fc\.(weight|bias)", r"fc.\1")]
     return rename_keys(flatten_official_sn(state), rules, source="sn-imagenet")
@@ -110,6 +114,10 @@ CONVERTERS: Dict[str, tuple] = {
     "mmseg": (convert_mmseg, 1),
     "deeplab-v2": (convert_deeplab_v2, 1),
 }
+# Formats whose output initialises a backbone (``model.backbone.pretrained``; for detectors also the C4 res5
+# head) instead of holding a whole model: ``normkit-convert --config`` checks them with the builder's backbone
+# loader, not a strict whole-model load. Converters registered elsewhere add theirs.
+BACKBONE_FORMATS: Set[str] = {"sn-imagenet", "resnet-imagenet", "mmcv-resnet-v1c"}
 
 
 def convert(source_format: str, inputs: Sequence[str]) -> StateDict:
