@@ -70,8 +70,20 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+def _numpy_scalar_globals() -> list:
+    """What a pickled numpy scalar refers to (training scripts often store e.g. `best_prec1` as one): the
+    `scalar` constructor, under numpy 2's and numpy 1's module names, `numpy.dtype` and the numeric dtype
+    classes. None of them runs code."""
+    import numpy as np
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtype_classes = {type(np.dtype(code)) for code in "?bhilqpBHILQPefdgFDG"}
+    return [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            *sorted(dtype_classes, key=str)]
+
+
 def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
-    """Reads a checkpoint with `torch.load(weights_only=True)`, so loading never runs code from the file.
+    """Reads a checkpoint with `torch.load(weights_only=True)`, so loading never runs code from the file; numpy
+    scalars in its metadata are allowed.
 
     Clear errors for a missing, truncated or unsafe file, and for one that does not hold a dict.
     """
@@ -80,7 +92,8 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a directory)"
                                                                       if os.path.isdir(path) else ""))
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):  # torch >= 2.5
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated zips and forbidden globals
         raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or holding objects that "
                            f"weights_only loading refuses): {exc}") from exc

@@ -177,3 +177,12 @@ def test_non_finite_states_are_never_written(tmp_path):
         checkpointer.save(state, 2)
     assert [p.name for p in checkpointer.iteration_files()] == ["iter_0000001.pth"]
     assert checkpointer.load()["iteration"] == 1
+
+
+def test_numpy_scalars_in_the_metadata_load(tmp_path):
+    # training scripts store e.g. best_prec1 = np.float64(...) beside the weights (numpy 1 or 2 pickles)
+    path = tmp_path / "meta.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "best_prec1": np.float64(77.49), "epoch": np.int64(99)}, path)
+    state = load_checkpoint(path)
+    assert state["best_prec1"] == 77.49 and state["epoch"] == 99 and torch.equal(state["state_dict"]["w"],
+                                                                                 torch.ones(2))
