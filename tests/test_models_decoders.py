@@ -1,9 +1,11 @@
 """Segmentation heads and models: output shapes, deep supervision, losses, DeepLab v2 multi-scale fusion."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from normkit.models.backbones.resnet import ResNet
+from normkit.models.segmentation.common import resize_labels
 from normkit.models.segmentation import (C1, C1DeepSup, PPM, PPMDeepSup, UPerNet, ASPPSumHead, DeepLabV2,
                                          SegmentationModel)
 
@@ -58,6 +60,16 @@ def _labels(batch=2, size=64):
     return labels
 
 
+@pytest.mark.parametrize("size", [(4, 5), (8, 10), (16, 20)])
+def test_label_sampling_at_centres_is_pils_nearest(size):
+    # CSAIL pads to a multiple of the stride, so its factors are whole (PIL breaks exact ties at other factors
+    # downwards)
+    from PIL import Image
+    labels = torch.randint(0, 150, (1, 32, 40))
+    expected = np.asarray(Image.fromarray(labels[0].numpy().astype(np.uint8)).resize(size[::-1], Image.NEAREST))
+    assert torch.equal(resize_labels(labels, size, "centres")[0], torch.from_numpy(expected.astype(np.int64)))
+
+
 def test_csail_loss_at_decoder_stride_with_deep_supervision():
     torch.manual_seed(0)
     model = _seg_model().train()
@@ -68,7 +80,7 @@ def test_csail_loss_at_decoder_stride_with_deep_supervision():
     # reference: recompute both heads' outputs with the same BN batch and compare the CE terms
     torch.manual_seed(1)
     out = model.decode_head(list(model.backbone(images).values()))
-    small = labels[:, ::8, ::8]  # nearest downsampling by 8 picks every 8th pixel
+    small = labels[:, 4::8, 4::8]  # CSAIL's PIL NEAREST reads the pixel at the centre of each 8 x 8 cell
     ce = F.cross_entropy(out["logits"], small, ignore_index=255)
     ce_ds = F.cross_entropy(out["deepsup_logits"], small, ignore_index=255)
     torch.testing.assert_close(losses["decode_loss"], ce)
@@ -165,8 +177,16 @@ def test_deeplab_v2_multiscale_sizes_and_max_fusion():
 
 def test_deeplab_v2_training_sums_four_losses():
     model = _deeplab().train()
-    losses = model({"images": torch.randn(1, 3, 49, 49), "labels": _labels(1, 49)})
+    images, labels = torch.randn(1, 3, 49, 49), _labels(1, 49)
+    losses = model({"images": images, "labels": labels})
     assert set(losses) == {"scale1_loss", "scale0.75_loss", "scale0.5_loss", "fused_loss", "pixel_acc"}
+    # labels on the port's align_corners grid: output i reads input round(i * 48 / (n - 1))
+    with torch.no_grad():
+        fused = model.forward_scales(images)[-1]
+    n = fused.shape[-1]
+    grid = [int(i * 48 / (n - 1) + 0.5) for i in range(n)]
+    expected = F.cross_entropy(fused, labels[:, grid][:, :, grid], ignore_index=255)
+    torch.testing.assert_close(losses["fused_loss"].detach(), expected)
     sum(v for k, v in losses.items() if k.endswith("loss")).backward()
     assert model.decode_head.conv2d_list[3].weight.grad is not None
     assert not any(p.requires_grad for p in model.backbone.bn1.parameters())  # frozen BN has no parameters

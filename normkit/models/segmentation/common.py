@@ -29,22 +29,44 @@ def init_csail_decoder(module: nn.Module) -> None:
                     m.bias.fill_(1e-4)
 
 
-def resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
-    """Nearest-neighbour resize of int64 labels Tensor[B, H, W] to ``size`` (no-op when equal)."""
+LABEL_SAMPLINGS = ("floor", "centres", "corners")
+
+
+def _corner_indices(length: int, size: int, device) -> torch.Tensor:
+    """Output i of ``size`` at input i * (length - 1) / (size - 1), rounded: the align_corners=True grid."""
+    if size == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    position = torch.arange(size, dtype=torch.float64, device=device) * ((length - 1) / (size - 1))
+    return torch.floor(position + 0.5).long()
+
+
+def resize_labels(labels: torch.Tensor, size, sampling: str = "floor") -> torch.Tensor:
+    """Nearest-neighbour resize of int64 labels Tensor[B, H, W] to ``size`` (no-op when equal), reading input
+    ``floor(i * in / out)`` (``floor``: torch's nearest, mmseg), the pixel under output i's centre
+    (``centres``: PIL's NEAREST, CSAIL; 8i + 4 at stride 8) or the align_corners=True grid (``corners``: the
+    DeepLab v2 port's label resize)."""
+    if sampling not in LABEL_SAMPLINGS:
+        raise ValueError(f"unknown label sampling {sampling!r}; choose one of {', '.join(LABEL_SAMPLINGS)}")
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    if sampling == "corners":
+        rows = _corner_indices(labels.shape[-2], size[0], labels.device)
+        cols = _corner_indices(labels.shape[-1], size[1], labels.device)
+        return labels.index_select(-2, rows).index_select(-1, cols)
+    mode = "nearest" if sampling == "floor" else "nearest-exact"
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode=mode)[:, 0].long()
 
 
 def align_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor, mode: str
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Bring logits and labels to one resolution.
 
-    ``downsample_labels`` (CSAIL recipe): labels are nearest-resized to the logits' size.
+    ``downsample_labels`` (CSAIL recipe): labels are nearest-resized to the logits' size, sampled at pixel
+    centres as CSAIL's PIL NEAREST does.
     ``upsample_logits`` (mmseg recipe): logits are bilinearly resized (align_corners=False) to the labels'.
     """
     if mode == "downsample_labels":
-        return logits, resize_labels(labels, logits.shape[-2:])
+        return logits, resize_labels(labels, logits.shape[-2:], "centres")
     if mode == "upsample_logits":
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)

@@ -57,12 +57,15 @@ class DeepLabV2(nn.Module):
     element-wise maximum over scales is the fused output. ``model(batch)`` (images, or a batch dict
     ``{"images", "labels"}``) in training mode with labels returns one cross-entropy per scale plus the fused
     one (``scale1_loss``, ``scale0.75_loss``, ``scale0.5_loss``, ``fused_loss``), each against labels
-    nearest-resized to the scale-1 output size, and ``pixel_acc`` of the fused output; otherwise it returns
-    the fused logits upsampled to the input size (align_corners=True, the port's ``UpsamplingBilinear2d``);
-    ``head_logits(images)`` returns them fused at the scale-1 output size, not upsampled.
+    resized to the scale-1 output size (nearest on the port's align_corners grid), and ``pixel_acc`` of the
+    fused output; otherwise it returns the fused logits upsampled to the input size (align_corners=True, the
+    port's ``UpsamplingBilinear2d``); ``head_logits(images)`` returns them fused at the scale-1 output size,
+    not upsampled.
 
-    Deviation from the port, documented: the port scores its 0.5 output at that output's own size and
-    merges label 255 into background; normkit scores every output at the scale-1 size and ignores 255.
+    Deviations from the port, documented: the port scores its 0.5 output at that output's own size and
+    merges label 255 into background; normkit scores every output at the scale-1 size and ignores 255. The
+    port resizes labels bilinearly on the align_corners=True grid and truncates, which mixes two classes'
+    indices into a third at boundaries; normkit takes the nearest label on that grid.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, *, num_classes: int, ignore_index: int = 255,
@@ -106,7 +109,7 @@ class DeepLabV2(nn.Module):
             return _resize(self.head_logits(images), images.shape[-2:])
         outputs = self.forward_scales(images)
         check_labels(labels, images, self.num_classes, self.ignore_index)
-        small = resize_labels(labels, outputs[0].shape[-2:])
+        small = resize_labels(labels, outputs[0].shape[-2:], "corners")
         names = [f"scale{scale:g}_loss" for scale in self.scales] + ["fused_loss"]
         losses = {name: cross_entropy(logits, small, self.ignore_index) for name, logits in zip(names, outputs)}
         losses["pixel_acc"] = pixel_accuracy(outputs[-1].detach(), small, self.ignore_index)
