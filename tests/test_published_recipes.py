@@ -253,9 +253,11 @@ def test_csail_and_sn_seg_configs_decay_conv_weights_only(name):
 
 
 @pytest.mark.parametrize("name", ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
-                                  "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet"])
+                                  "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet",
+                                  "sn/r50d8_syncbn_c1_deepsup"])
 def test_csail_configs_use_the_momentum_of_csail_syncbn(name):
-    # CSAIL lib/nn SynchronizedBatchNorm2d(momentum=0.001), in the encoder and the decoders alike
+    # CSAIL lib/nn SynchronizedBatchNorm2d(momentum=0.001), in the encoder and the decoders alike (the
+    # SwitchNorm_Segmentation fork's SyncBN baseline uses the same module)
     model = build_model(name)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert norms and any(n.startswith("decode_head.") for n, m in model.named_modules() if m in norms)
