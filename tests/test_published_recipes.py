@@ -99,7 +99,10 @@ def test_deeplab_v2_sums_one_loss_per_scale_and_one_for_the_max_fusion():
         small = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
         per_scale.append(F.interpolate(logits(small), size=full.shape[-2:], mode="bilinear", align_corners=True))
     fused = torch.stack(per_scale).max(0).values
-    target = F.interpolate(labels[:, None].float(), size=full.shape[-2:], mode="nearest")[:, 0].long()
+    # labels: the nearest on the port's align_corners grid, input round(i * 40 / (n - 1)) for output i
+    n = full.shape[-1]
+    grid = [int(i * 40 / (n - 1) + 0.5) for i in range(n)]
+    target = labels[:, grid][:, :, grid]
     expected = [F.cross_entropy(x, target, ignore_index=255) for x in per_scale + [fused]]
     names = ["scale1_loss", "scale0.75_loss", "scale0.5_loss", "fused_loss"]
     for name, value in zip(names, expected):
@@ -168,9 +171,33 @@ def test_deeplab_v2_schedule_counts_as_the_port():
     assert (train["batch_size"], train["iter_size"], train["max_iter"]) == (1, 10, 2000)
     assert train["max_iter"] * train["iter_size"] * train["batch_size"] == 20000
     optimizer = train["optimizer"]
-    assert (optimizer["lr"], optimizer["weight_decay"], optimizer["lr_mult"]) == (2.5e-4, 5e-4, {"decode_head": 10.0})
+    assert (optimizer["lr"], optimizer["weight_decay"]) == (2.5e-4, 5e-4)
     assert optimizer["momentum"] == 0.0  # a fresh optim.SGD after every step: no momentum carried over
     assert train["lr_schedule"] == {"policy": "poly", "power": 0.9, "min_lr": 0.0}
+
+
+def test_deeplab_v2_steps_each_parameter_as_the_ports_repeated_listings():
+    # The port lists p.parameters() of every module under conv1 and layer1..4 (modules() recurses), so a
+    # parameter is listed once per module on its path below the stage; the k-th listing steps with a momentum
+    # buffer of 1 + 0.9 + ... + 0.9^(k-1) times the gradient. The classifier is listed once, at 10x.
+    from normkit.engine.optimizer import build_param_groups
+    cfg = read_config("deeplab/r101_deeplab_v2_voc")
+    cfg["model"]["backbone"].pop("pretrained", None)
+    model = build_model(cfg)
+    optimizer = dict(cfg["train"]["optimizer"])
+    groups = build_param_groups(model, optimizer["lr"], optimizer["weight_decay"], lr_mult=optimizer["lr_mult"],
+                                bias_weight_decay=optimizer["bias_weight_decay"])
+    lr_of = {name: g["lr"] for g in groups for name in g["param_names"]}
+    modules = dict(model.named_modules())
+    for name, lr in lr_of.items():
+        if name.startswith("decode_head."):
+            assert lr == pytest.approx(10 * 2.5e-4)
+            continue
+        parts = name.split(".")  # backbone.layerN.block...param
+        listings = sum(1 for i in range(2, len(parts)) if ".".join(parts[:i]) in modules) if parts[1] != "conv1" \
+            else 1
+        expected = sum(sum(0.9 ** j for j in range(k)) for k in range(1, listings + 1))
+        assert lr == pytest.approx(2.5e-4 * expected, rel=1e-3), name
 
 
 def test_deeplab_v2_pipeline_squashes_to_321_then_scales_by_0_5_to_1_3():
