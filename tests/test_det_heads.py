@@ -274,10 +274,13 @@ def test_roi_sampling_detectron_crowd_rules():
     assert fg[(51.0, 51.0, 89.0, 89.0)] == 3  # takes the crowd box's class (Detectron-1), predictor index 2 + 1
     assert fg[(0.0, 0.0, 19.0, 19.0)] == 1
     assert labels[num_fg:].tolist() == [0]
-    # its regression target points at the best non-crowd box (gt 0), as Detectron's bbox targets
+    # its regression target points at the crowd box that gave it its label (SN-Detectron's box_to_gt_ind_map;
+    # Caffe2 Detectron's precomputed targets would take the best non-crowd box, gt 0)
     crowd_row = [i for i in range(num_fg) if rois[i].tolist() == [51.0, 51.0, 89.0, 89.0]][0]
-    expected = heads.box_coder.encode(rois[crowd_row:crowd_row + 1], target["boxes"][:1])
+    expected = heads.box_coder.encode(rois[crowd_row:crowd_row + 1], target["boxes"][1:])
     assert torch.allclose(reg[crowd_row], expected[0])
+    assert not torch.allclose(reg[crowd_row], heads.box_coder.encode(rois[crowd_row:crowd_row + 1],
+                                                                     target["boxes"][:1])[0])
 
 
 def test_roi_training_without_any_candidate_is_an_error():

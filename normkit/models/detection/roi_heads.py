@@ -115,26 +115,28 @@ class ROIHeads(nn.Module):
             cand_f, cand, num_gt = prop_f, proposals, 0
         max_ov = torch.zeros(cand.shape[0], dtype=cand.dtype, device=cand.device)
         max_cls = torch.full((cand.shape[0],), self._bg_label, dtype=torch.int64, device=cand.device)
+        max_gt = torch.zeros(cand.shape[0], dtype=torch.int64, device=cand.device)  # SND's box_to_gt_ind_map
         if num_gt:
             max_ov[:num_gt] = torch.where(crowd, -1.0, 1.0).to(cand.dtype)
             max_cls[:num_gt] = classes
+            max_gt[:num_gt] = torch.arange(num_gt, device=cand.device)
         if prop_f.shape[0] and gt.shape[0]:
             best, arg = box_iou(prop_f, gt_f, self.legacy_plus_one).max(dim=1)
             hit = best > 0
             max_ov[num_gt:] = torch.where(hit, best, torch.zeros_like(best))
             max_cls[num_gt:] = torch.where(hit, classes[arg], torch.full_like(arg, self._bg_label))
+            max_gt[num_gt:] = arg
         fg, bg = sample_rois(max_ov, self.batch_size_per_image, self.positive_fraction, self.fg_iou_threshold,
                              self.fg_iou_threshold, self.bg_iou_threshold_lo, self.generator)
         keep = torch.cat((fg, bg))
         labels = max_cls[keep].clone()
         labels[fg.numel():] = self._bg_label
         reg_targets = torch.zeros((keep.numel(), 4), dtype=cand.dtype, device=cand.device)
-        non_crowd = gt_f[~crowd]
-        matched = torch.zeros(fg.numel(), dtype=torch.int64, device=cand.device)
-        if fg.numel() and non_crowd.shape[0]:
-            # Regression (and mask) targets come from the best non-crowd ground truth.
-            matched = box_iou(cand_f[fg], non_crowd, self.legacy_plus_one).argmax(dim=1)
-            reg_targets[:fg.numel()] = self.box_coder.encode(cand_f[fg], non_crowd[matched])
+        if fg.numel():
+            # SN-Detectron (Detectron.pytorch) regresses toward the ground truth that gave the label, a crowd
+            # box included: its per-batch roidb has no precomputed bbox_targets, so _sample_rois encodes against
+            # box_to_gt_ind_map. (Caffe2 Detectron's precomputed targets use the best non-crowd box instead.)
+            reg_targets[:fg.numel()] = self.box_coder.encode(cand_f[fg], gt_f[max_gt[fg]])
         return cand[keep], labels, reg_targets, fg.numel(), cand_f[fg]
 
     def _mask_targets(self, rois_f: Tensor, target: Mapping, scale: float, size: int) -> Tensor:
