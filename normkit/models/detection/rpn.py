@@ -60,7 +60,7 @@ class RPN(nn.Module):
             NMS. With several levels, ``post_nms_topk`` is also the number of proposals collected over levels.
         collect: ``"per_batch"`` (Detectron-1: in training, the top ``post_nms_topk`` over all levels of *all
             images* of the batch) or ``"per_image"`` (detectron2). Inference always collects per image, as
-            Detectron-1's one-image test batches do, so results do not depend on the evaluation batch size.
+            Detectron-1's one-image test batches do, so the collection does not depend on the evaluation batch.
         nms_thresh: 0.7. ``min_size``: minimum proposal side in original-image pixels (scaled by each image's
             scale; Detectron ``RPN_MIN_SIZE``, default 0).
         batch_size_per_image, positive_fraction, iou_thresholds: anchor sampling (256, 0.5, (0.3, 0.7)).
@@ -74,7 +74,8 @@ class RPN(nn.Module):
             anchors, averaged over images) or ``"batch_size"`` (detectron2).
         legacy_plus_one: Detectron-1 box convention (widths ``+1``, clip to ``W - 1``, NMS with ``+1``).
         eval_clip_to_padded: at inference, clip and filter proposals with the padded batch size (Detectron-1's
-            test ``im_info``) instead of each image's size.
+            test ``im_info``) instead of each image's size. Detectron-1 tests one image per batch; in a batch of
+            several images the padding is the largest image's, so evaluate with batch size 1 to match it.
 
     forward(features, image_sizes, padded_size, scales, targets=None) -> (proposals, losses): proposals is a
     list of Tensor[K_i, 4] per image (detached, by decreasing objectness), losses a dict (empty in eval).
