@@ -96,6 +96,11 @@ def test_linear_scaling_rule_scales_lr_and_schedule_with_the_total_batch():
     assert (big["max_iter"], big["lr_schedule"]["steps"], big["lr_schedule"]["warmup_iters"]) == \
         (45000, [30000, 40000], 125)
     assert train["optimizer"]["reference_batch"] == 16  # the input is not modified
+    # a poly schedule's floor scales with the lr (CondNet: 0.01 -> 1e-4 at 16 images)
+    poly = {"max_iter": 160000, "optimizer": {"lr": 0.01, "reference_batch": 16},
+            "lr_schedule": {"policy": "poly", "power": 0.9, "min_lr": 1e-4}}
+    assert scale_to_total_batch(poly, 128)["lr_schedule"] == {"policy": "poly", "power": 0.9,
+                                                              "min_lr": pytest.approx(8e-4)}
     no_reference = {"max_iter": 10, "optimizer": {"lr": 0.1}}
     assert scale_to_total_batch(no_reference, 64) is no_reference
     with pytest.raises(ValueError, match="reference_batch must be a positive integer"):

@@ -249,15 +249,38 @@ def _decay_by_kind(name):
     """{(is norm parameter, is bias): set of weight decays} of the optimizer the config builds."""
     from normkit.engine import build_optimizer
     from normkit.nn import is_norm_layer
+    from normkit.engine import scale_to_total_batch
     cfg = read_config(name)
     model = build_model(cfg)
     norm_params = {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}
     decays = {}
-    for group in build_optimizer(model, cfg["train"]["optimizer"]).param_groups:
+    train = scale_to_total_batch(cfg["train"], cfg["train"]["batch_size"] * cfg["train"]["iter_size"])
+    for group in build_optimizer(model, train["optimizer"]).param_groups:
         for param, param_name in zip(group["params"], group["param_names"]):
             kind = (id(param) in norm_params, param_name.endswith(".bias"))
             decays.setdefault(kind, set()).add(group["weight_decay"])
     return decays
+
+
+SEGMENTATION_RECIPES = ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
+                        "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet",
+                        "sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup",
+                        "condnet/r50d8_cond_sep_aspp_ade20k", "condnet/r101d8_cond_sep_aspp_ade20k",
+                        "condnet/r101d8_cond_sep_aspp_pascal_context59", "deeplab/r101_deeplab_v2_voc"]
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_RECIPES)
+def test_segmentation_recipes_hold_their_published_batch_in_one_process(name):
+    from normkit.engine import scale_to_total_batch
+    train = read_config(name)["train"]
+    published = 10 if name.startswith("deeplab") else 16  # 8 GPUs x 2 images; the port's iter_size 10 x 1 image
+    assert train["optimizer"]["reference_batch"] == published == train["batch_size"] * train["iter_size"]
+    one_process = scale_to_total_batch(train, published)
+    assert one_process["optimizer"]["lr"] == train["optimizer"]["lr"] and one_process["max_iter"] == train["max_iter"]
+    # 8 processes of the same batch: 8 times the images per step, so 8x the lr over an eighth of the steps
+    eight = scale_to_total_batch(train, 8 * published)
+    assert eight["optimizer"]["lr"] == pytest.approx(8 * train["optimizer"]["lr"])
+    assert eight["max_iter"] == round(train["max_iter"] / 8)
 
 
 @pytest.mark.parametrize("name, decay", [("condnet/r50d8_cond_sep_aspp_ade20k", 5e-4),

@@ -133,9 +133,9 @@ def scale_to_total_batch(train_cfg: dict, total_batch: int) -> dict:
 
     A recipe states its lr and schedule for `reference_batch` images per optimizer step (Detectron: 16 = 8 GPUs
     x 2 images). For a total batch B (images per process x iter_size x processes) the returned copy of the
-    `train:` section has lr x B / reference_batch and max_iter, lr_schedule.steps and lr_schedule.warmup_iters
-    x reference_batch / B (rounded; at least 1 for max_iter), so the run sees the same number of images at
-    each point of the schedule (Detectron's GETTING_STARTED: 1 GPU instead of 8 -> lr / 8, iterations x 8).
+    `train:` section has lr (and a poly schedule's min_lr) x B / reference_batch and max_iter, lr_schedule.steps
+    and lr_schedule.warmup_iters x reference_batch / B (rounded; at least 1 for max_iter), so the run sees the
+    same number of images at each point of the schedule (Detectron's GETTING_STARTED: 1 GPU instead of 8 -> lr / 8, iterations x 8).
     Without reference_batch the section is returned unchanged; reference_batch itself is removed."""
     optimizer = dict(train_cfg.get("optimizer") or {})
     reference = optimizer.pop("reference_batch", None)
@@ -156,6 +156,8 @@ def scale_to_total_batch(train_cfg: dict, total_batch: int) -> dict:
         schedule["steps"] = [round(int(step) * iterations) for step in schedule["steps"]]
     if "warmup_iters" in schedule:
         schedule["warmup_iters"] = round(int(schedule["warmup_iters"]) * iterations)
+    if "min_lr" in schedule:
+        schedule["min_lr"] = float(schedule["min_lr"]) / iterations
     if schedule:
         scaled["lr_schedule"] = schedule
     return scaled
