@@ -376,11 +376,6 @@ def test_no_config_without_a_published_model():
 
 
 # -- pretrained initialisation ----------------------------------------------------------------------------------------
-SEGMENTATION_RECIPES = ["csail/r18d8_c1_deepsup", "csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
-                        "csail/r101d8_ppm_deepsup", "csail/r50_upernet", "csail/r101_upernet",
-                        "sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup",
-                        "condnet/r50d8_cond_sep_aspp_ade20k", "condnet/r101d8_cond_sep_aspp_ade20k",
-                        "condnet/r101d8_cond_sep_aspp_pascal_context59", "deeplab/r101_deeplab_v2_voc"]
 
 
 @pytest.mark.parametrize("name", SEGMENTATION_RECIPES)
