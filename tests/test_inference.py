@@ -40,6 +40,14 @@ def test_single_scale_is_softmax():
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
 
 
+def test_probabilities_keep_float64_and_raise_half_precision():
+    image = image_with_red([0, 2, 4, 6])
+    probs = inference(RampModel(), image.double())
+    assert probs.dtype == torch.float64
+    np.testing.assert_allclose(probs[0, 0, 0], sigmoid([0, 2, 4, 6]), rtol=1e-15)  # float32 is good to 1e-7
+    assert inference(RampModel(), image.bfloat16()).dtype == torch.float32
+
+
 def test_two_scales_average_softmax_of_resized_logits():
     probs = inference(RampModel(), image_with_red([0, 2, 4, 6]), scales=(1.0, 0.5))
     # x0.5 (bilinear, half-pixel centres): columns sample at 0.5 and 2.5 -> red 1 and 5; the logits back to 4

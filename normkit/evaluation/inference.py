@@ -122,7 +122,7 @@ def average_probabilities(model, inputs: Iterable[torch.Tensor], out_size, *, fl
                 logits = slide_logits(model, x, crop_size, stride)
             else:
                 logits = _logits(model, x) if pad_to is None else padded_logits(model, x, pad_to)
-            logits = logits.float()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 up, float64 kept
             if logits.shape[-2:] != out_size:
                 logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
             probs = logits.softmax(dim=1)
