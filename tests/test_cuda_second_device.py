@@ -1,5 +1,6 @@
-"""Every op on cuda:1 while cuda:0 is current: kernels must launch on their inputs' device (a missing device guard
-shows up as an illegal address or wrong values) and return results there. Needs two GPUs."""
+"""Every op, forward and backward, on cuda:1 while cuda:0 is current: kernels must launch on their inputs' device
+(a missing device guard shows up as an illegal address or wrong values) and return results there. Needs two
+GPUs."""
 import pytest
 import torch
 
@@ -61,3 +62,39 @@ def test_nms_runs_on_the_inputs_device(batched):
         actual = run(boxes.to("cuda:1"), scores.to("cuda:1"), classes.to("cuda:1"))
     assert actual.device == torch.device("cuda", 1)
     assert torch.equal(actual.cpu(), expected)
+
+
+def _backward_cases():
+    """(backward op, its CPU arguments): autograd runs a backward on its inputs' device, so the guards of the
+    backward kernels are only reached by calling the ops while another device is current."""
+    ops = torch.ops.normkit
+    x, rois = torch.randn(2, 8, 24, 32), random_rois(16, 2, 96, 128)
+    pooled, argmax = ops.roi_pool(x, rois, 0.25, 7, 7)
+    sn_inputs = (torch.randn(4, 6, 9, 7), torch.rand(6), torch.randn(6), torch.randn(3), torch.randn(3))
+    _, moments, bn_stats = ops.switch_norm(*sn_inputs, None, None, True, 0.1, True, True, 1e-5)
+    return {
+        "roi_align": (ops._roi_align_backward, (torch.randn(16, 8, 7, 7), rois, 0.25, 7, 7, 2, 8, 24, 32, 2, True,
+                                                False)),
+        "roi_align_deterministic": (ops._roi_align_backward, (torch.randn(16, 8, 7, 7), rois, 0.25, 7, 7, 2, 8, 24,
+                                                              32, 2, True, True)),
+        "roi_pool": (ops._roi_pool_backward, (torch.randn_like(pooled), rois, argmax, 0.25, 7, 7, 2, 8, 24, 32)),
+        "switch_norm": (ops._switch_norm_backward, (torch.randn(4, 6, 9, 7), sn_inputs[0], moments, bn_stats,
+                                                    sn_inputs[1], sn_inputs[3], sn_inputs[4], True, True, 1e-5)),
+        "class_embedding": (ops._class_embedding_backward, (torch.randn(2, 5, 12), torch.randn(2, 5, 9, 7),
+                                                            torch.randn(2, 12, 9, 7))),
+        "dynamic_classify": (ops._dynamic_classify_backward, (torch.randn(2, 5, 9, 7), torch.randn(2, 12, 9, 7),
+                                                              torch.randn(2, 5, 12), True)),
+    }
+
+
+@pytest.mark.parametrize("name", ["roi_align", "roi_align_deterministic", "roi_pool", "switch_norm",
+                                  "class_embedding", "dynamic_classify"])
+def test_backward_op_runs_on_the_inputs_device(name):
+    op, args = _backward_cases()[name]
+    expected = op(*args)
+    with torch.cuda.device(0):
+        actual = op(*[a.to("cuda:1") if isinstance(a, torch.Tensor) else a for a in args])
+    for a, e in zip(actual if isinstance(actual, (tuple, list)) else [actual],
+                    expected if isinstance(expected, (tuple, list)) else [expected]):
+        assert a.device == torch.device("cuda", 1)
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-4)

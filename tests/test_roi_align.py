@@ -273,6 +273,8 @@ def test_cuda_deterministic_backward_in_chunks(channels_last):
     rois = torch.tensor([[k % 2, 4.0 * k, 2.0 * k, 100.0 + 3 * k, 90.0 + 4 * k] for k in range(12)],
                         dtype=torch.float64)
     grad = torch.randn(12, 3, 7, 7, dtype=torch.float64)
+    if channels_last:  # the backward kernel follows the layout of the incoming gradient
+        grad = grad.contiguous(memory_format=torch.channels_last)
     grads = {}
     for device, deterministic in (("cpu", True), ("cuda", True), ("cuda", False), ("cuda", True)):
         xd = x.to(device).requires_grad_(True)
