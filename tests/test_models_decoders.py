@@ -46,6 +46,10 @@ def test_csail_structure_and_init():
                                                                       torch.full((512,), 1e-4))
     c1 = C1DeepSup((256, 512, 1024, 2048), K)
     assert c1.cbr[0].out_channels == 512 and c1.cbr_deepsup[0].in_channels == 1024
+    # CSAIL's weights_init matches "BatchNorm" class names only: SN (the SN fork) and GN keep weight 1, bias 0
+    for norm in ("sn", "gn"):
+        layer = C1DeepSup((256, 512, 1024, 2048), K, norm=norm).cbr[1]
+        assert torch.all(layer.weight == 1) and torch.all(layer.bias == 0), norm
 
 
 def _seg_model(head_cls=C1DeepSup, loss_mode="downsample_labels", norm="bn"):

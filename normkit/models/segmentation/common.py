@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from normkit.models.registry import build_backbone, build_head
-from normkit.nn import is_norm_layer
 
 LOSS_MODES = ("downsample_labels", "upsample_logits")
 # What a cross-entropy is averaged over: the labelled pixels (CSAIL, torch's default), or every pixel with the
@@ -18,15 +17,16 @@ CE_AVERAGES = ("labelled_pixels", "all_pixels")
 
 
 def init_csail_decoder(module: nn.Module) -> None:
-    """CSAIL decoder init: Kaiming-normal conv weights, norm weight 1 and bias 1e-4."""
+    """CSAIL decoder init: Kaiming-normal conv weights; batch-norm weight 1 and bias 1e-4. Its weights_init
+    matches class names containing "BatchNorm" only, so other norms (SN in the SwitchNorm_Segmentation fork,
+    GN) keep their own initialisation."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight)
-        elif is_norm_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             with torch.no_grad():
                 m.weight.fill_(1.0)
-                if isinstance(getattr(m, "bias", None), torch.Tensor):
-                    m.bias.fill_(1e-4)
+                m.bias.fill_(1e-4)
 
 
 LABEL_SAMPLINGS = ("floor", "centres", "corners")
