@@ -41,17 +41,18 @@ DRIVER = ("import json, runpy, sys; sys.path.insert(0, sys.argv[1]); "
           "json.dump(result, open(sys.argv[3], 'w'))")
 
 
-def run(cmd: list[str], limit: float, env: dict | None = None) -> tuple[bool, str]:
-    """Runs `cmd` in the repository root; (succeeded, last lines of its output)."""
+def run(cmd: list[str], limit: float, env: dict | None = None, shown: int = 3000) -> tuple[bool, str]:
+    """Runs `cmd` in the repository root, printing the last `shown` characters of its output; (succeeded, its
+    last line)."""
     print("$", " ".join(cmd), flush=True)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=limit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        print(out[-3000:])
+        print(out[-shown:])
         return False, f"timed out after {limit:.0f} s"
-    print(proc.stdout[-3000:], flush=True)
+    print(proc.stdout[-shown:], flush=True)
     tail = proc.stdout.strip().splitlines()[-1:] or [""]
     return proc.returncode == 0, tail[0] if proc.returncode == 0 else f"exit {proc.returncode}: {tail[0]}"
 
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                         "registered')"], REGISTER_LIMIT_S, env)
         steps.append(("CUDA kernels registered", ok, note))
     if ok:
-        ok, note = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TESTS],
-                       TEST_LIMIT_S, env)
+        # The slowest tests are listed and failures kept whole: the first GPU run is also the first timing.
+        ok, note = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15", "-m", "cuda",
+                        *CUDA_TESTS], TEST_LIMIT_S, env, shown=30000)
         steps.append(("CUDA tests (pytest -m cuda)", ok, note))
 
     targets: list[tuple[str, bool | None, str]] = []
