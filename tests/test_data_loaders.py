@@ -164,6 +164,41 @@ def test_photometric_distortion_stays_in_range_and_is_seeded():
     assert any(changed)
 
 
+class ScriptedRng:
+    """Hands out the given draws in order (random(), uniform(), integers() alike)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+    def uniform(self, low, high):
+        return self.draws.pop(0)
+
+    def integers(self, low, high):
+        assert (low, high) == (-18, 18)  # mmseg's randint(-18, 18): -18..17
+        return self.draws.pop(0)
+
+
+def test_photometric_distortion_works_in_uint8_as_mmseg():
+    image = np.array([[[100, 100, 100], [200, 0, 0]]], np.uint8)
+    # brightness +10.7 (truncated to uint8 after the step), contrast last but skipped, saturation skipped,
+    # hue +10 on OpenCV's 0..179 scale
+    out = photometric_distortion(image, ScriptedRng(0.0, 10.7, 0.9, 0.9, 0.0, 10, 0.9))
+    assert out.dtype == np.float32 and out[0, 0].tolist() == [110, 110, 110]  # grey: hue leaves it
+    brightened = np.array([[[210, 10, 10]]], np.uint8)  # 200 + 10.7 and 0 + 10.7, truncated
+    hsv = cv2.cvtColor(brightened, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] += 10
+    assert out[0, 1].tolist() == cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].tolist()
+    # contrast first (x1.26: 100 -> 126), saturation x0.5 on uint8 S
+    out = photometric_distortion(image, ScriptedRng(0.9, 0.0, 0.0, 1.26, 0.0, 0.5, 0.9))
+    assert out[0, 0].tolist() == [126, 126, 126]
+    hsv = cv2.cvtColor(np.array([[[252, 0, 0]]], np.uint8), cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = (hsv[..., 1] * 0.5).astype(np.uint8)
+    assert out[0, 1].tolist() == cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].tolist()
+
+
 def test_mmseg_transform_small_image_is_padded_by_collate():
     transform = MMSegTrainTransform(scale=(20, 10), ratio_range=(1, 1), crop_size=(16, 16), photometric=False)
     image = np.full((10, 20, 3), 128, np.uint8)

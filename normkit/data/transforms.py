@@ -111,28 +111,35 @@ def crop_with_cat_max_ratio(label: np.ndarray, crop: tuple[int, int], cat_max_ra
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32,
-                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: float = 18):
-    """mmseg PhotoMetricDistortion: each step applied with probability 1/2, contrast either before or after
-    the saturation/hue steps. `hue_delta` is in OpenCV uint8 hue units (degrees / 2). Returns float32 0..255."""
-    img = image.astype(np.float32)
+                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18):
+    """mmseg 0.x PhotoMetricDistortion of a uint8 RGB image: brightness, then contrast either before or after
+    saturation and hue, each step with probability 1/2. As mmseg, every step returns to uint8 (clipped, then
+    truncated) and saturation and hue work on OpenCV's uint8 HSV, the hue (0..179) shifted by an integer in
+    [-hue_delta, hue_delta). Returns float32 0..255."""
+
+    def convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(img: np.ndarray) -> np.ndarray:
+        return convert(img, alpha=rng.uniform(*contrast_range)) if rng.random() < 0.5 else img
+
+    img = image.astype(np.uint8)
     if rng.random() < 0.5:
-        img = np.clip(img + rng.uniform(-brightness_delta, brightness_delta), 0, 255)
+        img = convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
     contrast_first = rng.random() < 0.5
-    contrast = rng.uniform(*contrast_range) if rng.random() < 0.5 else None
-    if contrast_first and contrast is not None:
-        img = np.clip(img * contrast, 0, 255)
-    saturation = rng.uniform(*saturation_range) if rng.random() < 0.5 else None
-    hue = rng.uniform(-hue_delta, hue_delta) * 2 if rng.random() < 0.5 else None
-    if saturation is not None or hue is not None:
-        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # float input: H in degrees [0, 360), S in [0, 1]
-        if saturation is not None:
-            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
-        if hue is not None:
-            hsv[..., 0] = (hsv[..., 0] + hue) % 360
-        img = np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 255)
-    if not contrast_first and contrast is not None:
-        img = np.clip(img * contrast, 0, 255)
-    return img
+    if contrast_first:
+        img = contrast(img)
+    if rng.random() < 0.5:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.random() < 0.5:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-hue_delta, hue_delta))) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first:
+        img = contrast(img)
+    return img.astype(np.float32)
 
 
 class MMSegTrainTransform:
