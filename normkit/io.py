@@ -92,7 +92,7 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a directory)"
                                                                       if os.path.isdir(path) else ""))
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):  # torch >= 2.5
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):  # (object, name) entries: torch >= 2.6
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated zips and forbidden globals
         raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or holding objects that "

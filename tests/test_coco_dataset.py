@@ -131,11 +131,12 @@ def test_missing_areas_are_filled_in_as_coco_defines_them(tmp_path):
     poly = [[2.0, 2.0, 12.0, 2.0, 12.0, 10.0]]  # a right triangle of 10 x 8 px
     root = small_set(tmp_path, [{"bbox": [2, 2, 10, 8], "segmentation": poly},
                                 {"bbox": [20, 4, 6, 5]},
-                                {"bbox": [2, 2, 10, 8], "area": 7.0, "segmentation": poly}])
+                                {"bbox": [2, 2, 10, 8], "area": 7.0, "segmentation": poly},
+                                {"bbox": [1, 1, 4, 3], "segmentation": [[1.0, 1.0, 5.0, 4.0]]}])  # no valid polygon
     anns = load_coco_json(root / "annotations" / "instances_val2017.json").dataset["annotations"]
     expected = float(mask_util.area(mask_util.merge(mask_util.frPyObjects(poly, 20, 30))))
     assert 35 < expected < 50  # about half the box: the mask's area, not the box's
-    assert [a["area"] for a in anns] == [expected, 30.0, 7.0]  # a given area is kept
+    assert [a["area"] for a in anns] == [expected, 30.0, 7.0, 12.0]  # a given area is kept
 
 
 def test_2014_splits_use_the_val2014_folder(root, tmp_path):

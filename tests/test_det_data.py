@@ -96,6 +96,14 @@ def test_image_is_resampled_by_the_box_scale():
     assert crossing == pytest.approx(900 * 0.5 - 0.5, abs=0.05)
 
 
+def test_extreme_aspect_ratio_keeps_one_pixel():
+    # 1 x 3000 to long side 1333: the short side scales to 0.44 px, which cv2's factor resize would round to 0
+    out = DetectionMapper(PixelNormalizer("rgb", 1, (0, 0, 0), (1, 1, 1)), [800], 1333)(
+        {"image": np.zeros((1, 3000, 3), np.uint8), "image_id": 1, "boxes": np.zeros((0, 4), np.float32),
+         "labels": np.zeros(0, np.int64), "iscrowd": np.zeros(0, bool)}, None, False)
+    assert out["image_size"] == (1, 1333) and tuple(out["image"].shape) == (3, 1, 1333)
+
+
 def test_flip_box_conventions():
     boxes = np.array([[10, 20, 29, 39]], np.float32)  # pixel columns 10..29 of a 100-wide image
     assert flip_boxes(boxes, 100, True).tolist() == [[70, 20, 89, 39]]  # columns 70..89

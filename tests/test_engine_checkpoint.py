@@ -1,6 +1,7 @@
 import multiprocessing
 import os
 import random
+import zipfile
 
 import numpy as np
 import pytest
@@ -180,9 +181,19 @@ def test_non_finite_states_are_never_written(tmp_path):
 
 
 def test_numpy_scalars_in_the_metadata_load(tmp_path):
-    # training scripts store e.g. best_prec1 = np.float64(...) beside the weights (numpy 1 or 2 pickles)
+    # training scripts store e.g. best_prec1 = np.float64(...) beside the weights
     path = tmp_path / "meta.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}, "best_prec1": np.float64(77.49), "epoch": np.int64(99)}, path)
     state = load_checkpoint(path)
     assert state["best_prec1"] == 77.49 and state["epoch"] == 99 and torch.equal(state["state_dict"]["w"],
                                                                                  torch.ones(2))
+    # a file written under numpy 1 names the scalar constructor numpy.core.multiarray.scalar
+    old_numpy = tmp_path / "numpy1.pth"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old_numpy, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            dst.writestr(info, data)
+    assert load_checkpoint(old_numpy)["best_prec1"] == 77.49

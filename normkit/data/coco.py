@@ -107,7 +107,13 @@ def _fill_missing_areas(coco: COCO, path) -> None:
     area; files written by other tools may leave it out. Fill it in: the mask's area, else the box's."""
     missing = [ann for ann in coco.dataset["annotations"] if "area" not in ann]
     for ann in missing:
-        if ann.get("segmentation"):
+        segmentation = ann.get("segmentation")
+        polygons = _valid_polygons(segmentation)  # degenerate polygons, which the reader drops, count for nothing
+        if polygons:
+            image = coco.imgs[ann["image_id"]]
+            rle = mask_util.merge(mask_util.frPyObjects(polygons, image["height"], image["width"]))
+            ann["area"] = float(mask_util.area(rle))
+        elif isinstance(segmentation, dict):
             ann["area"] = float(mask_util.area(coco.annToRLE(ann)))
         else:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])

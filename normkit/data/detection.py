@@ -165,8 +165,12 @@ class DetectionMapper:
         pixels = self.normalizer(image)
         if size != (h, w):
             # By factor, as Detectron-1: cv2 then samples with exactly `scale` (a target size would make it use
-            # round(w * scale) / w), so pixels stay aligned with boxes * scale up to the far edge.
-            pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+            # round(w * scale) / w), so pixels stay aligned with boxes * scale up to the far edge. A side that
+            # would round to 0 pixels (an extreme aspect ratio) takes the target size, at least 1.
+            if min(h, w) * scale > 0.5:
+                pixels = cv2.resize(pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+            else:
+                pixels = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
             if pixels.shape[:2] != size:
                 raise RuntimeError(f"cv2.resize by {scale} gave {pixels.shape[:2]}, expected {size}")
         boxes = sample["boxes"]

@@ -4,9 +4,9 @@ The training stream is a sequence of *global* batches (batch_size x world_size s
 iteration. Epoch e shuffles all indices with a Generator seeded by (seed, e); with orientation grouping
 (CSAIL) the shuffled indices are dealt into a landscape and a portrait bucket and a bucket is emitted as a
 batch when full; a bucket's leftovers at the end of an epoch wait for the next epoch's indices (as in CSAIL's
-loader), so an orientation with fewer images than a global batch is still trained. Rank r takes the r-th slice
-of each global batch, so ranks never share a sample within an iteration and N processes together see exactly
-the batch a single process with N x batch_size would see. The stream depends only on indices, so skipping to
+loader), so an orientation with fewer images than a global batch is still trained; as there, a batch can then
+hold an image twice (once left over, once drawn again). Rank r takes the r-th slice of each global batch, so N
+processes together see exactly the batch a single process with N x batch_size would see. The stream depends only on indices, so skipping to
 `start_iter` costs no image decoding.
 """
 from __future__ import annotations

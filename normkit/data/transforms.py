@@ -47,8 +47,7 @@ def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int, b
     if backend == "pil":
         return (resize_image(image, height, width, "pil"),
                 np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST)))
-    return (resize_image(image, height, width, backend) if image.dtype == np.uint8 else
-            cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
+    return (cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
             cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST))
 
 

@@ -51,6 +51,14 @@ def read_config(config: Union[str, os.PathLike, Mapping]) -> dict:
     return copy.deepcopy(dict(config))
 
 
+def drop_backbone_pretrained(model_cfg: dict) -> None:
+    """Removes ``backbone.pretrained`` from a model config section, so building never reads the ImageNet file
+    (a checkpoint, or a converted initialisation being checked, takes its place)."""
+    backbone_cfg = model_cfg.get("backbone")
+    if isinstance(backbone_cfg, Mapping):
+        model_cfg["backbone"] = {k: v for k, v in backbone_cfg.items() if k != "pretrained"}
+
+
 def build_model(config: Union[str, os.PathLike, Mapping], checkpoint=None) -> nn.Module:
     """Build the model of ``config["model"]`` (config: YAML path, shipped config name or dict) and optionally load
     ``checkpoint`` (a path read with ``torch.load(weights_only=True)``, or a state dict) strictly:
@@ -63,15 +71,14 @@ def build_model(config: Union[str, os.PathLike, Mapping], checkpoint=None) -> nn
     if "model" not in config:
         raise ValueError(f"config has no 'model' section (top-level keys: {sorted(config)})")
     model_cfg = config_section(config["model"], "model")
-    backbone_cfg = model_cfg.get("backbone")
-    if checkpoint is not None and isinstance(backbone_cfg, Mapping):
-        model_cfg["backbone"] = {k: v for k, v in backbone_cfg.items() if k != "pretrained"}
+    if checkpoint is not None:
+        drop_backbone_pretrained(model_cfg)
     builder = MODELS.get(model_cfg["name"])
     model = builder.from_config(model_cfg) if hasattr(builder, "from_config") else builder(model_cfg)
     if checkpoint is not None:
         load_state_dict_strict(model, checkpoint)
     elif getattr(getattr(model, "backbone", None), "pretrained_loaded", False):
         new = sorted({key.split(".", 1)[0] for key in model.state_dict() if not key.startswith("backbone.")})
-        logger.info("backbone initialised from %s; newly initialised: %s", backbone_cfg["pretrained"],
+        logger.info("backbone initialised from %s; newly initialised: %s", model_cfg["backbone"]["pretrained"],
                     ", ".join(new) or "nothing")
     return model

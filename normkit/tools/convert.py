@@ -28,14 +28,13 @@ def check_backbone_init(config, state: Mapping) -> None:
     ``resnet`` classifier is its own backbone) to :func:`~normkit.models.checkpoint.load_pretrained_backbone`.
     Raises RuntimeError naming the missing, unexpected and mis-shaped keys."""
     from normkit.models import GeneralizedRCNN, build_model, read_config
+    from normkit.models.build import drop_backbone_pretrained
     from normkit.models.checkpoint import load_pretrained_backbone
     from normkit.models.detection.rcnn import load_backbone_init
 
     cfg = read_config(config)
-    model_cfg = cfg.get("model")
-    backbone_cfg = model_cfg.get("backbone") if isinstance(model_cfg, Mapping) else None
-    if isinstance(backbone_cfg, Mapping):  # the file the config names must not be read: `state` replaces it
-        model_cfg["backbone"] = {k: v for k, v in backbone_cfg.items() if k != "pretrained"}
+    if isinstance(cfg.get("model"), Mapping):  # the file the config names must not be read: `state` replaces it
+        drop_backbone_pretrained(cfg["model"])
     model = build_model(cfg)
     if isinstance(model, GeneralizedRCNN):
         load_backbone_init(model, state)
