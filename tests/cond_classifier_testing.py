@@ -14,3 +14,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}-threads")
+def intra_op_threads(request):
+    """Runs a test at 1, 2 and 3 intra-op threads: the CPU GEMMs cut their output into per-thread tiles (three
+    threads and two samples give uneven cuts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(threads)
+
+
+# K, C and H*W past the CPU GEMMs' 256-wide cache blocks and not multiples of them: every block edge, every copied
+# (transposed) operand block and the per-thread output tiles are crossed.
+PAST_CACHE_BLOCKS = (2, 300, 520, 23, 29)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from cond_classifier_testing import single_thread  # noqa: F401  (fixture)
+from cond_classifier_testing import PAST_CACHE_BLOCKS, intra_op_threads, single_thread  # noqa: F401  (fixtures)
 from normkit.ops import class_embedding, class_embedding_reference
 
 # (B, K, C, H, W): K < C, K > C, K not dividing C and vice versa, H*W = 1, B = 1, odd pixel counts. The CPU
@@ -47,6 +47,18 @@ def test_matches_reference(device, dtype, shape, channels_last):
     torch.testing.assert_close(gg.double(), ref_gg, rtol=rtol, atol=atol)
     torch.testing.assert_close(gf.double(), ref_gf, rtol=rtol, atol=atol)
     assert gf.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_past_cache_blocks(channels_last, intra_op_threads):
+    guidance, features = sample_inputs(PAST_CACHE_BLOCKS, torch.float32, channels_last=channels_last)
+    b, k, c = PAST_CACHE_BLOCKS[:3]
+    grad = torch.randn(b, k, c, dtype=torch.float64)
+    results = forward_backward(class_embedding, guidance, features, grad.float())
+    expected = forward_backward(class_embedding_reference, *(t.detach().double().requires_grad_()
+                                                             for t in (guidance, features)), grad)
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 2, 3), (1, 4, 3, 1, 1)])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from cond_classifier_testing import single_thread  # noqa: F401  (fixture)
+from cond_classifier_testing import PAST_CACHE_BLOCKS, intra_op_threads, single_thread  # noqa: F401  (fixtures)
 from normkit.ops import dynamic_classify, dynamic_classify_reference
 
 # (B, K, C, H, W): K not dividing C and vice versa, H*W = 1, B = 1.
@@ -48,6 +48,25 @@ def test_matches_reference(device, dtype, shape, with_bias, channels_last):
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert results[0].is_contiguous(memory_format=layout) and results[1].is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_past_cache_blocks(with_bias, channels_last, intra_op_threads):
+    features, weight, bias = sample_inputs(PAST_CACHE_BLOCKS, torch.float32, channels_last=channels_last)
+    bias = bias if with_bias else None
+    b, k, c, h, w = PAST_CACHE_BLOCKS
+    grad = torch.randn(b, k, h, w, dtype=torch.float64)
+    results = forward_backward(dynamic_classify, features, weight, bias, grad.float())
+    ref_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in (features, weight, bias)]
+    expected = forward_backward(dynamic_classify_reference, *ref_inputs, grad)
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # One weight row for every class: a weight whose rows are zero-stride views is read correctly.
+    shared = weight.detach()[:, :1].expand(b, k, c)
+    torch.testing.assert_close(dynamic_classify(features, shared, bias).double(),
+                               dynamic_classify_reference(*ref_inputs[:1], shared.double(), ref_inputs[2]),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_hand_computed():

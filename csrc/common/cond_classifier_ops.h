@@ -1,8 +1,9 @@
 // Host-side composition of the conditional-classifier ops, shared by the CPU and CUDA registrations.
 //
 // The contractions (class embedding E = P·Xᵀ/N, its gradients, and the per-sample classification
-// Y = W·X + b) run as batched GEMMs through at::bmm/at::baddbmm (MKL/oneDNN on CPU, cuBLAS on CUDA);
-// only the class softmax and its backward are device kernels, passed in as function pointers.
+// Y = W·X + b) run as batched GEMMs; the batched GEMM, the class softmax and its backward are the device
+// parts, passed in as function pointers (CUDA: cuBLAS through at::baddbmm; CPU: one single-threaded
+// GEMM per sample and output tile, see cpu/batched_gemm.h).
 // The 1/N mean is applied as the GEMM's alpha so fp16/bf16 sums over N pixels are scaled inside the fp32
 // accumulator instead of overflowing the output type first.
 #pragma once
@@ -20,6 +21,21 @@ namespace cond_classifier {
 using SoftmaxForward = at::Tensor (*)(const at::Tensor& guidance);
 // In place: grad_prob (B, K, N) becomes the guidance gradient, given the probabilities (B, K, N).
 using SoftmaxBackward = void (*)(const at::Tensor& prob, at::Tensor& grad_prob);
+
+// out[b] = alpha * a[b]·m[b] (+ addend[b], broadcast to out, when it is defined) for every sample b.
+using BatchedGemm = void (*)(const at::Tensor& out, const at::Tensor& addend, const at::Tensor& a, const at::Tensor& m,
+                             double alpha);
+
+// The BatchedGemm of one library call (at::baddbmm).
+inline void library_batched_gemm(const at::Tensor& out, const at::Tensor& addend, const at::Tensor& a,
+                                 const at::Tensor& m, double alpha) {
+  at::Tensor result = out;
+  if (addend.defined()) {
+    at::baddbmm_out(result, addend.expand_as(out), a, m, /*beta=*/1, alpha);
+  } else {
+    at::baddbmm_out(result, result, a, m, /*beta=*/0, alpha);
+  }
+}
 
 // Features stored channels_last are read as (B, N, C) rows; results then keep that layout.
 // The GEMMs inside the ops run in the inputs' dtype: an autocast region around a call would otherwise reach them
@@ -56,7 +72,8 @@ inline void check_class_embedding_inputs(const at::Tensor& guidance, const at::T
   check_same(guidance, features, "guidance", "features");
 }
 
-inline at::Tensor class_embedding(const at::Tensor& guidance, const at::Tensor& features, SoftmaxForward softmax) {
+inline at::Tensor class_embedding(const at::Tensor& guidance, const at::Tensor& features, SoftmaxForward softmax,
+                                  BatchedGemm gemm) {
   const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_class_embedding_inputs(guidance, features);
   const int64_t batch = features.size(0), channels = features.size(1), classes = guidance.size(1);
@@ -65,14 +82,16 @@ inline at::Tensor class_embedding(const at::Tensor& guidance, const at::Tensor& 
   if (embedding.numel() == 0) return embedding.zero_();
   const auto prob = softmax(guidance.reshape({batch, classes, pixels}).contiguous());
   const auto feature_rows = features.reshape({batch, channels, pixels}).transpose(1, 2);  // (B, N, C)
-  return at::baddbmm_out(embedding, embedding, prob, feature_rows, /*beta=*/0, /*alpha=*/1.0 / pixels);
+  gemm(embedding, {}, prob, feature_rows, 1.0 / pixels);
+  return embedding;
 }
 
 inline std::tuple<at::Tensor, at::Tensor> class_embedding_backward(const at::Tensor& grad_embedding,
                                                                    const at::Tensor& guidance,
                                                                    const at::Tensor& features,
                                                                    SoftmaxForward softmax,
-                                                                   SoftmaxBackward softmax_backward) {
+                                                                   SoftmaxBackward softmax_backward,
+                                                                   BatchedGemm gemm) {
   const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_class_embedding_inputs(guidance, features);
   const int64_t batch = features.size(0), channels = features.size(1), classes = guidance.size(1);
@@ -95,16 +114,16 @@ inline std::tuple<at::Tensor, at::Tensor> class_embedding_backward(const at::Ten
   at::Tensor grad_features;
   if (channels_last) {
     auto rows = at::empty({batch, pixels, channels}, features.options());
-    at::baddbmm_out(rows, rows, prob.transpose(1, 2), grad_embedding, 0, scale);
+    gemm(rows, {}, prob.transpose(1, 2), grad_embedding, scale);
     grad_features = pixel_rows_to_nchw(rows, height, width);
   } else {
     auto cols = at::empty({batch, channels, pixels}, features.options());
-    at::baddbmm_out(cols, cols, grad_embedding.transpose(1, 2), prob, 0, scale);
+    gemm(cols, {}, grad_embedding.transpose(1, 2), prob, scale);
     grad_features = cols.view({batch, channels, height, width});
   }
 
   auto grad_guidance = at::empty({batch, classes, pixels}, guidance.options());
-  at::baddbmm_out(grad_guidance, grad_guidance, grad_embedding, feature_cols, 0, scale);  // dL/dP
+  gemm(grad_guidance, {}, grad_embedding, feature_cols, scale);  // dL/dP
   softmax_backward(prob, grad_guidance);
   return {grad_guidance.view({batch, classes, height, width}), grad_features};
 }
@@ -124,27 +143,28 @@ inline void check_dynamic_classify_inputs(const at::Tensor& features, const at::
 }
 
 inline at::Tensor dynamic_classify(const at::Tensor& features, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias) {
+                                   const std::optional<at::Tensor>& bias, BatchedGemm gemm) {
   const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_dynamic_classify_inputs(features, weight, bias);
   const int64_t batch = features.size(0), channels = features.size(1), classes = weight.size(1);
   const int64_t height = features.size(2), width = features.size(3), pixels = height * width;
   if (uses_channels_last(features)) {
     // (B, N, C) · (B, C, K) -> (B, N, K): the logits come out channels_last like the features.
-    const auto rows = features.reshape({batch, channels, pixels}).transpose(1, 2);
-    const auto out = bias.has_value() ? at::baddbmm(bias->unsqueeze(1), rows, weight.transpose(1, 2))
-                                      : at::bmm(rows, weight.transpose(1, 2));
-    return pixel_rows_to_nchw(out, height, width);
+    auto rows = at::empty({batch, pixels, classes}, features.options());
+    gemm(rows, bias.has_value() ? bias->unsqueeze(1) : at::Tensor(),
+         features.reshape({batch, channels, pixels}).transpose(1, 2), weight.transpose(1, 2), 1.0);
+    return pixel_rows_to_nchw(rows, height, width);
   }
-  const auto cols = features.reshape({batch, channels, pixels});
-  const auto out = bias.has_value() ? at::baddbmm(bias->unsqueeze(2), weight, cols) : at::bmm(weight, cols);
-  return out.view({batch, classes, height, width});
+  auto cols = at::empty({batch, classes, pixels}, features.options());
+  gemm(cols, bias.has_value() ? bias->unsqueeze(2) : at::Tensor(), weight, features.reshape({batch, channels, pixels}),
+       1.0);
+  return cols.view({batch, classes, height, width});
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward(const at::Tensor& grad_output,
                                                                                 const at::Tensor& features,
                                                                                 const at::Tensor& weight,
-                                                                                bool has_bias) {
+                                                                                bool has_bias, BatchedGemm gemm) {
   const NoAutocastGuard no_autocast(c10::autocast_dispatch_keyset);
   check_dynamic_classify_inputs(features, weight, std::nullopt);
   const int64_t batch = features.size(0), channels = features.size(1), classes = weight.size(1);
@@ -155,12 +175,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward(
   check_same(grad_output, features, "grad_output", "features");
   const auto grad_cols = grad_output.reshape({batch, classes, pixels});  // (B, K, N)
   const auto feature_cols = features.reshape({batch, channels, pixels});
-  const auto grad_weight = at::bmm(grad_cols, feature_cols.transpose(1, 2));
+  auto grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  gemm(grad_weight, {}, grad_cols, feature_cols.transpose(1, 2), 1.0);
   at::Tensor grad_features;
   if (uses_channels_last(features)) {
-    grad_features = pixel_rows_to_nchw(at::bmm(grad_cols.transpose(1, 2), weight), height, width);
+    auto rows = at::empty({batch, pixels, channels}, features.options());
+    gemm(rows, {}, grad_cols.transpose(1, 2), weight, 1.0);
+    grad_features = pixel_rows_to_nchw(rows, height, width);
   } else {
-    grad_features = at::bmm(weight.transpose(1, 2), grad_cols).view({batch, channels, height, width});
+    auto cols = at::empty({batch, channels, pixels}, features.options());
+    gemm(cols, {}, weight.transpose(1, 2), grad_cols, 1.0);
+    grad_features = cols.view({batch, channels, height, width});
   }
   const auto grad_bias = has_bias ? grad_cols.sum(2) : at::zeros({batch, classes}, weight.options());
   return {grad_features, grad_weight, grad_bias};

@@ -1,5 +1,5 @@
-// CPU kernels of the conditional classifier: the per-pixel class softmax and its backward.
-// The GEMM parts and the op bodies are shared with CUDA in common/cond_classifier_ops.h.
+// CPU kernels of the conditional classifier: the per-pixel class softmax and its backward; the GEMMs run on
+// cpu/batched_gemm.h. The op bodies are shared with CUDA in common/cond_classifier_ops.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +13,7 @@
 
 #include "common/cond_classifier.h"
 #include "common/cond_classifier_ops.h"
+#include "cpu/batched_gemm.h"
 #include "cpu/isa.h"
 
 namespace normkit {
@@ -82,13 +83,25 @@ void class_softmax_backward_cpu(const at::Tensor& prob, at::Tensor& grad_prob) {
 }
 
 at::Tensor class_embedding_cpu(const at::Tensor& guidance, const at::Tensor& features) {
-  return class_embedding(guidance, features, &class_softmax_cpu);
+  return class_embedding(guidance, features, &class_softmax_cpu, &cpu::tiled_batched_gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor> class_embedding_backward_cpu(const at::Tensor& grad_embedding,
                                                                 const at::Tensor& guidance,
                                                                 const at::Tensor& features) {
-  return class_embedding_backward(grad_embedding, guidance, features, &class_softmax_cpu, &class_softmax_backward_cpu);
+  return class_embedding_backward(grad_embedding, guidance, features, &class_softmax_cpu, &class_softmax_backward_cpu,
+                                  &cpu::tiled_batched_gemm);
+}
+
+at::Tensor dynamic_classify_cpu(const at::Tensor& features, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias) {
+  return dynamic_classify(features, weight, bias, &cpu::tiled_batched_gemm);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward_cpu(const at::Tensor& grad_output,
+                                                                             const at::Tensor& features,
+                                                                             const at::Tensor& weight, bool has_bias) {
+  return dynamic_classify_backward(grad_output, features, weight, has_bias, &cpu::tiled_batched_gemm);
 }
 
 }  // namespace
@@ -98,6 +111,6 @@ std::tuple<at::Tensor, at::Tensor> class_embedding_backward_cpu(const at::Tensor
 TORCH_LIBRARY_IMPL(normkit, CPU, m) {
   m.impl("class_embedding", &normkit::cond_classifier::class_embedding_cpu);
   m.impl("_class_embedding_backward", &normkit::cond_classifier::class_embedding_backward_cpu);
-  m.impl("dynamic_classify", &normkit::cond_classifier::dynamic_classify);
-  m.impl("_dynamic_classify_backward", &normkit::cond_classifier::dynamic_classify_backward);
+  m.impl("dynamic_classify", &normkit::cond_classifier::dynamic_classify_cpu);
+  m.impl("_dynamic_classify_backward", &normkit::cond_classifier::dynamic_classify_backward_cpu);
 }

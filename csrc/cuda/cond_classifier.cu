@@ -1,5 +1,5 @@
 // CUDA kernels of the conditional classifier: the per-pixel class softmax and its backward.
-// The GEMM parts (cuBLAS through at::bmm/at::baddbmm) and the op bodies are shared with the CPU in
+// The GEMMs run on cuBLAS through at::baddbmm; the op bodies are shared with the CPU in
 // common/cond_classifier_ops.h. One thread owns one pixel and walks its K classes; neighbouring threads
 // own neighbouring pixels, so every class row is read coalesced.
 #include <ATen/ATen.h>
@@ -90,7 +90,7 @@ void class_softmax_backward_cuda(const at::Tensor& prob, at::Tensor& grad_prob) 
 
 at::Tensor class_embedding_cuda(const at::Tensor& guidance, const at::Tensor& features) {
   const c10::cuda::CUDAGuard device_guard(features.device());
-  return class_embedding(guidance, features, &class_softmax_cuda);
+  return class_embedding(guidance, features, &class_softmax_cuda, &library_batched_gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor> class_embedding_backward_cuda(const at::Tensor& grad_embedding,
@@ -98,13 +98,13 @@ std::tuple<at::Tensor, at::Tensor> class_embedding_backward_cuda(const at::Tenso
                                                                  const at::Tensor& features) {
   const c10::cuda::CUDAGuard device_guard(features.device());
   return class_embedding_backward(grad_embedding, guidance, features, &class_softmax_cuda,
-                                  &class_softmax_backward_cuda);
+                                  &class_softmax_backward_cuda, &library_batched_gemm);
 }
 
 at::Tensor dynamic_classify_cuda(const at::Tensor& features, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias) {
   const c10::cuda::CUDAGuard device_guard(features.device());
-  return dynamic_classify(features, weight, bias);
+  return dynamic_classify(features, weight, bias, &library_batched_gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward_cuda(const at::Tensor& grad_output,
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward_cuda(co
                                                                               const at::Tensor& weight,
                                                                               bool has_bias) {
   const c10::cuda::CUDAGuard device_guard(features.device());
-  return dynamic_classify_backward(grad_output, features, weight, has_bias);
+  return dynamic_classify_backward(grad_output, features, weight, has_bias, &library_batched_gemm);
 }
 
 }  // namespace
