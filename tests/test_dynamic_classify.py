@@ -97,6 +97,15 @@ def test_saves_no_output_sized_tensor():
 def test_empty():
     assert dynamic_classify(torch.randn(0, 4, 2, 2), torch.randn(0, 3, 4)).shape == (0, 3, 2, 2)
     assert dynamic_classify(torch.randn(2, 4, 0, 3), torch.randn(2, 3, 4), torch.randn(2, 3)).shape == (2, 3, 0, 3)
+    # No channels: the logits are the biases (or zero), for every layout and dtype the CPU GEMMs treat apart.
+    bias = torch.randn(2, 3, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            features = torch.randn(2, 0, 4, 5, dtype=dtype).to(memory_format=layout)
+            weight = torch.randn(2, 3, 0, dtype=dtype)
+            torch.testing.assert_close(dynamic_classify(features, weight, bias.to(dtype)),
+                                       bias.to(dtype)[:, :, None, None].expand(2, 3, 4, 5))
+            assert torch.equal(dynamic_classify(features, weight), torch.zeros(2, 3, 4, 5, dtype=dtype))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -52,7 +52,7 @@ inline const float* row_major_block(const float* src, int64_t s0, int64_t s1, in
   }
   buffer.resize(rows * cols);
   float* dst = buffer.data();
-  if (s0 == 1) {  // a transpose: src is the cols x rows array with leading dimension s1
+  if (s0 == 1 && s1 >= rows) {  // a transpose: src is the cols x rows array with leading dimension s1
 #if NORMKIT_HAS_FBGEMM
     fbgemm::transpose_simd<float>(cols, rows, src, s1, dst, cols);
 #else
@@ -60,7 +60,7 @@ inline const float* row_major_block(const float* src, int64_t s0, int64_t s1, in
       for (int64_t r = 0; r < rows; ++r) dst[r * cols + c] = src[r + c * s1];
     }
 #endif
-  } else {
+  } else {  // any other layout, broadcast (zero-stride) views included
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = src[r * s0 + c * s1];
     }
@@ -100,12 +100,13 @@ inline void brgemm_tile(const at::Tensor& out, const at::Tensor& addend, const a
                                         &lda);
   for (int64_t n0 = 0; n0 < cols; n0 += kGemmBlockN) {
     const int64_t nb = std::min(kGemmBlockN, cols - n0);
-    for (int64_t m0 = 0; m0 < rows && addend.defined(); m0 += kGemmBlockM) {
-      fill_block(c + m0 * ldc + n0, ldc, addend.const_data_ptr<float>() + m0 * addend.stride(0) + n0 * addend.stride(1),
-                 addend.stride(0), addend.stride(1), std::min(kGemmBlockM, rows - m0), nb);
-    }
-    if (depth == 0 && !addend.defined()) {  // an empty reduction: the product is zero
-      for (int64_t r = 0; r < rows; ++r) std::fill_n(c + r * ldc + n0, nb, 0.f);
+    if (depth == 0) {  // an empty reduction: out is the addend or zero
+      if (addend.defined()) {
+        fill_block(c + n0, ldc, addend.const_data_ptr<float>() + n0 * addend.stride(1), addend.stride(0),
+                   addend.stride(1), rows, nb);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) std::fill_n(c + r * ldc + n0, nb, 0.f);
+      }
     }
     for (int64_t k0 = 0; k0 < depth; k0 += kGemmBlockK) {
       const int64_t kb = std::min(kGemmBlockK, depth - k0);
@@ -116,8 +117,12 @@ inline void brgemm_tile(const at::Tensor& out, const at::Tensor& addend, const a
       for (int64_t m0 = 0; m0 < rows; m0 += kGemmBlockM) {
         const int64_t mb = std::min(kGemmBlockM, rows - m0);
         float* c_block = c + m0 * ldc + n0;
-        at::native::cpublas::brgemm(mb, nb, kb, lda, ldm, ldc, /*add_C=*/k0 > 0 || addend.defined(), a_rows + m0 * lda + k0,
-                                    m_block, c_block);
+        if (k0 == 0 && addend.defined()) {
+          fill_block(c_block, ldc, addend.const_data_ptr<float>() + m0 * addend.stride(0) + n0 * addend.stride(1),
+                     addend.stride(0), addend.stride(1), mb, nb);
+        }
+        const bool accumulate = k0 > 0 || addend.defined();
+        at::native::cpublas::brgemm(mb, nb, kb, lda, ldm, ldc, accumulate, a_rows + m0 * lda + k0, m_block, c_block);
         if (last_k && alpha != 1.f) {
           for (int64_t r = 0; r < mb; ++r) {
             for (int64_t j = 0; j < nb; ++j) c_block[r * ldc + j] *= alpha;
