@@ -5,8 +5,8 @@
 // 59x512x4096 on two threads that ran 1.4x slower than one sample per thread, which is how oneDNN runs the official
 // grouped conv. And on CPUs where MKL does not take its fast path (AMD EPYC here) oneDNN's brgemm micro-kernel, which
 // ATen exposes as at::native::cpublas::brgemm, is 1.25-1.45x faster than MKL's sgemm on these shapes. So float32 tiles
-// are blocked for the caches and run on brgemm (which itself falls back to BLAS where oneDNN's kernel is missing);
-// the other dtypes call at::addmm_out per tile.
+// are blocked for the caches and run on brgemm (which itself falls back to BLAS where oneDNN's kernel is missing),
+// up to a quota of problem shapes (see kMaxBrgemmProblems); the other dtypes call at::addmm_out per tile.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,9 +26,12 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <numeric>
+#include <set>
 #include <vector>
 
 namespace normkit {
@@ -132,6 +135,24 @@ inline void brgemm_tile(const at::Tensor& out, const at::Tensor& addend, const a
     }
   }
 }
+
+// ATen keeps every brgemm kernel it generates, keyed by the block sizes and leading dimensions, for the life of each
+// thread: whole-image inference over ever-new image sizes would grow that cache without bound (by about 0.8 MB per
+// image size for a CondNet head on two threads). So brgemm serves the first kMaxBrgemmProblems distinct problems
+// (shape, strides and tiling) of the process, which covers training at fixed crop sizes, and later ones run on BLAS
+// (the same results up to rounding).
+constexpr size_t kMaxBrgemmProblems = 64;
+using GemmProblem = std::array<int64_t, 10>;
+
+inline bool admit_brgemm_problem(const GemmProblem& problem) {
+  static std::mutex mutex;
+  static std::set<GemmProblem> admitted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (admitted.count(problem) != 0) return true;
+  if (admitted.size() >= kMaxBrgemmProblems) return false;
+  admitted.insert(problem);
+  return true;
+}
 #endif
 
 // out (B, M, N) = alpha * a (B, M, K) · m (B, K, N) (+ addend broadcast to out, only with alpha = 1); out is a
@@ -153,7 +174,10 @@ inline void tiled_batched_gemm(const at::Tensor& out, const at::Tensor& addend, 
   const int split_dim = split_rows ? 0 : 1;
   const auto broadcast_addend = addend.defined() ? addend.expand_as(out) : at::Tensor();
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  const bool use_brgemm = out.scalar_type() == at::kFloat && out.stride(2) == 1;
+  const bool use_brgemm =
+      out.scalar_type() == at::kFloat && out.stride(2) == 1 &&
+      admit_brgemm_problem({rows, cols, a.size(2), tiles, a.stride(1), a.stride(2), m.stride(1), m.stride(2),
+                            out.stride(1), broadcast_addend.defined() ? broadcast_addend.stride(2) : -1});
 #endif
   // Worker threads start with default thread-local state; the ATen calls must run below autograd and autocast, as
   // on the caller's thread.
