@@ -14,8 +14,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/native/CPUBlas.h>
 
-// torch's x86 builds ship FBGEMM, whose SIMD transpose packs the transposed operands.
-#if defined(__has_include)
+// torch's x86-64 builds ship FBGEMM, whose SIMD transpose packs the transposed operands.
+#if defined(__has_include) && (defined(__x86_64__) || defined(_M_X64))
 #if __has_include(<fbgemm/Utils.h>)
 #include <fbgemm/Utils.h>
 #define NORMKIT_HAS_FBGEMM 1
