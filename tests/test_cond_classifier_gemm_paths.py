@@ -1,13 +1,17 @@
 """The CPU GEMMs of the conditional-classifier ops on both of their float32 paths (csrc/cpu/batched_gemm.h).
 
 oneDNN's brgemm serves the first 64 distinct GEMM problems of a process and BLAS the later ones, so that ATen's
-per-thread cache of generated brgemm kernels stays bounded under inference over ever-new image sizes. A child
-process checks problems past every cache block on brgemm, runs hundreds of new image sizes (its memory must stay
-bounded), then checks new problems again, now on BLAS.
+per-thread cache of generated brgemm kernels stays bounded under inference over ever-new image sizes; under
+torch.use_deterministic_algorithms every problem runs on BLAS. A child process checks problems past every cache block
+on brgemm (1, 2 and 3 threads, both layouts), runs hundreds of new image sizes (its memory must stay bounded), then
+checks new problems again, now on BLAS. In deterministic mode a process that spent the quota first and one that did
+not must give the same bits.
 """
 import os
 import subprocess
 import sys
+
+import torch
 
 CHILD = r"""
 import os
@@ -19,7 +23,8 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 
 
-def check(b, k, c, h, w, channels_last):
+def check(b, k, c, h, w, channels_last, threads=2):
+    torch.set_num_threads(threads)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     features = torch.randn(b, c, h, w).to(memory_format=layout).requires_grad_()
     guidance = torch.randn(b, k, h, w).to(memory_format=layout).requires_grad_()
@@ -43,8 +48,9 @@ def resident_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-for channels_last in (False, True):
-    check(2, 300, 520, 23, 29, channels_last)  # brgemm: the first problems of the process
+for threads in (1, 2, 3):
+    for channels_last in (False, True):
+        check(2, 300, 520, 23, 29, channels_last, threads)  # brgemm: the first problems of the process
 start = resident_mib()
 with torch.no_grad():
     weight, bias = torch.randn(1, 150, 256), torch.randn(1, 150)
@@ -58,11 +64,39 @@ for channels_last in (False, True):
 print(f"grown {grown:.0f} MiB")
 """
 
+DETERMINISTIC_CHILD = r"""
+import sys
 
-def test_brgemm_then_blas_and_bounded_kernel_cache():
-    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
+import torch
+from normkit.ops import dynamic_classify
+
+torch.set_num_threads(2)
+if sys.argv[1] == "after_quota":
+    with torch.no_grad():
+        for i in range(70):  # 70 new problems, each filling both threads
+            dynamic_classify(torch.randn(2, 8, 1, 300 + i), torch.randn(2, 4, 8))
+torch.use_deterministic_algorithms(True)
+generator = torch.Generator().manual_seed(1)
+features = torch.randn(2, 520, 23, 29, generator=generator)
+torch.save(dynamic_classify(features, torch.randn(2, 300, 520, generator=generator)), sys.argv[2])
+"""
+
+
+def run_child(script, *args):
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
-    grown = float(done.stdout.split()[-2])
-    # Measured: 33 MiB with the quota; 243 MiB when every image size added its brgemm kernels.
-    assert grown < 120, done.stdout
+    return done.stdout
+
+
+def test_deterministic_mode_ignores_the_process_history(tmp_path):
+    run_child(DETERMINISTIC_CHILD, "fresh", str(tmp_path / "fresh.pt"))
+    run_child(DETERMINISTIC_CHILD, "after_quota", str(tmp_path / "after_quota.pt"))
+    assert torch.equal(torch.load(tmp_path / "fresh.pt"), torch.load(tmp_path / "after_quota.pt"))
+
+
+def test_brgemm_then_blas_and_bounded_kernel_cache():
+    stdout = run_child(CHILD)
+    grown = float(stdout.split()[-2])
+    # Measured: 2-33 MiB with the quota; 243 MiB when every image size added its brgemm kernels.
+    assert grown < 120, stdout

@@ -127,6 +127,16 @@ def test_bad_inputs(features_shape, weight_shape, bias_shape, match):
         dynamic_classify(torch.zeros(features_shape), torch.zeros(weight_shape), bias)
 
 
+def test_registered_op_rejects_other_dtypes():
+    # The C++ op checks dtypes itself, for callers of torch.ops.normkit that skip the Python wrapper.
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        torch.ops.normkit.dynamic_classify(torch.zeros(2, 7, 4, 3, dtype=torch.int32),
+                                           torch.zeros(2, 5, 7, dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        torch.ops.normkit.class_embedding(torch.zeros(2, 5, 4, 3, dtype=torch.float8_e4m3fn),
+                                          torch.zeros(2, 7, 4, 3, dtype=torch.float8_e4m3fn))
+
+
 def test_dtype_mismatch():
     with pytest.raises(ValueError, match="dtype"):
         dynamic_classify(torch.randn(2, 7, 4, 3), torch.randn(2, 5, 7, dtype=torch.float64))

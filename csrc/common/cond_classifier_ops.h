@@ -60,7 +60,15 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* a_n
               a.scalar_type(), " and ", b.scalar_type());
 }
 
+// The ops' dtypes (the other tensors must match features).
+inline void check_float_features(const at::Tensor& features) {
+  const auto dtype = features.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+              "features must be float16, bfloat16, float32 or float64, got ", dtype);
+}
+
 inline void check_class_embedding_inputs(const at::Tensor& guidance, const at::Tensor& features) {
+  check_float_features(features);
   TORCH_CHECK(guidance.dim() == 4, "guidance must be Tensor[B, K, H, W], got ", guidance.sizes());
   TORCH_CHECK(features.dim() == 4, "features must be Tensor[B, C, H, W], got ", features.sizes());
   TORCH_CHECK(guidance.size(0) == features.size(0) && guidance.size(2) == features.size(2) &&
@@ -130,6 +138,7 @@ inline std::tuple<at::Tensor, at::Tensor> class_embedding_backward(const at::Ten
 
 inline void check_dynamic_classify_inputs(const at::Tensor& features, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& bias) {
+  check_float_features(features);
   TORCH_CHECK(features.dim() == 4, "features must be Tensor[B, C, H, W], got ", features.sizes());
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == features.size(0) && weight.size(2) == features.size(1),
               "weight must be Tensor[B, K, C] = [", features.size(0), ", K, ", features.size(1), "], got ",

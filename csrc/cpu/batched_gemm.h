@@ -41,8 +41,8 @@ namespace cpu {
 constexpr int64_t kMinGemmTile = 128;
 
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-// Cache blocks of the brgemm path: an (kGemmBlockK x kGemmBlockN) block of m stays in L2 while the row blocks of a
-// stream past it; a (kGemmBlockM x kGemmBlockN) block of out stays in L1/L2 across the reduction.
+// Cache blocks of the brgemm path: a (kGemmBlockK x kGemmBlockN) block of m stays in L2 while the row blocks of a
+// stream past it; the out blocks of one column strip are revisited once per reduction block.
 constexpr int64_t kGemmBlockM = 256, kGemmBlockN = 256, kGemmBlockK = 256;
 
 // A rows x cols block at src (element strides s0, s1) as a row-major array: src itself when its rows are unit-stride,
@@ -139,12 +139,14 @@ inline void brgemm_tile(const at::Tensor& out, const at::Tensor& addend, const a
 // ATen keeps every brgemm kernel it generates, keyed by the block sizes and leading dimensions, for the life of each
 // thread: whole-image inference over ever-new image sizes would grow that cache without bound (by about 0.8 MB per
 // image size for a CondNet head on two threads). So brgemm serves the first kMaxBrgemmProblems distinct problems
-// (shape, strides and tiling) of the process, which covers training at fixed crop sizes, and later ones run on BLAS
-// (the same results up to rounding).
+// (shape, strides and tiling) of the process, which covers training at fixed crop sizes, and later ones run on BLAS.
+// The two round differently in the last bits, so a result would depend on what the process ran before; under
+// torch.use_deterministic_algorithms every problem runs on BLAS, and a result depends on its inputs alone.
 constexpr size_t kMaxBrgemmProblems = 64;
 using GemmProblem = std::array<int64_t, 10>;
 
 inline bool admit_brgemm_problem(const GemmProblem& problem) {
+  if (at::globalContext().deterministicAlgorithms() || !at::globalContext().userEnabledMkldnn()) return false;
   static std::mutex mutex;
   static std::set<GemmProblem> admitted;
   const std::lock_guard<std::mutex> lock(mutex);
@@ -156,12 +158,13 @@ inline bool admit_brgemm_problem(const GemmProblem& problem) {
 #endif
 
 // out (B, M, N) = alpha * a (B, M, K) · m (B, K, N) (+ addend broadcast to out, only with alpha = 1); out is a
-// fresh tensor.
-inline void tiled_batched_gemm(const at::Tensor& out, const at::Tensor& addend, const at::Tensor& a,
+// fresh tensor. Returns false, having done nothing, when B x tiles cannot occupy every thread (few samples, a small
+// output over a long reduction): the library's batched GEMM, which splits a single GEMM across threads, serves those.
+inline bool tiled_batched_gemm(const at::Tensor& out, const at::Tensor& addend, const at::Tensor& a,
                                const at::Tensor& m, double alpha) {
   TORCH_INTERNAL_ASSERT(!addend.defined() || alpha == 1.0, "tiled_batched_gemm scales no addend");
   const int64_t batch = out.size(0), rows = out.size(1), cols = out.size(2);
-  if (out.numel() == 0) return;
+  if (out.numel() == 0) return true;
   // Cut the larger output dimension into as many tiles as make B x tiles a multiple of the thread count, so every
   // thread gets the same work, each tile keeping at least kMinGemmTile rows or columns.
   const int64_t threads = at::get_num_threads();
@@ -171,6 +174,7 @@ inline void tiled_batched_gemm(const at::Tensor& out, const at::Tensor& addend, 
   tiles = std::max<int64_t>(1, std::min(tiles, extent / kMinGemmTile));
   const int64_t tile = (extent + tiles - 1) / tiles;
   tiles = (extent + tile - 1) / tile;
+  if (batch * tiles < threads) return false;
   const int split_dim = split_rows ? 0 : 1;
   const auto broadcast_addend = addend.defined() ? addend.expand_as(out) : at::Tensor();
 #ifdef CPUBLAS_BRGEMM_F32F32F32
@@ -205,6 +209,7 @@ inline void tiled_batched_gemm(const at::Tensor& out, const at::Tensor& addend, 
       }
     }
   });
+  return true;
 }
 
 }  // namespace cpu

@@ -82,26 +82,32 @@ void class_softmax_backward_cpu(const at::Tensor& prob, at::Tensor& grad_prob) {
   });
 }
 
+// The ops' BatchedGemm: tiles on the intra-op threads where they fill them, else the library's batched GEMM.
+void batched_gemm_cpu(const at::Tensor& out, const at::Tensor& addend, const at::Tensor& a, const at::Tensor& m,
+                      double alpha) {
+  if (!cpu::tiled_batched_gemm(out, addend, a, m, alpha)) library_batched_gemm(out, addend, a, m, alpha);
+}
+
 at::Tensor class_embedding_cpu(const at::Tensor& guidance, const at::Tensor& features) {
-  return class_embedding(guidance, features, &class_softmax_cpu, &cpu::tiled_batched_gemm);
+  return class_embedding(guidance, features, &class_softmax_cpu, &batched_gemm_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> class_embedding_backward_cpu(const at::Tensor& grad_embedding,
                                                                 const at::Tensor& guidance,
                                                                 const at::Tensor& features) {
   return class_embedding_backward(grad_embedding, guidance, features, &class_softmax_cpu, &class_softmax_backward_cpu,
-                                  &cpu::tiled_batched_gemm);
+                                  &batched_gemm_cpu);
 }
 
 at::Tensor dynamic_classify_cpu(const at::Tensor& features, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
-  return dynamic_classify(features, weight, bias, &cpu::tiled_batched_gemm);
+  return dynamic_classify(features, weight, bias, &batched_gemm_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_classify_backward_cpu(const at::Tensor& grad_output,
                                                                              const at::Tensor& features,
                                                                              const at::Tensor& weight, bool has_bias) {
-  return dynamic_classify_backward(grad_output, features, weight, has_bias, &cpu::tiled_batched_gemm);
+  return dynamic_classify_backward(grad_output, features, weight, has_bias, &batched_gemm_cpu);
 }
 
 }  // namespace
