@@ -62,7 +62,7 @@ def test_widest_build_matches_reference(check):
 def test_baseline_build_matches_reference():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_cpu_isa as t\n"
-              "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+              "assert torch.backends.cpu.get_cpu_capability() in ('DEFAULT', 'NO AVX')\n"  # NO AVX: older torch (2.6)
               "for check in t.CHECKS: check()\nprint('ok')")
     done = subprocess.run([sys.executable, "-c", script, os.path.dirname(os.path.abspath(__file__))], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -163,9 +163,13 @@ def test_opcheck_and_compile():
 
 def test_autocast_runs_in_float32():
     boxes, scores = random_boxes(50), torch.rand(50)
+    idxs = torch.arange(50) % 3
+    distinct_scores = torch.randperm(50).float() / 64  # exact in bf16: no ties to order across categories
     with torch.autocast("cpu", dtype=torch.bfloat16):
         keep = nms(boxes, scores.bfloat16(), 0.5)
+        keep_batched = batched_nms(boxes, distinct_scores.bfloat16(), idxs, 0.5)
     assert torch.equal(keep, nms_reference(boxes, scores.bfloat16().float(), 0.5))
+    assert torch.equal(keep_batched, per_class_reference(boxes, distinct_scores, idxs, 0.5, 0))
 
 
 @pytest.mark.parametrize("call, message", [

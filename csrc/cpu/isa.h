@@ -21,8 +21,9 @@ namespace normkit {
 inline bool use_avx2_kernels() {
 #if NORMKIT_AVX2_CLONES
   static const bool avx2 = [] {
-    const std::string capability = at::get_cpu_capability();  // "DEFAULT", "AVX2" or "AVX512" on x86-64
-    return capability != "DEFAULT" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    // "AVX2" or "AVX512"; the baseline is "DEFAULT", or "NO AVX" in older torch (2.6).
+    const std::string capability = at::get_cpu_capability();
+    return capability.rfind("AVX", 0) == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return avx2;
 #else

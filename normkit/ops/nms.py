@@ -14,7 +14,7 @@ from torch import Tensor
 
 from normkit._extension import register_ops, require_extension
 from normkit.ops.layout import opmath_dtype
-from normkit.ops.roi_common import check_same_device_and_dtype, describe, dequantized
+from normkit.ops.roi_common import check_same_device_and_dtype, dequantized, describe, register_float32_autocast
 
 __all__ = ["nms", "batched_nms", "nms_reference"]
 
@@ -106,9 +106,8 @@ def _fake_batched_nms(dets, scores, idxs, iou_threshold, offset=0):
 def _register() -> None:
     torch.library.register_fake("normkit::nms")(_fake_nms)
     torch.library.register_fake("normkit::batched_nms")(_fake_batched_nms)
-    for _device_type in ("cpu", "cuda"):
-        for _name in ("normkit::nms", "normkit::batched_nms"):
-            torch.library.register_autocast(_name, _device_type, torch.float32)
+    for name in ("normkit::nms", "normkit::batched_nms"):
+        register_float32_autocast(name)
 
 
 register_ops(_register)

@@ -78,7 +78,8 @@ _AUTOCAST_LIBRARIES: list = []  # a Library deregisters its kernels when garbage
 
 def register_float32_autocast(qualname: str) -> None:
     """Under autocast (CPU and CUDA) run the op in float32 and cast its floating outputs back to the dtype of the
-    feature map (the first argument), as torchvision's ROI ops do, so they stay drop-in under mixed precision."""
+    first argument (the feature map of the ROI ops; NMS returns indices, left as they are), as torchvision's ops
+    do, so they stay drop-in under mixed precision."""
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
     lib = torch.library.Library(namespace, "IMPL")
@@ -147,11 +148,18 @@ def boxes_to_rois(boxes: BoxesLike, input: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def _is_exporting() -> bool:
+    # Older torch (2.6) has no torch.compiler.is_exporting; its torch.export traces with dynamo, where is_compiling()
+    # holds.
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def check_batch_indices(rois: Tensor, batch: int, op: str) -> None:
     """Batch indices must be integers in [0, batch); checked on CPU only. On a GPU the check would cost a device
     sync per call (four per FPN pooling): the CUDA kernels instead give a RoI with an invalid index zeros, and no
     gradient. Skipped too while compiling or exporting and for meta tensors (no values; the kernels check on CPU)."""
-    if rois.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if rois.device.type != "cpu" or torch.compiler.is_compiling() or _is_exporting():
         return
     if rois.shape[0] == 0:
         return
