@@ -8,7 +8,7 @@ BUILT  := $(VENV)/.ext-built
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: setup build cuda-check test test-all sdist-check train train-det demo bench gpu-check clean
+.PHONY: setup build cuda-check test test-all sdist-check train train-det demo bench gpu-check torch-check clean
 
 setup: $(DEPS)
 
@@ -64,6 +64,11 @@ bench: build
 # the CUDA tests and the GPU benchmarks, prints the pass/fail summary of the GPU targets (tools/gpu_check.py).
 gpu-check:
 	$(PYTHON) tools/gpu_check.py
+
+# The test suite against another torch in its own virtual environment, by default the oldest that pyproject.toml
+# accepts (TORCH=2.11.0 picks one): CPU kernels, a clone of HEAD (tools/check_torch_version.py). Downloads that torch.
+torch-check:
+	$(PYTHON) tools/check_torch_version.py $(TORCH)
 
 clean:
 	rm -rf build *.egg-info normkit/*.so $(BUILT) build/cuda_check
