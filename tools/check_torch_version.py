@@ -25,13 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def full_version(version: str) -> str:
+    """2.6 -> 2.6.0, the form torch.__version__ reports (an environment is reused when the two agree)."""
+    return version if version.count(".") >= 2 else version + ".0"
+
+
 def declared_minimum() -> str:
-    """The version in pyproject.toml's torch>=X requirement, as X.0 when it names a minor release only."""
+    """The version in pyproject.toml's torch>=X requirement."""
     match = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
     if match is None:
         raise SystemExit("pyproject.toml names no torch>=X requirement; pass the version to check")
-    version = match.group(1)
-    return version if version.count(".") >= 2 else version + ".0"
+    return full_version(match.group(1))
 
 
 def run(cmd, **kwargs) -> subprocess.CompletedProcess:
@@ -66,9 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--venv", type=Path, help="virtual environment to use or create "
                                                   "(default: <tmp>/normkit-torch-VERSION)")
     args = parser.parse_args(argv)
-    args.version = args.version or declared_minimum()
-    if not re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", args.version):
-        parser.error(f"version must look like 2.6.0, got {args.version!r}")
+    if args.version is not None and not re.fullmatch(r"[0-9]+\.[0-9]+(\.[0-9]+)?", args.version):
+        parser.error(f"version must look like 2.6.0 or 2.6, got {args.version!r}")
+    args.version = full_version(args.version) if args.version else declared_minimum()
     args.venv = args.venv or Path(tempfile.gettempdir()) / f"normkit-torch-{args.version}"
     return args
 
