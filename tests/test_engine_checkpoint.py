@@ -1,7 +1,9 @@
-import multiprocessing
 import os
 import random
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import torch
 
 from normkit.engine import Checkpointer, atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
 from normkit.engine import checkpoint as checkpoint_module
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _state(value: float) -> dict:
@@ -38,29 +42,36 @@ def test_write_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["ckpt.pth"]
 
 
-def _killed_while_saving(path: str, stage: str) -> None:
-    """Child process: starts saving iteration 2 and dies abruptly (no cleanup, like SIGKILL) at `stage`."""
-    if stage == "mid-write":
-        def dying_save(obj, f):
-            f.write(b"PK\x03\x04 partial")
-            f.flush()
-            os._exit(3)
-        checkpoint_module.torch.save = dying_save
-    else:  # the temporary file is complete, the process dies before the rename
-        def dying_replace(src, dst):
-            os._exit(3)
-        checkpoint_module.os.replace = dying_replace
-    atomic_save(_state(2.0), path)
+# Child process: starts saving iteration 2 and dies abruptly (no cleanup, like SIGKILL) at the given stage. A fresh
+# interpreter, not a fork: forking this multi-threaded process (torch's thread pools) can deadlock the child.
+_KILLED_WHILE_SAVING = """
+import os, sys
+import torch
+from normkit.engine import atomic_save
+
+path, stage = sys.argv[1:]
+if stage == "mid-write":
+    def dying_save(obj, f):
+        f.write(b"PK\\x03\\x04 partial")
+        f.flush()
+        os._exit(3)
+    torch.save = dying_save
+else:  # the temporary file is complete, the process dies before the rename
+    def dying_replace(src, dst):
+        os._exit(3)
+    os.replace = dying_replace
+atomic_save({"iteration": 2, "model": {"w": torch.full((64, 64), 2.0)}}, path)
+"""
 
 
 @pytest.mark.parametrize("stage", ["mid-write", "before-rename"])
 def test_killed_save_keeps_the_previous_checkpoint(tmp_path, stage):
     path = tmp_path / "ckpt.pth"
     atomic_save(_state(1.0), path)
-    child = multiprocessing.get_context("fork").Process(target=_killed_while_saving, args=(str(path), stage))
-    child.start()
-    child.join(60)
-    assert child.exitcode == 3
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run([sys.executable, "-c", _KILLED_WHILE_SAVING, str(path), stage], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 3, child.stderr
     assert load_checkpoint(path)["iteration"] == 1
     atomic_save(_state(4.0), path)  # a later save still works next to the dead process's temporary file
     assert load_checkpoint(path)["iteration"] == 4
