@@ -66,7 +66,8 @@ gpu-check:
 	$(PYTHON) tools/gpu_check.py
 
 # The test suite against another torch in its own virtual environment, by default the oldest that pyproject.toml
-# accepts (TORCH=2.11.0 picks one): CPU kernels, a clone of HEAD (tools/check_torch_version.py). Downloads that torch.
+# accepts (TORCH=2.11.0 picks one, PYTHON=python3.12 the interpreter): CPU kernels, a clone of HEAD
+# (tools/check_torch_version.py). Downloads that torch.
 torch-check:
 	$(PYTHON) tools/check_torch_version.py $(TORCH)
 

@@ -3,9 +3,9 @@
 
     python tools/check_torch_version.py [VERSION] [--venv DIR]
 
-1. A virtual environment (default: <tmp>/normkit-torch-VERSION, reused when it already has that torch) gets
-   torch==VERSION from the package index (a CUDA build pulls several GB of libraries; it runs on CPU too) and
-   the other pinned requirements.
+1. A virtual environment of the Python running this script (default: <tmp>/normkit-torch-VERSION-pyX.Y, reused
+   when it already has that torch) gets torch==VERSION from the package index (a CUDA build pulls several GB of
+   libraries; it runs on CPU too) and the other pinned requirements.
 2. The committed HEAD is cloned into a temporary folder and built there against that torch, CPU kernels only.
 3. pytest runs the default suite in the clone; the exit status is pytest's.
 
@@ -68,12 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("version", nargs="?", help="torch version (default: pyproject.toml's minimum)")
     parser.add_argument("--venv", type=Path, help="virtual environment to use or create "
-                                                  "(default: <tmp>/normkit-torch-VERSION)")
+                                                  "(default: <tmp>/normkit-torch-VERSION-pyX.Y)")
     args = parser.parse_args(argv)
     if args.version is not None and not re.fullmatch(r"[0-9]+\.[0-9]+(\.[0-9]+)?", args.version):
         parser.error(f"version must look like 2.6.0 or 2.6, got {args.version!r}")
     args.version = full_version(args.version) if args.version else declared_minimum()
-    args.venv = args.venv or Path(tempfile.gettempdir()) / f"normkit-torch-{args.version}"
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    args.venv = args.venv or Path(tempfile.gettempdir()) / f"normkit-torch-{args.version}-py{python_version}"
     return args
 
 
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         env = {**os.environ, "NORMKIT_WITH_CUDA": "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=clone, env=env, check=True)
         status = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone, env=env).returncode
-    print(f"torch {args.version}: the test suite {'passed' if status == 0 else 'FAILED'}")
+    outcome = "passed" if status == 0 else "FAILED"
+    print(f"torch {args.version}, Python {sys.version.split()[0]}: the test suite {outcome}")
     return status
 
 
