@@ -191,6 +191,14 @@ def test_config_errors(ade_root):
                        "class_names": ["a", "b", "c"]}, "train")
 
 
+def test_more_classes_than_8_bit_labels_hold(ade_root):
+    # with 0 reduced, raw 255 (ignore) would otherwise be read as class 254
+    with pytest.raises(ValueError, match="255 classes do not fit in 8-bit labels with 255 ignored and 0 reduced: "
+                                         "at most 254"):
+        build_dataset({"dataset": "ade20k", "root": str(ade_root), "num_classes": 255}, "train")
+    assert len(build_dataset({"dataset": "ade20k", "root": str(ade_root), "num_classes": 254}, "train")) > 0
+
+
 def test_16_bit_images_keep_their_values(tmp_path):
     from normkit.data.base import read_image
     grey = np.array([[0, 257 * 100, 65535], [128, 257 * 200, 30000]], np.uint16)

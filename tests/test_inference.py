@@ -107,6 +107,33 @@ def test_out_size_and_errors():
         inference(RampModel(), torch.zeros(1, 2, 4, 4))
 
 
+def test_slide_windows_must_cover_the_image():
+    # a stride longer than the crop leaves columns no window sees (their probabilities would be 0/0)
+    with pytest.raises(ValueError, match=r"stride \[16, 26\] exceeds crop_size \[21, 25\]"):
+        inference(RampModel(), image_with_red([0] * 60), mode="slide", crop_size=[21, 25], stride=[16, 26])
+    probs = inference(RampModel(), image_with_red([0] * 60), mode="slide", crop_size=[2, 25], stride=[2, 25])
+    assert torch.isfinite(probs).all()  # stride == crop tiles the image exactly
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"mode": "slide", "crop_size": [21, 25], "stride": [16, 26]}, r"stride \[16, 26\] exceeds crop_size"),
+    ({"mode": "slide", "stride": 8}, "needs `crop_size`"),
+    ({"mode": "slide", "crop_size": [16], "stride": 8}, r"evaluation.crop_size must be a positive int or \[height"),
+    ({"pad_to": [40]}, r"evaluation.pad_to must be a positive int or \[height, width\], got \[40\]"),
+    ({"max_long_side": None}, "evaluation.max_long_side must be a positive number, got None"),
+    ({"short_sides": [512], "max_long_side": float("inf")}, "evaluation.max_long_side must be a positive number"),
+    ({"scales": [1.0, float("nan")]}, "evaluation.scales must be a non-empty list of positive numbers"),
+])
+def test_evaluate_rejects_a_bad_section_before_running_the_model(section, message):
+    class Untouchable(nn.Module):
+        def forward(self, images):
+            raise AssertionError("the section must be checked before any inference")
+
+    with pytest.raises(ValueError, match=message):
+        evaluate(Untouchable(), [{"images": image_with_red([0, 1]), "labels": torch.zeros(1, 2, 2, dtype=torch.long),
+                                  "meta": {"names": ["a"]}}], section, num_classes=2)
+
+
 def test_evaluate_on_known_predictions():
     # predicted class = 0 where red > 0 else 1; labels chosen so that the metrics are easy to count
     batches = [

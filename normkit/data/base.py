@@ -109,6 +109,10 @@ def label_lut(num_classes: int, reduce_zero_label: bool) -> np.ndarray:
     reduce_zero_label (ADE20K, Pascal Context-59): raw 0 = "other/background" -> 255, raw k -> k - 1.
     Otherwise (VOC): raw k -> k. Raw 255 is the ignore label in both cases.
     """
+    if num_classes + reduce_zero_label > IGNORE_INDEX:  # the classes' raw values must stay below the ignore label
+        raise ValueError(f"{num_classes} classes do not fit in 8-bit labels with 255 ignored"
+                         f"{' and 0 reduced' if reduce_zero_label else ''}: at most "
+                         f"{IGNORE_INDEX - reduce_zero_label}")
     lut = np.full(256, -1, np.int16)
     lut[IGNORE_INDEX] = IGNORE_INDEX
     if reduce_zero_label:

@@ -35,13 +35,25 @@ def resize_normalised(images: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _pair(value, name: str) -> tuple[int, int]:
+def size_pair(value, name: str) -> tuple[int, int]:
+    """(height, width) from an int or an [height, width] pair of positive ints."""
     if value is None:
         raise ValueError(f"sliding-window inference needs `{name}` (an int or [height, width])")
-    if isinstance(value, int):
-        return value, value
-    h, w = value
-    return int(h), int(w)
+    pair = [value, value] if isinstance(value, int) else value
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+            or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in pair)):
+        raise ValueError(f"{name} must be a positive int or [height, width], got {value!r}")
+    return pair[0], pair[1]
+
+
+def slide_windows(crop_size, stride) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The checked (crop, stride) of sliding-window inference: a stride longer than the crop would leave pixels
+    that no window covers (mmseg asserts the same)."""
+    crop, step = size_pair(crop_size, "crop_size"), size_pair(stride, "stride")
+    if step[0] > crop[0] or step[1] > crop[1]:
+        raise ValueError(f"sliding-window stride {list(step)} exceeds crop_size {list(crop)}: pixels between the "
+                         f"windows would have no prediction")
+    return crop, step
 
 
 def _logits(model, images: torch.Tensor) -> torch.Tensor:
@@ -66,7 +78,7 @@ def _head_logits(model, images: torch.Tensor) -> torch.Tensor:
 def padded_logits(model, images: torch.Tensor, pad_to) -> torch.Tensor:
     """Logits of `images` zero-padded at the bottom and right to at least `pad_to`, cropped back to the images'
     size (the DeepLab v2 port evaluates every image inside a 513 x 513 zero canvas of normalised values)."""
-    ph, pw = _pair(pad_to, "pad_to")
+    ph, pw = size_pair(pad_to, "pad_to")
     _, _, h, w = images.shape
     padded = F.pad(images, (0, max(pw - w, 0), 0, max(ph - h, 0)))
     return _logits(model, padded)[:, :, :h, :w]
@@ -75,8 +87,7 @@ def padded_logits(model, images: torch.Tensor, pad_to) -> torch.Tensor:
 def slide_logits(model, images: torch.Tensor, crop_size, stride) -> torch.Tensor:
     """Logits averaged over windows of `crop_size` placed every `stride` (the last window of a row/column
     is shifted back to end at the border; images smaller than the crop are run whole)."""
-    ch, cw = _pair(crop_size, "crop_size")
-    sh, sw = _pair(stride, "stride")
+    (ch, cw), (sh, sw) = slide_windows(crop_size, stride)
     _, _, h, w = images.shape
     rows = max(math.ceil((h - ch) / sh), 0) + 1
     cols = max(math.ceil((w - cw) / sw), 0) + 1

@@ -30,6 +30,7 @@ metrics.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ from torch import nn
 from normkit.data.pixels import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, PixelNormalizer
 from normkit.evaluation.evaluator import DatasetEvaluator, inference_on_dataset
 from normkit.data.transforms import IMAGE_RESIZES, resize_image
-from normkit.evaluation.inference import LOGITS_RESIZES, MODES, average_probabilities, resize_normalised
+from normkit.evaluation.inference import (LOGITS_RESIZES, MODES, average_probabilities, resize_normalised,
+                                         size_pair, slide_windows)
 from normkit.evaluation.metrics import SegmentationMetric
 from normkit.evaluation.visualize import side_by_side
 from normkit.schema import check_keys
@@ -57,7 +59,7 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
     for key in ("scales", "short_sides"):
         values = eval_cfg.get(key)
         if values is not None and (not isinstance(values, (list, tuple)) or not values
-                                   or any(not isinstance(v, (int, float)) or not v > 0 for v in values)):
+                                   or not all(_positive_number(v) for v in values)):
             raise ValueError(f"evaluation.{key} must be a non-empty list of positive numbers, got {values!r}")
     if eval_cfg.get("mode", "whole") not in MODES:
         raise ValueError(f"unknown evaluation.mode {eval_cfg['mode']!r}; choose one of {', '.join(MODES)}")
@@ -76,12 +78,18 @@ def check_eval_config(eval_cfg: dict | None) -> dict:
     if logits_resize == "direct" and (eval_cfg.get("mode", "whole") != "whole" or eval_cfg.get("pad_to") is not None):
         raise ValueError("evaluation.logits_resize: direct applies to whole-image inference without pad_to")
     for key in ("crop_size", "stride", "pad_to"):
-        value = eval_cfg.get(key)
-        values = [value] if isinstance(value, int) else value
-        if value is not None and (not isinstance(values, (list, tuple)) or len(values) not in (1, 2)
-                                  or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values)):
-            raise ValueError(f"evaluation.{key} must be a positive int or [height, width], got {value!r}")
+        if eval_cfg.get(key) is not None:
+            size_pair(eval_cfg[key], f"evaluation.{key}")
+    if eval_cfg.get("mode") == "slide":
+        slide_windows(eval_cfg.get("crop_size"), eval_cfg.get("stride"))
+    max_long = eval_cfg.get("max_long_side", 1000)
+    if not _positive_number(max_long):
+        raise ValueError(f"evaluation.max_long_side must be a positive number, got {max_long!r}")
     return eval_cfg
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def image_sizes(eval_cfg: dict, height: int, width: int) -> list[tuple[int, int]]:
