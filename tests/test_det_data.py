@@ -80,6 +80,39 @@ def test_boxes_polygons_and_bitmaps_move_with_the_image(legacy, flip, short):
     assert out["flipped"] == flip
 
 
+@pytest.mark.parametrize("short", [45, 75, 100, 133])
+def test_bitmaps_resize_like_the_polygons(short):
+    # the same shapes as polygons and as RLE: at the output size the bitmaps must cover what the scaled polygons
+    # rasterise to, on average without a shift (nearest sampling by floor moved them by about half a pixel)
+    h, w = 60, 90
+    rng = np.random.default_rng(short)
+    polygons, rles = [], []
+    for _ in range(12):
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 7))
+        radius = rng.uniform(6, 15)
+        centre = rng.uniform((15, 15), (w - 15, h - 15))
+        polygon = (centre + radius * np.stack([np.cos(angles), np.sin(angles)], 1)).ravel().tolist()
+        polygons.append([polygon])
+        rle = mask_util.frPyObjects([polygon], h, w)[0]
+        rle["counts"] = rle["counts"].decode()
+        rles.append(rle)
+    n = 2 * len(polygons)
+    sample = {"image": np.zeros((h, w, 3), np.uint8), "image_id": 1, "boxes": np.tile([[0, 0, 10, 10]], (n, 1)),
+              "labels": np.zeros(n, np.int64), "iscrowd": np.zeros(n, bool), "segmentations": polygons + rles}
+    mapper = DetectionMapper(PixelNormalizer("rgb", 1, (0, 0, 0), (1, 1, 1)), [short], 1000, legacy_plus_one=False,
+                             mask_on=True)
+    out = mapper(sample, None, False)
+    oh, ow = out["image_size"]
+    shifts, ious = [], []
+    for k in range(len(polygons)):
+        drawn = mask_util.decode(mask_util.frPyObjects(out["target"]["masks"][k][0][None].tolist(), oh, ow))[..., 0]
+        bitmap = out["target"]["masks"][k + len(polygons)].numpy()
+        shifts.append([c.mean() - d.mean() for c, d in zip(np.nonzero(bitmap), np.nonzero(drawn))])
+        ious.append(iou(bitmap > 0, drawn > 0))
+    assert np.abs(np.mean(shifts, 0)).max() < 0.15, np.mean(shifts, 0)
+    assert np.mean(ious) > 0.9
+
+
 def test_image_is_resampled_by_the_box_scale():
     # 600 x 1001 to short side 300: scale 0.5 but width round(500.5) = 500. Resampling by that size (scale
     # 500/1001) would move a step at column 900 by 0.45 px against boxes * scale; Detectron-1 resizes by factor.

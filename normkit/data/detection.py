@@ -122,14 +122,19 @@ def _polygons(segmentation, width: int, scale: float, flip: bool, legacy_plus_on
     return polys
 
 
-def _bitmap(rle: dict, height: int, width: int, size: tuple[int, int], flip: bool) -> torch.Tensor:
+def _bitmap(rle: dict, height: int, width: int, scale: float, size: tuple[int, int], flip: bool) -> torch.Tensor:
     if isinstance(rle["counts"], list):  # uncompressed RLE -> compressed
         rle = mask_util.frPyObjects(rle, height, width)
     bitmap = mask_util.decode(rle)
     if flip:
         bitmap = bitmap[:, ::-1]
     if bitmap.shape != size:
-        bitmap = cv2.resize(np.ascontiguousarray(bitmap), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        # Each output pixel takes the source pixel under its centre, mapped back by exactly `scale` as the pixels
+        # and polygons are. cv2's nearest modes either floor the mapping (a half-pixel shift) or map by the
+        # rounded sizes (a shift growing to half a pixel at the far edge).
+        rows, cols = ((np.minimum(((np.arange(n) + 0.5) / scale).astype(np.int64), m - 1))
+                      for n, m in zip(size, bitmap.shape))
+        bitmap = bitmap[np.ix_(rows, cols)]
     return torch.from_numpy(np.ascontiguousarray(bitmap, dtype=np.uint8))
 
 
@@ -184,7 +189,7 @@ class DetectionMapper:
             if segms is None:
                 raise ValueError("data.mask_on is true but the dataset records hold no segmentations")
             target["masks"] = [_polygons(s, w, scale, flip, self.legacy_plus_one) if isinstance(s, list)
-                               else _bitmap(s, h, w, size, flip) for s in segms]
+                               else _bitmap(s, h, w, scale, size, flip) for s in segms]
         return {"image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
                 "image_size": size, "orig_size": (h, w), "scale": scale, "image_id": int(sample["image_id"]),
                 "flipped": bool(flip), "target": target}
