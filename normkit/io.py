@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, IO, Mapping, Sequence, Union
 
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 __all__ = ["fsync_dir", "atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict",
-           "load_yaml", "CONFIG_DIR", "list_configs", "resolve_config_path", "load_config_file", "merge_configs"]
+           "load_yaml", "parse_yaml", "CONFIG_DIR", "list_configs", "resolve_config_path", "load_config_file", "merge_configs"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -126,7 +127,8 @@ def read_tensor_dict(source: Union[PathLike, Mapping],
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice in one mapping."""
+    """The safe loader, refusing a key given twice in one mapping, and reading exponent floats without a dot or
+    without an exponent sign (`1e-4`, `1.0e4`, floats in YAML 1.2 and Python) as floats, not strings (YAML 1.1)."""
 
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
@@ -142,6 +144,14 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def parse_yaml(text: str):
+    """A YAML value or document read as config files are (see :func:`load_yaml`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_yaml(path: PathLike):
@@ -153,7 +163,7 @@ def load_yaml(path: PathLike):
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
-            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+            return parse_yaml(f)
         except yaml.YAMLError as exc:
             raise ValueError(f"cannot parse YAML file {path}: {exc}") from exc
 

@@ -81,3 +81,16 @@ def test_base_cycles_and_bad_values_are_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("_base_: [a.yaml, b.yaml]\n")
     with pytest.raises(ValueError, match="must be one config name or path"):
         read_config(tmp_path / "c.yaml")
+
+
+def test_yaml_reads_exponent_floats_and_refuses_duplicate_keys(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 and 1.0e4 as strings: a schedule's min_lr would then fail deep inside training
+    (tmp_path / "floats.yaml").write_text("_base_: " + str(CONFIGS / f"{MINI}.yaml") + "\n"
+                                          "train: {lr_schedule: {policy: poly, power: 0.9, min_lr: 1e-4},\n"
+                                          "        optimizer: {weight_decay: 1.0e-4, lr: .5e-1}}\n")
+    train = read_config(tmp_path / "floats.yaml")["train"]
+    assert train["lr_schedule"]["min_lr"] == 1e-4 and train["optimizer"]["weight_decay"] == 1e-4
+    assert train["optimizer"]["lr"] == 0.05
+    (tmp_path / "twice.yaml").write_text("train: {max_iter: 10}\nmodel: {}\ntrain: {max_iter: 20}\n")
+    with pytest.raises(ValueError, match="duplicate key 'train'"):
+        read_config(tmp_path / "twice.yaml")

@@ -3,13 +3,10 @@ see normkit.io) with top-level `model`, `data`, `train`, `evaluation`; `--set` o
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
-
-from normkit.io import load_config_file
+from normkit.io import load_config_file, parse_yaml
 from normkit.schema import check_keys
 
 __all__ = ["load_config", "apply_overrides", "check_sections", "parse_value", "SECTIONS"]
@@ -69,12 +66,6 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return check_sections(cfg)
 
 
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def parse_value(raw: str):
-    """YAML value, except that exponent floats without a dot (`1e-3`, a string to YAML 1.1) become floats."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)
-    return value
+    """The value of a `--set KEY=VALUE` override, read as config files are (`1e-3` is a float)."""
+    return parse_yaml(raw)
