@@ -10,7 +10,7 @@ import difflib
 import math
 from collections.abc import Iterable, Mapping
 
-__all__ = ["check_keys", "config_int", "config_bool", "config_mapping"]
+__all__ = ["check_keys", "config_int", "config_float", "config_bool", "config_mapping"]
 
 _MISSING = object()
 
@@ -48,6 +48,20 @@ def config_int(section: Mapping, key: str, default, where: str, *, minimum: int 
     if minimum is not None and value < minimum:
         raise ValueError(f"{where}.{key} must be >= {minimum}, got {value}")
     return value
+
+
+def config_float(section: Mapping, key: str, default: float, where: str, *, minimum: float | None = None,
+                 positive: bool = False) -> float:
+    """`section[key]` (or `default` when absent) as a finite float: ints too, never bools or strings. At least
+    `minimum`, and > 0 when `positive`."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}.{key} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{where}.{key} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{where}.{key} must be >= {minimum}, got {value}")
+    return float(value)
 
 
 def config_bool(section: Mapping, key: str, default: bool, where: str) -> bool:

@@ -77,6 +77,21 @@ def test_builder_rejects_bad_configs():
         build_lr_scheduler(_optimizer([0.1]), {"policy": "step", "steps": [5, 2]}, 10)
 
 
+@pytest.mark.parametrize("schedule, message", [
+    ({"policy": "poly", "power": "0.9"}, "power must be a finite number, got '0.9'"),
+    ({"policy": "poly", "power": -1.0}, "power must be > 0, got -1.0"),  # lr = 0 ** -1 at the last iteration
+    ({"policy": "poly", "min_lr": "1e-4"}, "min_lr must be a finite number, got '1e-4'"),
+    ({"policy": "poly", "min_lr": -1e-4}, "min_lr must be >= 0.0, got -0.0001"),
+    ({"policy": "step", "steps": [5], "gamma": True}, "gamma must be a finite number, got True"),
+    ({"policy": "step", "steps": [5], "gamma": 0}, "gamma must be > 0, got 0"),
+    ({"policy": "step", "steps": [5], "warmup_iters": 2, "warmup_factor": float("nan")},
+     "warmup_factor must be a finite number"),
+])
+def test_builder_rejects_bad_numbers_before_training(schedule, message):
+    with pytest.raises(ValueError, match="train.lr_schedule." + message):
+        build_lr_scheduler(_optimizer([0.1]), schedule, 10)
+
+
 def test_linear_scaling_rule_scales_lr_and_schedule_with_the_total_batch():
     train = {"max_iter": 180000, "batch_size": 2,
              "optimizer": {"name": "sgd", "lr": 0.02, "reference_batch": 16, "bias_lr_mult": 2.0},

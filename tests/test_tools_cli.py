@@ -32,6 +32,12 @@ def test_relative_data_roots_are_taken_from_the_data_dir(tmp_path, monkeypatch):
         ["data"]["root"] == absolute
 
 
+def test_repeated_set_options_all_apply(monkeypatch):
+    cfg = run_config(["--set", "train.max_iter=7", "--set", "train.optimizer.lr=0.5", "train.log_period=3"],
+                     monkeypatch)
+    assert (cfg["train"]["max_iter"], cfg["train"]["optimizer"]["lr"], cfg["train"]["log_period"]) == (7, 0.5, 3)
+
+
 @pytest.mark.parametrize("tool", ["train", "test", "demo"])
 def test_console_commands_run_the_tool_and_discard_its_results(tool, monkeypatch):
     calls = []

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from normkit.schema import check_keys, config_int
+from normkit.schema import check_keys, config_float, config_int
 
 __all__ = ["IterationLRScheduler", "PolyLR", "WarmupStepLR", "build_lr_scheduler", "scale_to_total_batch"]
 
@@ -119,10 +119,17 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, max_iter: in
         raise ValueError(f"unknown train.lr_schedule.policy {policy!r}; choose one of {sorted(_POLICIES)}")
     cls, keys = _POLICIES[policy]
     check_keys(cfg, keys | _WARMUP_KEYS, "train.lr_schedule")
+    where = "train.lr_schedule"
     if "warmup_iters" in cfg:
-        cfg["warmup_iters"] = config_int(cfg, "warmup_iters", 0, "train.lr_schedule", minimum=0)
+        cfg["warmup_iters"] = config_int(cfg, "warmup_iters", 0, where, minimum=0)
+    if "warmup_factor" in cfg:
+        cfg["warmup_factor"] = config_float(cfg, "warmup_factor", 1.0, where, positive=True)
     if policy == "poly":
+        cfg["power"] = config_float(cfg, "power", 0.9, where, positive=True)
+        cfg["min_lr"] = config_float(cfg, "min_lr", 0.0, where, minimum=0.0)
         return PolyLR(optimizer, max_iter, **cfg)
+    if "gamma" in cfg:
+        cfg["gamma"] = config_float(cfg, "gamma", 0.1, where, positive=True)
     if "steps" not in cfg:
         raise ValueError("train.lr_schedule.steps is required for the step policy (a list of iterations)")
     return WarmupStepLR(optimizer, cfg.pop("steps"), **cfg)

@@ -33,8 +33,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, data: bool = True) 
     parser.add_argument("--config", required=True,
                         help="experiment YAML path, or the name of a shipped config (e.g. mini/r18d8_sn_c1_deepsup)")
     parser.add_argument("--list-configs", nargs=0, action=_ListConfigs, help="print the shipped config names and exit")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config entries, e.g. train.max_iter=100 train.optimizer.lr=0.01")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config entries, e.g. train.max_iter=100 train.optimizer.lr=0.01 (may be "
+                             "repeated)")
     if data:
         parser.add_argument("--data-dir", help=f"folder that a relative data.root is taken from (default: "
                                                f"${DATA_DIR_VARIABLE}, else the current directory)")
