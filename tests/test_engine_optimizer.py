@@ -93,12 +93,14 @@ class TinyHead(nn.Module):
         self.fc = nn.Linear(4, 2)
 
 
-def test_bias_lr_mult_doubles_the_lr_of_biases_but_not_of_norm_parameters():
-    groups = build_param_groups(TinyHead(), 0.02, 1e-4, bias_lr_mult=2.0, lr_mult={"fc": 10.0})
+def test_bias_lr_mult_doubles_the_lr_of_every_bias_norm_biases_included():
+    # Detectron's BIAS_DOUBLE_LR takes every parameter named *bias*, SN's too; the norm weights stay at 1x
+    groups = build_param_groups(TinyHead(), 0.02, 1e-4, bias_lr_mult=2.0, lr_mult={"fc": 10.0},
+                                norm_weight_decay=1e-5, bias_weight_decay=0.0)
     assert _by_name(groups) == {
         "conv.weight": (0.02, 1e-4), "conv.bias": (0.04, 0.0),
-        "norm.weight": (0.02, 0.0), "norm.bias": (0.02, 0.0),
-        "norm.mean_weight": (0.02, 0.0), "norm.var_weight": (0.02, 0.0),
+        "norm.weight": (0.02, 1e-5), "norm.bias": (0.04, 0.0),
+        "norm.mean_weight": (0.02, 1e-5), "norm.var_weight": (0.02, 1e-5),
         "proj.weight": (0.02, 1e-4),
         "fc.weight": (0.2, 1e-4), "fc.bias": (0.4, 0.0),  # prefix and bias multipliers compose
     }
@@ -108,5 +110,5 @@ def test_build_optimizer_reads_bias_lr_mult():
     optimizer = build_optimizer(TinyHead(), {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4,
                                              "bias_lr_mult": 2.0, "bias_weight_decay": 0.0})
     rates = sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups)
-    # weights (conv, proj, fc), norm parameters (4), biases (conv, fc)
-    assert rates == [(0.02, 0.0, 4), (0.02, 1e-4, 3), (0.04, 0.0, 2)]
+    # norm weights (weight, mean_weight, var_weight), weights (conv, proj, fc), biases (conv, norm, fc)
+    assert rates == [(0.02, 0.0, 3), (0.02, 1e-4, 3), (0.04, 0.0, 3)]

@@ -25,10 +25,11 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
     """Splits the trainable parameters of `model` into optimizer groups.
 
     lr_mult: `{name prefix: multiplier}`, e.g. `{"decode_head": 10.0}` (the longest matching prefix wins);
-    parameters of norm layers (`normkit.nn.is_norm_layer`) get `norm_weight_decay`, other biases get
-    `bias_weight_decay`, everything else `weight_decay`. Those other biases also have their lr multiplied by
-    `bias_lr_mult` (Detectron trains with 2: SOLVER.BIAS_DOUBLE_LR, which leaves norm parameters at 1x as
-    here). Each group records its `lr_mult` (prefix multiplier times bias multiplier); every trainable
+    biases, those of norm layers included, get `bias_weight_decay` and their lr multiplied by `bias_lr_mult`
+    (Detectron trains with 2: SOLVER.BIAS_DOUBLE_LR, which takes every parameter whose name contains "bias", SN
+    and GN biases too; detectron2's BIAS_LR_FACTOR likewise); the other parameters of norm layers
+    (`normkit.nn.is_norm_layer`: weights, SN's mixture weights) get `norm_weight_decay`, everything else
+    `weight_decay`. Each group records its `lr_mult` (prefix multiplier times bias multiplier); every trainable
     parameter appears exactly once. Call this on the unwrapped model (before DistributedDataParallel).
     """
     lr_mult = dict(lr_mult or {})
@@ -48,11 +49,11 @@ def build_param_groups(model: nn.Module, base_lr: float, weight_decay: float, *,
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             mult = _lr_multiplier(full_name, lr_mult)
-            if is_norm_layer(module):
-                decay = norm_weight_decay
-            elif param_name == "bias":
+            if param_name == "bias":
                 decay = bias_weight_decay
                 mult *= bias_lr_mult
+            elif is_norm_layer(module):
+                decay = norm_weight_decay
             else:
                 decay = weight_decay
             group = groups.setdefault((mult, decay), {"params": [], "param_names": [], "lr": base_lr * mult,
