@@ -66,6 +66,13 @@ def test_unknown_train_keys_are_rejected(tmp_path):
         _load_tool().main(_args(tmp_path, tmp_path / "w", "train.max_iters=3"))
 
 
+def test_sn_batch_average_mode_is_refused_before_anything_is_written(tmp_path):
+    # its buffers hold sums until recompute_batch_stats; evaluating them gave an mIoU near 0
+    with pytest.raises(ValueError, match=r"SN layer\(s\) \(backbone.bn1, .*using_moving_average: false"):
+        _load_tool().main(_args(tmp_path, tmp_path / "w", "model.backbone.norm_kwargs={using_moving_average: false}"))
+    assert not (tmp_path / "w").exists()
+
+
 def _files(directory):
     return {p.name: p.read_bytes() for p in Path(directory).glob("*.pth")}
 

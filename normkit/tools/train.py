@@ -120,6 +120,19 @@ def check_pretrained(cfg: dict) -> None:
             f"--set model.backbone.pretrained=null to train from random weights")
 
 
+def check_running_statistics(model) -> None:
+    """The tool evaluates and saves the running statistics as training leaves them, so it refuses SN's batch-average
+    mode (`using_moving_average: false`), whose buffers hold sums until `normkit.nn.recompute_batch_stats` turns
+    them into statistics: its evaluations would silently use the sums."""
+    layers = [name for name, m in model.named_modules()
+              if getattr(m, "using_moving_average", True) is False and getattr(m, "using_bn", False)]
+    if layers:
+        raise ValueError(f"{len(layers)} SN layer(s) ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}) "
+                         f"have using_moving_average: false, whose running buffers accumulate sums that only "
+                         f"normkit.nn.recompute_batch_stats turns into statistics; the training tool does not run "
+                         f"it, so train them with the Python API or use moving averages (the published recipes do)")
+
+
 def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
     """Everything a run needs, built from the config on every rank: ``(trainer, task, eval_hook)``.
 
@@ -135,6 +148,7 @@ def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
     check_pretrained(cfg)
     seed_all(seed)  # the same initial weights on every rank
     model = build_model(cfg).to(info.device)
+    check_running_statistics(model)
     if info.distributed and train_cfg["sync_norm"]:
         model = convert_sync_norm(model)
     optimizer = build_optimizer(model, train_cfg["optimizer"])
