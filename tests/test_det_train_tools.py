@@ -143,3 +143,13 @@ def test_test_tool_rejects_segmentation_options_for_detection(trained):
     with pytest.raises(ValueError, match=r"unknown config key evaluation.flip; the keys of evaluation are: output_dir, tasks"):
         normkit.tools.test.main(["--config", str(CONFIG), "--checkpoint", str(tmp / "full" / "latest.pth"),
                                  "--flip", "--set", *_overrides(tmp / "data")])
+
+
+@pytest.mark.parametrize("option", [["--flip"], ["--scales", "0.5"]])
+def test_demo_rejects_segmentation_options_for_detection(trained, option):
+    tmp = trained["tmp"]
+    with pytest.raises(ValueError, match=r"unknown config key evaluation.(flip|scales); the keys of evaluation are"):
+        _load_tool("demo").main(["--config", str(CONFIG), "--checkpoint", str(tmp / "full" / "latest.pth"),
+                                 "--image", str(tmp / "data" / "images" / "val2017"), "--out", str(tmp / "d2"),
+                                 *option, "--set", *_overrides(tmp / "data")])
+    assert not (tmp / "d2").exists()

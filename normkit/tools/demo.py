@@ -28,7 +28,6 @@ from normkit.data.detection import coco_inference_batch
 from normkit.engine import move_to_device
 from normkit.evaluation import SegmentationInference, overlay
 from normkit.evaluation.det_visualize import draw_detections
-from normkit.evaluation.sem_seg import check_eval_config
 from normkit.tools.cli import add_config_arguments, load_run_config
 from normkit.tools.tasks import DetectionTask, task_for
 from normkit.tools.test import evaluation_config as test_evaluation_config
@@ -93,13 +92,15 @@ def refuse_overwriting_inputs(images: list[Path], outputs: list[Path], image_arg
 
 def evaluation_config(cfg: dict, args: argparse.Namespace) -> dict:
     """The config's `evaluation:` section with the demo's --scales and --flip applied by normkit-test's own rule
-    (so --scales multiplies short_sides there and here), checked before the checkpoint is loaded; show_dir is
+    (so --scales multiplies short_sides there and here), checked by the config's task before the checkpoint is
+    loaded (detection has no test scales or flips: they are errors there, as in normkit-test); show_dir is
     dropped: it asks the evaluator for image | prediction | label panels, and the demo has no labels."""
     test_args = argparse.Namespace(scales=args.scales, flip=args.flip, mode=None, crop_size=None, stride=None,
                                    show_dir=None)
     eval_cfg = test_evaluation_config(cfg, test_args)
     eval_cfg.pop("show_dir", None)
-    return check_eval_config(eval_cfg)
+    task_for(cfg).check_eval_config(eval_cfg)
+    return eval_cfg
 
 
 def image_batch(image: np.ndarray, name: str, normalizer) -> dict:
@@ -142,12 +143,12 @@ def main(argv=None) -> dict:
     images = list_images(Path(args.image))
     outputs = output_paths(images, Path(args.out))
     refuse_overwriting_inputs(images, outputs, Path(args.image), Path(args.out))
+    eval_cfg = evaluation_config(cfg, args)
     if task_for(cfg) is DetectionTask:
         return detect(args, cfg, images, outputs)
     data_cfg = cfg["data"]
     class_names = resolve_class_names(data_cfg)
     normalizer = segmentation_normalizer(data_cfg)
-    eval_cfg = evaluation_config(cfg, args)
     model = normkit.build_model(cfg, checkpoint=args.checkpoint).to(args.device).eval()
     # the wrapper evaluation builds (normkit.evaluation.sem_seg.evaluate): one code path for the test-time recipe
     wrapper = SegmentationInference(model, eval_cfg, normalizer=normalizer)
