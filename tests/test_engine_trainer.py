@@ -183,3 +183,18 @@ def test_metrics_of_a_resumed_run_list_every_iteration_once(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     assert [r["total_loss"] for r in records[:2]] == [11.0, 12.0]  # the records before the checkpoint are kept
+
+
+def test_tensorboard_of_a_resumed_run_shows_every_iteration_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = _trainer(_model(), toy_loader_fn(), max_iter=3)  # logged iteration 3, killed before its checkpoint
+    killed.register_hooks([MetricsWriter(tmp_path, period=1)])
+    killed.train()
+    resumed = _trainer(_model(), toy_loader_fn(), max_iter=4)
+    resumed.iter = 2  # resumed from its checkpoint of iteration 2
+    resumed.register_hooks([MetricsWriter(tmp_path, period=1)])
+    resumed.train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/total_loss")] == [1, 2, 3, 4]

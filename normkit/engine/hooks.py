@@ -75,7 +75,9 @@ class MetricsWriter(HookBase):
         self._drop_records_after(self.trainer.start_iter)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-            self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+            # A resumed run hides the steps a killed run logged after its checkpoint, as metrics.jsonl drops them.
+            purge_step = self.trainer.start_iter + 1 if self.trainer.start_iter > 0 else None
+            self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge_step)
 
     def _drop_records_after(self, iteration: int) -> None:
         """Removes the records of iterations after `iteration` (a resumed run writes them again) and lines a
