@@ -110,6 +110,8 @@ def test_linear_scaling_rule_scales_lr_and_schedule_with_the_total_batch():
     assert big["optimizer"]["lr"] == pytest.approx(0.08)
     assert (big["max_iter"], big["lr_schedule"]["steps"], big["lr_schedule"]["warmup_iters"]) == \
         (45000, [30000, 40000], 125)
+    # 128 images: warmup 500 / 8 = 62.5 rounds half up to 63, as Detectron.pytorch's int(x * scale + 0.5)
+    assert scale_to_total_batch(train, 128)["lr_schedule"]["warmup_iters"] == 63
     assert train["optimizer"]["reference_batch"] == 16  # the input is not modified
     # a poly schedule's floor scales with the lr (CondNet: 0.01 -> 1e-4 at 16 images)
     poly = {"max_iter": 160000, "optimizer": {"lr": 0.01, "reference_batch": 16},
@@ -118,8 +120,9 @@ def test_linear_scaling_rule_scales_lr_and_schedule_with_the_total_batch():
                                                               "min_lr": pytest.approx(8e-4)}
     no_reference = {"max_iter": 10, "optimizer": {"lr": 0.1}}
     assert scale_to_total_batch(no_reference, 64) is no_reference
-    with pytest.raises(ValueError, match="reference_batch must be a positive integer"):
-        scale_to_total_batch({"optimizer": {"lr": 0.1, "reference_batch": 0}}, 8)
+    for bad in (0, True, 16.0):
+        with pytest.raises(ValueError, match="reference_batch must be a positive integer"):
+            scale_to_total_batch({"optimizer": {"lr": 0.1, "reference_batch": bad}}, 8)
 
 
 def test_detectron_recipe_rates_at_given_iterations():

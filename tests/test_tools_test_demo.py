@@ -233,6 +233,14 @@ def test_demo_on_a_folder_and_a_file(setup, tmp_path, capsys):
         demo.main(["--config", str(setup["config"]), "--checkpoint", "x", "--image", str(tmp_path / "nothing_here")])
 
 
+def test_demo_overlays_of_images_sharing_a_stem_do_not_replace_each_other(tmp_path):
+    demo = load_tool("demo")
+    images = [tmp_path / "in" / name for name in ("a.jpg", "a.png", "b.jpg")]
+    assert demo.output_paths(images, tmp_path / "out") == [tmp_path / "out" / name
+                                                           for name in ("a.jpg.png", "a.png.png", "b.png")]
+    assert demo.output_paths(images[:1], tmp_path / "one.png") == [tmp_path / "one.png"]
+
+
 def test_watch_survives_missing_folders_unreadable_checkpoints_and_log_lines(setup, tmp_path, capsys):
     tool = load_tool("test")
     base = ["--config", str(setup["config"]), "--poll", "0.01", "--idle-timeout", "0.1"]
@@ -252,7 +260,8 @@ def test_watch_survives_missing_folders_unreadable_checkpoints_and_log_lines(set
     assert [r["checkpoint"] for r in tool.main([*base, "--watch", str(work)])] == ["iter_0000010.pth"]
 
 
-@pytest.mark.parametrize("option", [["--poll", "-1"], ["--poll", "0"], ["--scales", "0"], ["--scales", "1", "-1"]])
+@pytest.mark.parametrize("option", [["--poll", "-1"], ["--poll", "0"], ["--scales", "0"], ["--scales", "1", "-1"],
+                                    ["--idle-timeout", "nan"], ["--idle-timeout", "-5"]])
 def test_test_tool_rejects_non_positive_numbers(option, capsys):
     with pytest.raises(SystemExit):
         load_tool("test").parse_args(["--config", "c.yaml", "--watch", "dir", *option])

@@ -141,28 +141,32 @@ def scale_to_total_batch(train_cfg: dict, total_batch: int) -> dict:
     A recipe states its lr and schedule for `reference_batch` images per optimizer step (Detectron: 16 = 8 GPUs
     x 2 images). For a total batch B (images per process x iter_size x processes) the returned copy of the
     `train:` section has lr (and a poly schedule's min_lr) x B / reference_batch and max_iter, lr_schedule.steps
-    and lr_schedule.warmup_iters x reference_batch / B (rounded; at least 1 for max_iter), so the run sees the
+    and lr_schedule.warmup_iters x reference_batch / B (rounded half up; at least 1 for max_iter), so the run sees the
     same number of images at each point of the schedule (Detectron's GETTING_STARTED: 1 GPU instead of 8 -> lr / 8, iterations x 8).
     Without reference_batch the section is returned unchanged; reference_batch itself is removed."""
     optimizer = dict(train_cfg.get("optimizer") or {})
     reference = optimizer.pop("reference_batch", None)
     if reference is None:
         return train_cfg
-    if not isinstance(reference, int) or reference <= 0:
+    if isinstance(reference, bool) or not isinstance(reference, int) or reference <= 0:
         raise ValueError(f"train.optimizer.reference_batch must be a positive integer, got {reference!r}")
     if total_batch <= 0:
         raise ValueError(f"the total batch must be positive, got {total_batch}")
     if "lr" in optimizer:
         optimizer["lr"] = float(optimizer["lr"]) * total_batch / reference
     iterations = reference / total_batch
+
+    def scale(count) -> int:  # rounded half up, as Detectron.pytorch's int(x * step_scale + 0.5)
+        return int(int(count) * iterations + 0.5)
+
     scaled = {**train_cfg, "optimizer": optimizer}
     if "max_iter" in train_cfg:
-        scaled["max_iter"] = max(1, round(int(train_cfg["max_iter"]) * iterations))
+        scaled["max_iter"] = max(1, scale(train_cfg["max_iter"]))
     schedule = dict(train_cfg.get("lr_schedule") or {})
     if "steps" in schedule:
-        schedule["steps"] = [round(int(step) * iterations) for step in schedule["steps"]]
+        schedule["steps"] = [scale(step) for step in schedule["steps"]]
     if "warmup_iters" in schedule:
-        schedule["warmup_iters"] = round(int(schedule["warmup_iters"]) * iterations)
+        schedule["warmup_iters"] = scale(schedule["warmup_iters"])
     if "min_lr" in schedule:
         schedule["min_lr"] = float(schedule["min_lr"]) / iterations
     if schedule:

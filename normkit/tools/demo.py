@@ -15,6 +15,7 @@ applies them, on the batch the val loader would make of the image.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,12 @@ def list_images(path: Path) -> list[Path]:
 
 
 def output_paths(images: list[Path], out: Path) -> list[Path]:
+    """`out` itself for one image and an image file name, else `out/<stem>.png` per image; images that share a
+    stem (a.jpg and a.png) keep their whole name (a.jpg.png, a.png.png), so no overlay replaces another."""
     if len(images) == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
         return [out]
-    return [out / f"{p.stem}.png" for p in images]
+    stems = Counter(p.stem for p in images)
+    return [out / f"{p.stem if stems[p.stem] == 1 else p.name}.png" for p in images]
 
 
 def refuse_overwriting_inputs(images: list[Path], outputs: list[Path], image_arg: Path, out: Path) -> None:

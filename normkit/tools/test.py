@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers per rank")
     parser.add_argument("--poll", type=positive_float, default=30.0,
                         help="--watch: seconds between directory scans (> 0)")
-    parser.add_argument("--idle-timeout", type=float, default=None,
-                        help="--watch: stop after this many seconds without a new checkpoint (default: never)")
+    parser.add_argument("--idle-timeout", type=positive_float, default=None,
+                        help="--watch: stop after this many seconds (> 0) without a new checkpoint (default: never)")
     return parser.parse_args(argv)
 
 
