@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from normkit.engine import Trainer, load_checkpoint
+from normkit.tools.tasks import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mini" / "r18d8_sn_c1_deepsup.yaml"
@@ -59,6 +60,39 @@ def test_train_evaluates_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch,
     assert "resumed from" in capsys.readouterr().out
     assert _losses(tmp_path / "killed") == reference  # iterations 1-3 before the kill, 3-4 after: same values
     assert resumed["mean_iou"] == results["mean_iou"]
+
+
+def _evaluations(work_dir):
+    lines = (Path(work_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r["val/mean_iou"] for r in map(json.loads, lines) if "val/mean_iou" in r}
+
+
+def test_a_run_killed_while_evaluating_evaluates_that_iteration_on_resume(tmp_path, monkeypatch):
+    tool = _load_tool()
+    tool.main(_args(tmp_path, tmp_path / "full", "train.eval_period=2"))
+    reference = _evaluations(tmp_path / "full")
+    assert sorted(reference) == [2, 4]
+
+    task_class = SegmentationTask
+    evaluate = task_class.evaluate
+
+    def killed_while_evaluating(self, model, eval_cfg=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task_class, "evaluate", killed_while_evaluating)
+    with pytest.raises(KeyboardInterrupt):  # at iteration 2, after its checkpoint was saved
+        tool.main(_args(tmp_path, tmp_path / "killed", "train.eval_period=2"))
+    assert load_checkpoint(tmp_path / "killed" / "latest.pth")["iteration"] == 2
+    monkeypatch.setattr(task_class, "evaluate", evaluate)
+    tool.main(_args(tmp_path, tmp_path / "killed", "train.eval_period=2", "--resume"))
+    assert _evaluations(tmp_path / "killed") == reference
+    # a resume after a recorded evaluation does not repeat it
+    calls = []
+    monkeypatch.setattr(task_class, "evaluate", lambda self, model, eval_cfg=None: calls.append(1) or
+                        evaluate(self, model, eval_cfg))
+    tool.main(_args(tmp_path, tmp_path / "killed", "train.eval_period=2", "train.max_iter=6", "--resume"))
+    assert len(calls) == 1  # iteration 6 only: the resume at 4 found its evaluation recorded
+    assert sorted(_evaluations(tmp_path / "killed")) == [2, 4, 6]
 
 
 def test_unknown_train_keys_are_rejected(tmp_path):

@@ -6,7 +6,8 @@ from normkit.engine.distributed import (  # noqa: F401
     DistInfo, all_gather_objects, broadcast_object, move_to_device, barrier, convert_sync_norm, destroy_distributed,
     get_rank, get_world_size, init_distributed, is_main_process, mean_over_ranks, seed_all, setup_logging, unwrap_model,
     wrap_ddp)
-from normkit.engine.hooks import EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar  # noqa: F401
+from normkit.engine.hooks import (  # noqa: F401
+    EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar, has_evaluation_record)
 from normkit.engine.lr_scheduler import (  # noqa: F401
     IterationLRScheduler, PolyLR, WarmupStepLR, build_lr_scheduler, scale_to_total_batch)
 from normkit.engine.optimizer import build_optimizer, build_param_groups  # noqa: F401

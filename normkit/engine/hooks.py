@@ -10,7 +10,7 @@ from normkit.engine.checkpoint import Checkpointer
 from normkit.engine.trainer import HookBase
 from normkit.io import atomic_write_text
 
-__all__ = ["PeriodicCheckpointer", "EvalHook", "MetricsWriter", "ProgressBar"]
+__all__ = ["PeriodicCheckpointer", "EvalHook", "MetricsWriter", "ProgressBar", "has_evaluation_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,51 @@ class EvalHook(HookBase):
     """Calls `eval_fn()` every `period` iterations and at the end; its result (a dict whose float entries
     are reported as `val/<key>`) is added to the trainer's scalars and kept in `self.latest`.
     `eval_fn` runs on every rank (distributed evaluation) and restores train mode itself or not: the hook
-    puts the model back in train mode afterwards."""
+    puts the model back in train mode afterwards.
 
-    def __init__(self, eval_fn: Callable[[], dict], period: int):
+    The checkpoint of an evaluation iteration is saved before that evaluation (PeriodicCheckpointer comes first,
+    as in detectron2, so a kill while evaluating costs no training). With `missed(iteration)`, which says (the
+    same on every rank) whether the evaluation of a resumed run's first iteration was never recorded, that
+    evaluation runs before training continues, and its scalars are there for MetricsWriter.before_train."""
+
+    def __init__(self, eval_fn: Callable[[], dict], period: int, *, missed: Callable[[int], bool] | None = None):
         self.eval_fn = eval_fn
         self.period = period
+        self.missed = missed
         self.latest: dict | None = None
 
+    def before_train(self) -> None:
+        start = self.trainer.start_iter
+        if (self.missed is not None and self.period > 0 and 0 < start < self.trainer.max_iter
+                and start % self.period == 0 and self.missed(start)):
+            logger.info("evaluating iteration %d again: its evaluation was interrupted", start)
+            self._evaluate()
+
     def after_step(self) -> None:
-        if not _due(self.trainer, self.period):
-            return
+        if _due(self.trainer, self.period):
+            self._evaluate()
+
+    def _evaluate(self) -> None:
         self.latest = self.eval_fn()
         self.trainer.model.train()
         self.trainer.scalars.update({f"val/{k}": float(v) for k, v in self.latest.items()
                                      if isinstance(v, (int, float))})
+
+
+def has_evaluation_record(directory: str | Path, iteration: int) -> bool:
+    """Whether MetricsWriter's `metrics.jsonl` in `directory` holds the evaluation scalars of `iteration`."""
+    path = Path(directory) / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("iteration") == iteration and any(
+                k.startswith("val/") for k in record):
+            return True
+    return False
 
 
 class MetricsWriter(HookBase):
@@ -78,6 +109,8 @@ class MetricsWriter(HookBase):
             # A resumed run hides the steps a killed run logged after its checkpoint, as metrics.jsonl drops them.
             purge_step = self.trainer.start_iter + 1 if self.trainer.start_iter > 0 else None
             self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge_step)
+        if any(k.startswith("val/") for k in self.trainer.scalars):  # an interrupted evaluation, run again
+            self._write(self.trainer.start_iter)
 
     def _drop_records_after(self, iteration: int) -> None:
         """Removes the records of iterations after `iteration` (a resumed run writes them again) and lines a
@@ -105,11 +138,14 @@ class MetricsWriter(HookBase):
         trainer = self.trainer
         if not (_due(trainer, self.period) or any(k.startswith("val/") for k in trainer.scalars)):
             return
-        step = trainer.iter + 1
+        self._write(trainer.iter + 1)
+
+    def _write(self, step: int) -> None:
+        scalars = self.trainer.scalars
         with open(self.directory / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"iteration": step, **trainer.scalars}) + "\n")
+            f.write(json.dumps({"iteration": step, **scalars}) + "\n")
         if self._writer is not None:
-            for key, value in trainer.scalars.items():
+            for key, value in scalars.items():
                 self._writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
     def after_train(self) -> None:

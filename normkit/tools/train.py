@@ -47,8 +47,8 @@ import yaml
 
 from normkit.engine import (Checkpointer, EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressBar,
                             Trainer, all_gather_objects, broadcast_object, build_lr_scheduler, build_optimizer,
-                            convert_sync_norm, destroy_distributed, init_distributed, scale_to_total_batch, seed_all,
-                            setup_logging, wrap_ddp)
+                            convert_sync_norm, destroy_distributed, has_evaluation_record, init_distributed,
+                            scale_to_total_batch, seed_all, setup_logging, wrap_ddp)
 from normkit.io import atomic_write_text
 from normkit.models import build_model
 from normkit.schema import check_keys, config_bool, config_int, config_mapping
@@ -177,7 +177,10 @@ def build_trainer(cfg: dict, work_dir: Path, info, *, resume: bool = False):
         raise RuntimeError(f"ranks resumed from different iterations {starts}: every rank must see the same "
                            f"checkpoints in {work_dir} (a shared file system)")
 
-    eval_hook = EvalHook(lambda: task.evaluate(model), train_cfg["eval_period"])
+    # A run killed while evaluating resumes from the checkpoint saved just before: rank 0 reads from metrics.jsonl
+    # whether that evaluation was recorded, and every rank runs it again if not.
+    eval_hook = EvalHook(lambda: task.evaluate(model), train_cfg["eval_period"], missed=lambda iteration: (
+        broadcast_object(not has_evaluation_record(work_dir, iteration) if info.is_main else None)))
     trainer.register_hooks([
         PeriodicCheckpointer(checkpointer, train_cfg["checkpoint_period"]),
         eval_hook,
