@@ -56,7 +56,7 @@ def _worker(rank, world, port, sizes, out_dir, channels_last):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes,channels_last", [((3, 5), False), ((3, 5), True), ((0, 8), False)])
+@pytest.mark.parametrize("sizes,channels_last", [((3, 5), False), ((3, 5), True), ((0, 8), False), ((0, 0), False)])
 def test_sync_switchnorm_equals_full_batch(tmp_path, sizes, channels_last):
     mp.spawn(_worker, args=(2, _free_port(), sizes, str(tmp_path), channels_last), nprocs=2, join=True)
     x_all, g_all = _full_batch(sum(sizes))

@@ -183,8 +183,9 @@ def _global_bn_stats(moments: Tensor, count: int, process_group) -> Tensor:
     ranks = torch.stack(gathered)  # (R, 3, C)
     rank_members, rank_mean, rank_sum = ranks[:, 0], ranks[:, 1], ranks[:, 2]
     total = rank_members.sum(0)
-    mean = (rank_members * rank_mean).sum(0) / total
-    var = (rank_sum + rank_members * (rank_mean - mean) ** 2).sum(0) / total
+    divisor = total.clamp(min=1)  # every rank empty: statistics 0, not 0 / 0 (the update is skipped then)
+    mean = (rank_members * rank_mean).sum(0) / divisor
+    var = (rank_sum + rank_members * (rank_mean - mean) ** 2).sum(0) / divisor
     return torch.stack([mean, var, total])
 
 
@@ -216,7 +217,15 @@ class SyncSwitchNorm(_SwitchNorm):
         # Empty local batches still take part in the collectives.
         y, bn_stats = _SyncSwitchNormFunction.apply(x, self.weight, self.bias, self.mean_weight, self.var_weight,
                                                     self.eps, self.process_group)
-        torch.ops.normkit._switch_norm_update_running_stats(self.running_mean, self.running_var, bn_stats,
+        # When every rank's batch is empty there is nothing to move the running statistics towards, as in
+        # SwitchNorm2d: update towards themselves (moving average) or add zeros (batch average), without the host
+        # synchronization that testing the count would cost.
+        if self.using_moving_average:
+            unchanged = torch.stack([self.running_mean.reshape(-1), self.running_var.reshape(-1)]).to(bn_stats.dtype)
+        else:
+            unchanged = torch.zeros_like(bn_stats[:2])
+        stats = torch.cat([torch.where(bn_stats[2] > 0, bn_stats[:2], unchanged), bn_stats[2:]])
+        torch.ops.normkit._switch_norm_update_running_stats(self.running_mean, self.running_var, stats,
                                                             self.momentum, self.using_moving_average)
         return y
 
