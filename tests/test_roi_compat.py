@@ -60,7 +60,9 @@ def test_scripted_roi_pool_and_nms_equal_eager():
     boxes, scores = random_rois(50, 1, 40, 40)[:, 1:], torch.rand(50)
     idxs = torch.randint(0, 3, (50,))
     assert torch.equal(torch.jit.script(nms)(boxes, scores, 0.5, 1), nms(boxes, scores, 0.5, 1))
-    assert torch.equal(torch.jit.script(batched_nms)(boxes, scores, idxs, 0.5), batched_nms(boxes, scores, idxs, 0.5))
+    for categories in (idxs, idxs.float() * 0.5, idxs > 0):  # float and bool categories too, as torchvision's
+        assert torch.equal(torch.jit.script(batched_nms)(boxes, scores, categories, 0.5),
+                           batched_nms(boxes, scores, categories, 0.5))
 
 
 @pytest.mark.parametrize("module", [RoIAlign((2, 3), 0.5, 2, True), RoIAlign(3, 0.25, -1, deterministic=True),

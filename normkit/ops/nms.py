@@ -81,9 +81,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         if idxs.device != boxes.device:
             raise ValueError(f"batched_nms: idxs must be on the same device as boxes ({boxes.device}), got "
                              f"{idxs.device}")
-        if idxs.is_floating_point() or idxs.dtype == torch.bool:
-            # e.g. a detector's class column: categories are the distinct values, as torchvision's offsets make them
-            idxs = torch.unique(idxs, return_inverse=True)[1]
+    if idxs.is_floating_point() or idxs.dtype == torch.bool:
+        # e.g. a detector's class column: categories are the distinct values, as torchvision's offsets make them
+        idxs = torch.unique(idxs, return_inverse=True)[1]
     return torch.ops.normkit.batched_nms(dequantized(boxes), dequantized(scores), idxs, float(iou_threshold), offset)
 
 
