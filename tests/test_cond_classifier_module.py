@@ -100,6 +100,17 @@ def test_low_precision_close_to_fp32():
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.1)
 
 
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients():
+    module = ConditionalClassifier(6, 4)
+    features = torch.randn(0, 6, 3, 5, requires_grad=True)
+    logits, guidance = module.train()(features)
+    assert logits.shape == (0, 4, 3, 5) and guidance.shape == (0, 4, 3, 5)
+    (logits.sum() + guidance.sum()).backward()
+    assert features.grad.shape == features.shape
+    assert all(p.grad is None or not p.grad.any() for p in module.parameters())
+    assert module.eval()(features).shape == (0, 4, 3, 5)
+
+
 def test_bad_input():
     module = ConditionalClassifier(6, 4)
     with pytest.raises(ValueError, match=r"expects Tensor\[B, 6, H, W\]"):

@@ -101,7 +101,7 @@ class ConditionalClassifier(nn.Module):
         # a few images) avoids oneDNN's grouped backward-weights path, several times slower on CPU.
         params = _GenerateClassifier.apply(conv.bias.view(k, per_class), conv.weight.view(k, per_class, c),
                                            embedding.permute(1, 2, 0))  # (K, per_class, B)
-        params = params.permute(2, 0, 1).reshape(b, -1)
+        params = params.permute(2, 0, 1).reshape(b, k * per_class)
         weight = params[:, :k * c].reshape(b, k, c)
         bias = params[:, k * c:] if self.with_bias else None
         return weight, bias
