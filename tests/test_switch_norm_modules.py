@@ -247,6 +247,14 @@ def test_frozen_batchnorm_matches_eval_batchnorm():
     torch.testing.assert_close(frozen(x), bn.eval()(x))
     converted = FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(bn))
     assert isinstance(converted[0], FrozenBatchNorm2d) and not list(converted.parameters())
+    # the conversion keeps the source's dtype (and device): a float64 model stays exact
+    bn64 = nn.BatchNorm2d(5).double()
+    _randomize(bn64)
+    bn64.running_var.uniform_(0.5, 2)
+    frozen64 = FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(bn64))[0]
+    assert all(buffer.dtype == torch.float64 for buffer in frozen64.buffers())
+    x64 = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(frozen64(x64), bn64.eval()(x64), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", NORM_NAMES)

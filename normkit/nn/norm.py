@@ -18,14 +18,15 @@ class FrozenBatchNorm2d(nn.Module):
     """
     _version = 1
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features) - eps)
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory) - eps)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -46,9 +47,12 @@ class FrozenBatchNorm2d(nn.Module):
 
     @classmethod
     def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
-        """Replaces every BatchNorm2d/SyncBatchNorm in `module` by a FrozenBatchNorm2d with the same statistics."""
+        """Replaces every BatchNorm2d/SyncBatchNorm in `module` by a FrozenBatchNorm2d with the same statistics,
+        dtype and device."""
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            frozen = cls(module.num_features, module.eps)
+            source = module.weight if module.affine else module.running_mean
+            frozen = cls(module.num_features, module.eps, **({} if source is None else
+                                                             {"device": source.device, "dtype": source.dtype}))
             if module.affine:
                 frozen.weight.copy_(module.weight.detach())
                 frozen.bias.copy_(module.bias.detach())
