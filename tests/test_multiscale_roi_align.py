@@ -45,6 +45,15 @@ def test_matches_per_level_reference(aligned):
         torch.testing.assert_close(out[row:row + 1], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_very_wide_images_take_the_scale_from_their_longer_side():
+    # 40 x 1000 padded to 64 x 1024: the height ratio 16 / 40 rounds to stride 2, not 4 (torchvision's choice)
+    features = {f"p{int(math.log2(s))}": torch.randn(1, 3, 64 // s, 1024 // s) for s in STRIDES}
+    box = torch.tensor([[100.0, 5.0, 400.0, 35.0]])  # sqrt(area) ~ 95: level 2
+    out = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 5, 2)(features, [box], [(40, 1000)])
+    roi = torch.cat([torch.zeros(1, 1), box], 1)
+    torch.testing.assert_close(out, roi_align_reference(features["p2"], roi, 5, 0.25, 2, False), atol=1e-5, rtol=1e-5)
+
+
 def test_list_features_and_backward():
     features = fpn_features()
     levels = [features[k].requires_grad_(True) for k in ("p2", "p3", "p4", "p5")]
