@@ -16,6 +16,13 @@ from normkit.models.segmentation import DeepLabV2, SegmentationModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# CondNet's configs/_base_/models/condnet_r50-d8.py: CondDepthwiseSeparableASPPHead dilations (1, 12, 24, 36),
+# dropout_ratio 0.1, mmseg CrossEntropyLoss (avg_non_ignore=False: the mean over all pixels)
+CONDNET_HEAD = {"decode_head.aspp_modules.1.depthwise_conv.conv.dilation": (12, 12),
+                "decode_head.aspp_modules.2.depthwise_conv.conv.dilation": (24, 24),
+                "decode_head.aspp_modules.3.depthwise_conv.conv.dilation": (36, 36),
+                "decode_head.classifier.dropout.p": 0.1, "ce_average": "all_pixels"}
+
 # config -> {attribute path on the built model: published value}
 PUBLISHED = {
     "csail/r50d8_c1_deepsup": {"deep_sup_weight": 0.4, "loss_mode": "downsample_labels", "ignore_index": 255,
@@ -23,13 +30,18 @@ PUBLISHED = {
     "csail/r50d8_ppm_deepsup": {"deep_sup_weight": 0.4, "loss_mode": "downsample_labels",
                                 "backbone.output_stride": 8, "decode_head.dropout_deepsup.p": 0.1},
     "csail/r50_upernet": {"backbone.output_stride": 32, "decode_head.fpn_out.0.0.0.out_channels": 512},
+    "csail/r101d8_ppm_deepsup": {"deep_sup_weight": 0.4, "backbone.output_stride": 8,
+                                 "decode_head.dropout_deepsup.p": 0.1},
+    "csail/r18d8_c1_deepsup": {"deep_sup_weight": 0.4, "backbone.output_stride": 8},
     "sn/r50d8_sn_c1_deepsup": {"deep_sup_weight": 0.4, "backbone.output_stride": 8},
     "condnet/r50d8_cond_sep_aspp_ade20k": {
         "aux_weight": 0.4, "loss_mode": "upsample_logits", "decode_head.guidance_weight": 0.2,
         "backbone.output_stride": 8, "backbone.stem": "v1c", "auxiliary_head.in_index": 2,
-        "decode_head.c1_bottleneck.conv.out_channels": 48, "num_classes": 150},
+        "decode_head.c1_bottleneck.conv.out_channels": 48, "num_classes": 150, **CONDNET_HEAD},
+    "condnet/r101d8_cond_sep_aspp_ade20k": {"aux_weight": 0.4, "decode_head.guidance_weight": 0.2,
+                                            "num_classes": 150, **CONDNET_HEAD},
     "condnet/r101d8_cond_sep_aspp_pascal_context59": {"aux_weight": 0.4, "decode_head.guidance_weight": 0.2,
-                                                      "num_classes": 59},
+                                                      "num_classes": 59, **CONDNET_HEAD},
     "deeplab/r101_deeplab_v2_voc": {"scales": (1.0, 0.75, 0.5), "num_classes": 21,
                                     "decode_head.conv2d_list.0.dilation": (6, 6),
                                     "decode_head.conv2d_list.3.dilation": (24, 24)},
@@ -369,6 +381,22 @@ def test_csail_schedules_are_the_original_epochs_of_5000_iterations(name, epochs
 @pytest.mark.parametrize("name", ["sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup"])
 def test_sn_segmentation_training_short_sides_end_at_575(name):
     assert read_config(name)["data"]["train"]["short_sides"] == [300, 375, 450, 525, 575]
+
+
+@pytest.mark.parametrize("name", ["sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup"])
+def test_sn_segmentation_trains_on_pil_resizes_and_tests_on_cv2_ones(name):
+    # the fork's dataset.py: TrainDataset scipy.misc.imresize (PIL; interp bilinear / nearest), ValDataset cv2.resize
+    cfg = read_config(name)
+    assert cfg["data"]["train"]["image_resize"] == "pil" and cfg["evaluation"]["image_resize"] == "cv2"
+
+
+def test_pascal_context_heads_train_at_ten_times_the_lr():
+    # CondNet's Pascal Context configs: paramwise_cfg custom_keys {'head': lr_mult 10}, every name holding "head"
+    from normkit.engine import build_param_groups
+    cfg = read_config("condnet/r101d8_cond_sep_aspp_pascal_context59")
+    groups = build_param_groups(build_model(cfg), 1.0, 0.0, lr_mult=cfg["train"]["optimizer"]["lr_mult"])
+    mults = {name: group["lr_mult"] for group in groups for name in group["param_names"]}
+    assert {name: 10.0 if "head" in name else 1.0 for name in mults} == mults
 
 
 def test_no_config_without_a_published_model():
