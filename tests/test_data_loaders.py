@@ -50,9 +50,28 @@ def test_workers_give_the_same_batches(mini_root):
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"])
 
 
-@pytest.mark.parametrize("pipeline", ["csail", "mmseg"])
-def test_ranks_take_disjoint_slices_of_the_global_batch(mini_root, pipeline):
-    cfg = config(mini_root, pipeline)
+def test_csail_ranks_draw_their_own_orientation_and_short_side(mini_root):
+    # CSAIL's loader gives every GPU's batch its own orientation and short side
+    cfg = config(mini_root, "csail")
+    ranks = [take(build_train_loader(cfg, 2, seed=2, rank=r, world_size=2), 12) for r in range(2)]
+    ds = build_train_loader(cfg, 2).dataset
+    sides, orientations = [], []
+    for r0, r1 in zip(*ranks):
+        assert not set(r0["meta"]["indices"]) & set(r1["meta"]["indices"])
+        per_rank = []
+        for part in (r0, r1):
+            landscape = {ds.image_size(i)[1] >= ds.image_size(i)[0] for i in part["meta"]["indices"]}
+            assert len(landscape) == 1
+            valid = (part["labels"][0] != 255).nonzero()
+            h, w = (valid.max(0).values + 1).tolist()
+            per_rank.append((landscape.pop(), min(h, w) if max(h, w) < 55 else None))
+        orientations.append(per_rank[0][0] != per_rank[1][0])
+        sides.append(None not in (per_rank[0][1], per_rank[1][1]) and per_rank[0][1] != per_rank[1][1])
+    assert any(orientations) and any(sides)
+
+
+def test_ranks_take_disjoint_slices_of_the_global_batch(mini_root):
+    cfg = config(mini_root, "mmseg")
     single = take(build_train_loader(cfg, 4, seed=2, start_iter=3), 2)
     ranks = [take(build_train_loader(cfg, 2, seed=2, start_iter=3, rank=r, world_size=2), 2) for r in range(2)]
     for step in range(2):
@@ -88,20 +107,20 @@ def test_csail_batches(mini_root):
 
 def test_global_batches_orientation_and_size_checks():
     landscape = [True] * 5 + [False] * 3
-    stream = global_batches(8, 2, seed=0, landscape=landscape)
+    stream = global_batches(8, 2, 3, seed=0, landscape=landscape)
     for _ in range(10):
         batch = next(stream)
-        assert len({landscape[i] for i in batch}) == 1
+        assert len(batch) == 6 and all(len({landscape[i] for i in batch[r:r + 2]}) == 1 for r in (0, 2, 4))
     with pytest.raises(ValueError, match="one orientation"):
-        next(global_batches(8, 6, seed=0, landscape=landscape))
-    # An orientation with fewer images than a global batch still comes round: leftovers carry into the next epoch.
+        next(global_batches(8, 6, 1, seed=0, landscape=landscape))
+    # An orientation with fewer images than a batch still comes round: leftovers carry into the next epoch.
     few_portraits = [True] * 20 + [False] * 5
-    seen = collections.Counter(i for batch in itertools.islice(global_batches(25, 8, 0, few_portraits), 200)
+    seen = collections.Counter(i for batch in itertools.islice(global_batches(25, 8, 1, 0, few_portraits), 200)
                                for i in batch)
     assert set(seen) == set(range(25))
     assert max(seen.values()) - min(seen.values()) <= 8  # every image about equally often
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        next(global_batches(3, 4, seed=0))
+        next(global_batches(3, 2, 2, seed=0))
 
 
 def test_mmseg_batches(mini_root):

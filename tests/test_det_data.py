@@ -195,11 +195,17 @@ def test_sampler_is_deterministic_per_seed_iteration_rank(grouping):
     assert first == take(DetectionBatchSampler(RATIOS, 2, seed=3, grouping=grouping), 30)
     assert first != take(DetectionBatchSampler(RATIOS, 2, seed=4, grouping=grouping), 30)
     assert take(DetectionBatchSampler(RATIOS, 2, seed=3, start_iter=17, grouping=grouping), 13) == first[17:]
-    # Two ranks together see what one process with twice the batch sees, without overlap.
+    # Two ranks never overlap; without orientation groups (one per rank, as detectron2's per-GPU grouping) they
+    # together see what one process with twice the batch sees.
     whole = take(DetectionBatchSampler(RATIOS, 4, seed=3, grouping=grouping), 20)
     ranks = [take(DetectionBatchSampler(RATIOS, 2, rank=r, world_size=2, seed=3, grouping=grouping), 20)
              for r in range(2)]
-    assert [a + b for a, b in zip(*ranks)] == whole
+    assert all(not set(a) & set(b) for a, b in zip(*ranks))
+    if grouping == "orientation":
+        assert all(len({RATIOS[i] >= 1 for i in batch}) == 1 for batch in ranks[0] + ranks[1])
+        assert any((RATIOS[a[0]] >= 1) != (RATIOS[b[0]] >= 1) for a, b in zip(*ranks))  # per-rank orientations
+    else:
+        assert [a + b for a, b in zip(*ranks)] == whole
     keys = next(iter(DetectionBatchSampler(RATIOS, 2, seed=3, start_iter=5, grouping=grouping)))
     assert all(k.iteration == 5 for k in keys)
 

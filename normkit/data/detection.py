@@ -43,8 +43,8 @@ naming the closest valid one)::
         max_size: 1333
         flip: random             # random (p = 0.5 per image) | double (Detectron-1 USE_FLIPPED: every epoch
                                  # holds each image and its mirror) | none
-        grouping: orientation    # orientation (w >= h and w < h never mix in a batch) | sorted (Detectron-1:
-                                 # images sorted by w / h, consecutive blocks shuffled) | none
+        grouping: orientation    # orientation (w >= h and w < h never mix in a rank's batch) | sorted
+                                 # (Detectron-1: images sorted by w / h, consecutive blocks shuffled) | none
       val:
         split: val2017
         ann_file: null
@@ -248,10 +248,11 @@ def sorted_block_batches(ratios, global_batch: int, seed: int):
 class DetectionBatchSampler:
     """This rank's `SampleKey`s for iterations start_iter, start_iter + 1, ... forever, grouped by aspect.
 
-    `aspect_ratios`: w / h per sample. grouping "orientation": every global batch holds only w >= h or only
-    w < h images (epochs shuffled by (seed, epoch)); "sorted": Detectron-1's sorted blocks; "none": plain
-    shuffling. Rank r takes the r-th slice of each global batch, so N processes together see the batch one
-    process with N x batch_size sees, and the stream depends only on (seed, iteration, rank). Skipping to
+    `aspect_ratios`: w / h per sample. grouping "orientation": every rank's batch holds only w >= h or only
+    w < h images (epochs shuffled by (seed, epoch); as detectron2's per-GPU aspect grouping, the ranks'
+    orientations may differ); "sorted": Detectron-1's sorted blocks; "none": plain shuffling. Rank r takes the
+    r-th slice of each global batch (with "sorted" and "none", N processes together see the batch one process
+    with N x batch_size sees), and the stream depends only on (seed, iteration, rank). Skipping to
     `start_iter` walks the index stream only (no image is decoded).
     """
 
@@ -270,11 +271,10 @@ class DetectionBatchSampler:
         self.seed, self.start_iter, self.grouping = seed, start_iter, grouping
 
     def _stream(self):
-        global_batch = self.batch_size * self.world_size
         if self.grouping == "sorted":
-            return sorted_block_batches(self.aspect_ratios, global_batch, self.seed)
+            return sorted_block_batches(self.aspect_ratios, self.batch_size * self.world_size, self.seed)
         landscape = self.aspect_ratios >= 1.0 if self.grouping == "orientation" else None
-        return global_batches(self.num_samples, global_batch, self.seed, landscape)
+        return global_batches(self.num_samples, self.batch_size, self.world_size, self.seed, landscape)
 
     def __iter__(self):
         lo = self.rank * self.batch_size

@@ -1,13 +1,14 @@
 """Deterministic, resumable batch streams for infinite training and rank-sharded validation.
 
 The training stream is a sequence of *global* batches (batch_size x world_size sample indices), one per
-iteration. Epoch e shuffles all indices with a Generator seeded by (seed, e); with orientation grouping
-(CSAIL) the shuffled indices are dealt into a landscape and a portrait bucket and a bucket is emitted as a
-batch when full; a bucket's leftovers at the end of an epoch wait for the next epoch's indices (as in CSAIL's
-loader), so an orientation with fewer images than a global batch is still trained; as there, a batch can then
-hold an image twice (once left over, once drawn again). Rank r takes the r-th slice of each global batch, so N
-processes together see exactly the batch a single process with N x batch_size would see. The stream depends only on indices, so skipping to
-`start_iter` costs no image decoding.
+iteration; rank r takes the r-th slice. Epoch e shuffles all indices with a Generator seeded by (seed, e).
+Without grouping, N processes together see exactly the batch a single process with N x batch_size would see.
+With orientation grouping (CSAIL) each rank's batch is a group of its own, as each GPU's batch in CSAIL's
+loader: the shuffled indices are dealt into a landscape and a portrait bucket, a full bucket (batch_size
+images) becomes the next rank's batch, and the CSAIL short side is drawn per rank; a bucket's leftovers at the
+end of an epoch wait for the next epoch's indices (as in CSAIL), so an orientation with fewer images than a
+batch is still trained; as there, a batch can then hold an image twice (once left over, once drawn again).
+The stream depends only on indices, so skipping to `start_iter` costs no image decoding.
 """
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ class SampleKey(NamedTuple):
     short_side: int | None  # the batch-wide CSAIL short side, None for per-sample pipelines
 
 
-def global_batches(num_samples: int, global_batch: int, seed: int, landscape=None) -> Iterator[list[int]]:
-    """Infinite stream of global batches of dataset indices. `landscape`: optional bool per sample; when
-    given, every batch holds images of a single orientation."""
+def global_batches(num_samples: int, batch_size: int, world_size: int, seed: int,
+                   landscape=None) -> Iterator[list[int]]:
+    """Infinite stream of global batches of batch_size x world_size dataset indices, rank r's batch the r-th
+    slice. `landscape`: optional bool per sample; when given, every rank's batch holds images of a single
+    orientation (the ranks' orientations may differ)."""
+    global_batch = batch_size * world_size
     if landscape is None:
         if num_samples < global_batch:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
@@ -33,10 +37,11 @@ def global_batches(num_samples: int, global_batch: int, seed: int, landscape=Non
     else:
         landscape = np.asarray(landscape, bool)
         largest = max(int(landscape.sum()), int((~landscape).sum()))
-        if largest < global_batch:
-            raise ValueError(f"orientation-grouped batches need {global_batch} images of one orientation "
-                             f"(batch size x world size), but the dataset has at most {largest}")
+        if largest < batch_size:
+            raise ValueError(f"orientation-grouped batches need {batch_size} images of one orientation "
+                             f"(the batch size), but the dataset has at most {largest}")
     buckets: dict[bool, list[int]] = {True: [], False: []}
+    pending: list[int] = []
     epoch = 0
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(num_samples)
@@ -47,9 +52,12 @@ def global_batches(num_samples: int, global_batch: int, seed: int, landscape=Non
             for index in order.tolist():
                 bucket = buckets[bool(landscape[index])]
                 bucket.append(index)
-                if len(bucket) == global_batch:
-                    yield list(bucket)
+                if len(bucket) == batch_size:
+                    pending.extend(bucket)
                     bucket.clear()
+                    if len(pending) == global_batch:
+                        yield pending
+                        pending = []
         epoch += 1
 
 
@@ -72,14 +80,14 @@ class TrainBatchSampler:
         self.short_sides = tuple(short_sides) if short_sides else None
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        stream = global_batches(self.num_samples, self.batch_size * self.world_size, self.seed, self.landscape)
+        stream = global_batches(self.num_samples, self.batch_size, self.world_size, self.seed, self.landscape)
         lo = self.rank * self.batch_size
         for iteration, batch in enumerate(stream):
             if iteration < self.start_iter:
                 continue
             short_side = None
-            if self.short_sides:  # one size for the whole global batch, the same on every rank
-                short_side = self.short_sides[np.random.default_rng([self.seed, iteration, 1]).integers(
+            if self.short_sides:  # one size for the rank's batch, as CSAIL draws one per GPU
+                short_side = self.short_sides[np.random.default_rng([self.seed, iteration, 1, self.rank]).integers(
                     len(self.short_sides))]
             yield [SampleKey(iteration, index, short_side) for index in batch[lo:lo + self.batch_size]]
 
