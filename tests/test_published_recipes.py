@@ -383,6 +383,15 @@ def test_sn_segmentation_training_short_sides_end_at_575(name):
     assert read_config(name)["data"]["train"]["short_sides"] == [300, 375, 450, 525, 575]
 
 
+@pytest.mark.parametrize("name, per_gpu", [("sn/r50d8_sn_c1_deepsup", True), ("sn/r50d8_gn_c1_deepsup", True),
+                                           ("sn/r50d8_syncbn_c1_deepsup", False), ("csail/r50d8_ppm_deepsup", False)])
+def test_unsynchronized_norms_see_the_two_images_of_one_gpu(name, per_gpu):
+    # The fork's SN-(8,2) and GN models normalise each GPU's 2 images (DataParallel, no synchronization); its
+    # SyncBN model and CSAIL's normalise all 16: one process holds 2 images per micro-batch or all 16.
+    train = read_config(name)["train"]
+    assert (train["batch_size"], train["iter_size"]) == ((2, 8) if per_gpu else (16, 1))
+
+
 @pytest.mark.parametrize("name", ["sn/r50d8_sn_c1_deepsup", "sn/r50d8_gn_c1_deepsup", "sn/r50d8_syncbn_c1_deepsup"])
 def test_sn_segmentation_trains_on_pil_resizes_and_tests_on_cv2_ones(name):
     # the fork's dataset.py: TrainDataset scipy.misc.imresize (PIL; interp bilinear / nearest), ValDataset cv2.resize
