@@ -54,3 +54,30 @@ def test_toolkit_root_finds_the_runtime_library(tmp_path):
     (tmp_path / "cuda" / "bin" / "nvcc").write_text("")
     (tmp_path / "cuda" / "lib64" / "libcudart.so.13").write_text("")
     assert gpu_check.toolkit_root(str(tmp_path / "cuda" / "bin" / "nvcc")) == str(tmp_path / "cuda")
+
+
+def _collected_files(args, env=None):
+    import os
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m",
+                           "cuda", *args], cwd=GPU_CHECK.parents[1], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+
+
+def test_the_cuda_test_files_hold_every_cuda_test_and_need_no_pycocotools(tmp_path):
+    files = gpu_check.cuda_test_files()
+    assert set(files) == _collected_files(["tests"])  # what -m cuda selects from the whole suite
+    # The GPU machine's image lacks pycocotools: the selected files must collect without it.
+    (tmp_path / "pycocotools").mkdir()
+    (tmp_path / "pycocotools" / "__init__.py").write_text("raise ImportError('pycocotools is not installed')")
+    assert _collected_files(files, {"PYTHONPATH": str(tmp_path)}) == set(files)
+
+
+def test_steps_keep_packages_carried_on_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    assert gpu_check.child_env(MAX_JOBS="16")["PYTHONPATH"].split(":") == [gpu_check.ROOT, "/tmp/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert gpu_check.child_env()["PYTHONPATH"] == gpu_check.ROOT

@@ -2,9 +2,10 @@
 
 Builds the extension in place for the local GPU, runs the CUDA tests and the GPU benchmarks (their tables go to
 benchmarks/results/*_<gpu>.md) and ends with a pass/fail summary of the GPU targets (docs/design.md, "Targets").
-Needs no network: it only uses the installed torch, nvcc and pytest. Each step has a time limit so that the
-whole check stays under 8 minutes; a step that fails or runs out of time is reported and the next one still
-runs. Exit status 0 only when every step and every target passed.
+Needs no network: it uses the installed torch, nvcc, pytest and the packages normkit imports (PyYAML, numpy; the
+CUDA test files need no pycocotools, OpenCV or Pillow). Each step has a time limit so that the whole check stays
+under 8 minutes; a step that fails or runs out of time is reported and the next one still runs. Exit status 0
+only when every step and every target passed.
 
     python tools/gpu_check.py             # the check
     python tools/gpu_check.py --dry-run   # on any machine: the plan, the commands, and that every piece imports
@@ -15,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +24,23 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every test with CUDA cases is marked `cuda`: -m cuda over the whole suite selects exactly those.
-CUDA_TESTS = ["tests"]
+
+
+def cuda_test_files() -> list[str]:
+    """The test files with CUDA cases: those marking tests `cuda` or parametrizing over conftest's DEVICES (whose
+    "cuda" entry carries the mark). Collecting only these keeps the run independent of what the other files import
+    (pycocotools, for one, is missing from the GPU machine's image)."""
+    tests = os.path.join(ROOT, "tests")
+    found = []
+    for name in sorted(os.listdir(tests)):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(tests, name), encoding="utf-8") as f:
+                text = f.read()
+            if "mark.cuda" in text or re.search(r"\bDEVICES\b", text):
+                found.append(os.path.join("tests", name))
+    return found
+
+
 # (benchmark, arguments, time limit in s). Repeats are lowered from the GPU defaults to fit the time budget;
 # interleaved medians of 10 are still stable on an idle GPU.
 # bench_roi_ops skips the slow Python-loop references (timed in the CPU tables); torchvision, when installed, is
@@ -42,8 +59,9 @@ DRIVER = ("import json, runpy, sys; sys.path.insert(0, sys.argv[1]); "
 
 
 def run(cmd: list[str], limit: float, env: dict | None = None, shown: int = 3000) -> tuple[bool, str]:
-    """Runs `cmd` in the repository root, printing the last `shown` characters of its output; (succeeded, its
-    last line)."""
+    """Runs `cmd` in the repository root, printing the last `shown` characters of its output (and, when it fails,
+    first its lines that report errors: a compiler's message can sit far above the tail); (succeeded, its last
+    line)."""
     print("$", " ".join(cmd), flush=True)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=limit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -52,9 +70,20 @@ def run(cmd: list[str], limit: float, env: dict | None = None, shown: int = 3000
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         print(out[-shown:])
         return False, f"timed out after {limit:.0f} s"
+    if proc.returncode != 0:
+        errors = [line for line in proc.stdout.splitlines() if "error" in line.lower()][:40]
+        if errors:
+            print("lines reporting errors:\n" + "\n".join(line[:400] for line in errors) + "\n(end of them)")
     print(proc.stdout[-shown:], flush=True)
     tail = proc.stdout.strip().splitlines()[-1:] or [""]
     return proc.returncode == 0, tail[0] if proc.returncode == 0 else f"exit {proc.returncode}: {tail[0]}"
+
+
+def child_env(**variables: str) -> dict:
+    """The environment of the steps: ours with `variables`, and the repository first on PYTHONPATH (packages
+    carried to the machine through PYTHONPATH stay visible)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, **variables, PYTHONPATH=path)
 
 
 def peak_bandwidth_gbs() -> float | None:
@@ -168,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: ninja not found: torch compiles the sources one after the other and the build may run past "
               f"its {BUILD_LIMIT_S} s limit", flush=True)
     # All cores: make's MAX_JOBS=2 default (for small CI machines) would double the build's time.
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", NORMKIT_WITH_CUDA="1",
-               MAX_JOBS=os.environ.get("NORMKIT_GPU_CHECK_JOBS", str(os.cpu_count() or 4)), PYTHONPATH=ROOT)
+    env = child_env(TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", NORMKIT_WITH_CUDA="1",
+                    MAX_JOBS=os.environ.get("NORMKIT_GPU_CHECK_JOBS", str(os.cpu_count() or 4)))
     cuda_home = toolkit_root(nvcc)
     if cuda_home and "CUDA_HOME" not in env:
         env["CUDA_HOME"] = cuda_home
@@ -185,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if ok:
         # The slowest tests are listed and failures kept whole: the first GPU run is also the first timing.
         ok, note = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15", "-m", "cuda",
-                        *CUDA_TESTS], TEST_LIMIT_S, env, shown=30000)
+                        *cuda_test_files()], TEST_LIMIT_S, env, shown=30000)
         steps.append(("CUDA tests (pytest -m cuda)", ok, note))
 
     targets: list[tuple[str, bool | None, str]] = []
@@ -216,15 +245,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def dry_run(python: str) -> int:
     """Everything that does not need a GPU: the benchmark entry points exist and take the arguments used here,
-    the CUDA tests are collected, and the target checks accept the benchmarks' result layout."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    and the CUDA tests are collected (tests/test_gpu_check.py checks the target checks against result rows)."""
+    env = child_env()
     results = []
     for script, script_args, limit in BENCHMARKS:
         results.append(run([python, os.path.join(ROOT, "benchmarks", script), *script_args, "--help"], 60, env))
     results.append(run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "-qq", "-m", "cuda",
-                        *CUDA_TESTS], 120, env))
+                        *cuda_test_files()], 120, env))
     print(f"plan: build with TORCH_CUDA_ARCH_LIST=<local GPU> (limit {BUILD_LIMIT_S} s), pytest -m cuda on "
-          f"{' '.join(CUDA_TESTS)} (limit {TEST_LIMIT_S} s), then " +
+          f"{' '.join(cuda_test_files())} (limit {TEST_LIMIT_S} s), then " +
           ", ".join(f"{s} ({limit} s)" for s, _, limit in BENCHMARKS) +
           f"; total limit {BUILD_LIMIT_S + REGISTER_LIMIT_S + TEST_LIMIT_S + sum(b[2] for b in BENCHMARKS)} s")
     ok = all(r[0] for r in results)
