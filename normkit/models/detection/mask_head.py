@@ -62,12 +62,12 @@ def polygons_to_mask_in_box(polygons: Sequence[Tensor], box: Sequence[float], si
     """Rasterise polygons (each Tensor[2P] ``x0, y0, x1, y1, ...``) inside ``box`` to a ``size x size`` binary mask.
 
     Detectron ``polys_to_mask_wrt_box``: coordinates become ``(x - x1) * size / max(x2 - x1, 1)`` (same for y)
-    and are rasterised with pycocotools (needs the ``coco`` extra: ``pip install pycocotools``).
+    and are rasterised with pycocotools (a dependency of normkit: ``pip install pycocotools``).
     """
     try:
         from pycocotools import mask as mask_util
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("rasterising polygon masks needs pycocotools (pip install 'normkit[coco]')") from exc
+        raise ImportError("rasterising polygon masks needs pycocotools (pip install pycocotools)") from exc
     x1, y1, x2, y2 = (np.float32(v) for v in box)  # float32 arithmetic throughout, as Detectron
     w = np.maximum(x2 - x1, np.float32(1))
     h = np.maximum(y2 - y1, np.float32(1))
