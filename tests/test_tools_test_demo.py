@@ -144,6 +144,31 @@ def test_watch_evaluates_each_new_checkpoint_once(setup, tmp_path):
     assert len((work / "eval_watch.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_watcher_evaluates_a_new_run_whose_checkpoints_reuse_the_names(setup, tmp_path, monkeypatch):
+    tool = load_tool("test")
+    work = tmp_path / "watched"
+    work.mkdir()
+    (work / "iter_0000010.pth").write_bytes((setup["work"] / "iter_0000010.pth").read_bytes())
+    sleep = tool.time.sleep
+    polls = []
+
+    def new_run_after_the_first_evaluation(seconds):
+        polls.append(seconds)
+        if len(polls) == 1:  # tools/train.py --new-run: the old files move away, the new run writes iter 10
+            (work / "previous").mkdir()
+            for name in ("iter_0000010.pth", "eval_watch.jsonl"):
+                (work / name).rename(work / "previous" / name)
+            (work / "iter_0000010.pth").write_bytes((setup["work"] / "iter_0000020.pth").read_bytes())
+        sleep(seconds)
+
+    monkeypatch.setattr(tool.time, "sleep", new_run_after_the_first_evaluation)
+    records = tool.main(["--config", str(setup["config"]), "--watch", str(work), "--poll", "0.01",
+                         "--idle-timeout", "0.2"])
+    assert [r["checkpoint"] for r in records] == ["iter_0000010.pth", "iter_0000010.pth"]
+    expected = reference_metrics(setup["models"][1], setup["root"])  # the new run's weights
+    assert records[1]["mean_iou"] == pytest.approx(expected["mean_iou"])
+
+
 def _distributed_worker(rank, config, checkpoint, port, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

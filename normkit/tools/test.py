@@ -132,6 +132,7 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
     log = directory / WATCH_LOG
     main = evaluator.info.is_main
     done = read_watch_log(log) if main else set()
+    log_seen = main and log.exists()  # the log this watcher has read or written
     retry_at: dict[str, float] = {}  # unreadable checkpoints -> when to try them again
     records = []
     last_new = time.monotonic()
@@ -139,6 +140,13 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
     while True:
         path, state = None, None
         if main:
+            if log_seen and not log.exists():
+                # The run's files were moved away (`tools/train.py --new-run` moves eval_watch.jsonl with them):
+                # the new run's checkpoints may take the same names.
+                logger.warning("--watch: %s is gone (a new run?): checkpoints are evaluated again by name", log)
+                done.clear()
+                retry_at.clear()
+                log_seen = False
             if not directory.is_dir() and not said_missing:
                 logger.warning("--watch: %s does not exist (yet); waiting for checkpoints to appear in it", directory)
                 said_missing = True
@@ -186,6 +194,7 @@ def watch(evaluator: CheckpointEvaluator, directory: Path, poll: float, idle_tim
                   **evaluator.task.to_json(results)}
         with open(log, "a") as f:
             f.write(json.dumps(record) + "\n")
+        log_seen = True
         records.append(record)
 
 
