@@ -22,7 +22,8 @@ import torch
 import yaml
 
 __all__ = ["fsync_dir", "atomic_write", "atomic_save", "atomic_write_text", "load_checkpoint", "read_tensor_dict",
-           "load_yaml", "parse_yaml", "CONFIG_DIR", "list_configs", "resolve_config_path", "load_config_file", "merge_configs"]
+           "load_yaml", "parse_yaml", "CONFIG_DIR", "list_configs", "resolve_config_path", "load_config_file",
+           "merge_configs"]
 
 PathLike = Union[str, os.PathLike]
 

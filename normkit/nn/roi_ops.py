@@ -179,8 +179,8 @@ class MultiScaleRoIAlign(nn.Module):
     Tensor[L_i, 4] per image in image coordinates; image_shapes the (height, width) of each image before
     batching/padding. Each level's scale is inferred as the power of two nearest to feature size / largest
     image size along the longer image side (torchvision takes the height, which padding can mislead for very
-    wide images), the other side checked against it, and levels must be consecutive powers of two. Returns Tensor[sum L_i, C, *output_size] in box
-    order.
+    wide images), the other side checked against it, and levels must be consecutive powers of two. Returns
+    Tensor[sum L_i, C, *output_size] in box order.
     """
 
     featmap_names: List[str]  # empty when the levels are given by number (typed for TorchScript)
