@@ -2,7 +2,8 @@
 (pure-PyTorch official formulation), in one interleaved run.
 
 Reports the median forward+backward step time, its ratio to the BN model, the bytes autograd saves for
-backward (device-independent activation memory) and, on CUDA, the peak allocated memory.
+backward (device-independent activation memory) and, on CUDA, the step's peak allocated memory above what was
+allocated before it (the four models' weights and the other models' gradients stay resident throughout).
 
     python benchmarks/bench_models.py                  # CPU: batch 1 at 128x128
     python benchmarks/bench_models.py --device cuda    # GPU: batch 4 at 512x512
@@ -64,14 +65,18 @@ def saved_bytes(model, images, labels) -> int:
     return sum(seen.values())
 
 
-def peak_memory(step, device):
+def peak_memory(model, step, device):
+    """Peak memory of one step above the memory allocated before it, in MiB."""
     if torch.device(device).type != "cuda":
         return "n/a"  # no allocator statistics on CPU; the saved-for-backward column compares memory there
+    model.zero_grad(set_to_none=True)  # the step's own gradients count towards its peak
+    synchronize(device)
     torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
 
 
 def main(argv=None) -> int:
@@ -97,9 +102,9 @@ def main(argv=None) -> int:
     rows = []
     for name, model in models.items():
         rows.append([name, times[name] * 1e3, times[name] / times["BN"],
-                     saved_bytes(model, images, labels) / 2**20, peak_memory(steps[name], device)])
+                     saved_bytes(model, images, labels) / 2**20, peak_memory(model, steps[name], device)])
     table = markdown_table(["model (R50-D8 + C1DeepSup)", "fwd+bwd ms", "x BN", "saved for backward MiB",
-                            "peak MiB"], rows)
+                            "step peak MiB"], rows)
     sn, ref = times["SN (normkit)"], times["SN (reference)"]
     summary = (f"Training step, batch {batch} x 3 x {size} x {size}, {NUM_CLASSES} classes, median of {repeats} "
                f"interleaved rounds.\n\n{table}\n\nSN (normkit) is {sn / times['BN']:.2f}x the BN step and "
