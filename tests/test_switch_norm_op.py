@@ -179,6 +179,16 @@ def test_empty_batch_leaves_the_running_statistics_through_the_op(device):
     assert torch.equal(running_mean.cpu(), torch.zeros(4)) and torch.equal(running_var.cpu(), torch.ones(4))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_statistics_are_zero_on_every_device(device):
+    # CPU and CUDA agree: an empty batch has no BN statistics to report (0 / 0 would give NaN)
+    moments = torch.ops.normkit._switch_norm_moments(torch.randn(0, 4, 5, 5, device=device))
+    coef, bn_used = torch.ops.normkit._switch_norm_forward_coefficients(
+        moments, None, None, torch.ones(3, device=device), torch.ones(3, device=device), None, 25, True, 1e-5)
+    assert coef.shape == (0, 4, 2)
+    assert torch.equal(bn_used.cpu(), torch.zeros(3, 4))
+
+
 @pytest.mark.parametrize("has_instance,shape,using_bn,training",
                          [(True, (2, 3, 4, 5), True, True), (True, (2, 3, 4, 5), True, False),
                           (False, (4, 3), True, True), (True, (2, 3, 4, 5), False, True)])

@@ -85,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> forward_coefficients_cpu(
     const at::Tensor& mean_weight, const at::Tensor& var_weight, const c10::optional<at::Tensor>& bn_stats,
     int64_t count, bool has_instance, double eps) {
   const ForwardCoefficientArgs args(moments, weight, bias, mean_weight, var_weight, bn_stats, has_instance);
+  if (args.moments.numel() == 0) return {args.coefficients, args.bn_used};  // zero statistics, as on CUDA
   AT_DISPATCH_FLOATING_TYPES(args.moments.scalar_type(), "switch_norm_forward_coefficients_cpu", [&] {
     NORMKIT_BEST_ISA(run_forward_coefficients<scalar_t>)(args, count, has_instance, eps);
   });
