@@ -118,3 +118,29 @@ def test_generator_grid_order_and_offset():
     assert d2([(1, 1)])[0].tolist() == [[-8, -8, 24, 24]]
     with pytest.raises(ValueError, match="offset"):
         AnchorGenerator((16,), ((32,),), style="detectron", offset=0.5)
+
+
+def test_decode_clamps_the_log_height_too():
+    coder = BoxCoder(legacy_plus_one=False)
+    out = coder.decode(torch.tensor([[0.0, 0.0, 16.0, 32.0]]), torch.tensor([[0.0, 0.0, 0.0, 100.0]]))
+    assert (out[0, 3] - out[0, 1]).item() == pytest.approx(32 * 1000 / 16, rel=1e-5)  # exp(log(1000 / 16)) * 32
+    assert (out[0, 2] - out[0, 0]).item() == pytest.approx(16.0)
+
+
+def test_encode_by_hand_with_distinct_weights():
+    # each weight multiplies its own delta: (wx, wy, ww, wh) = (1, 2, 3, 4)
+    coder = BoxCoder((1.0, 2.0, 3.0, 4.0), legacy_plus_one=True)
+    ref = torch.tensor([[0.0, 0.0, 9.0, 19.0]], dtype=torch.float64)     # w 10, h 20, centre (5, 10)
+    tgt = torch.tensor([[5.0, 0.0, 24.0, 79.0]], dtype=torch.float64)    # w 20, h 80, centre (15, 40)
+    assert coder.encode(ref, tgt)[0].tolist() == pytest.approx([1 * 10 / 10, 2 * 30 / 20, 3 * math.log(2),
+                                                                4 * math.log(4)])
+    assert coder.decode(ref, coder.encode(ref, tgt))[0].tolist() == pytest.approx(tgt[0].tolist())
+
+
+def test_smooth_l1_with_beta_zero_is_l1_with_finite_gradients():
+    # detectron2 uses beta 0: the loss and its gradient are those of |x|, without 0 / 0 from the quadratic branch
+    x = torch.tensor([0.05, -0.5, 2.0, 0.0], requires_grad=True)
+    loss = smooth_l1_loss(x, torch.zeros(4), 0.0)
+    loss.sum().backward()
+    assert loss.tolist() == pytest.approx([0.05, 0.5, 2.0, 0.0])
+    assert x.grad.tolist() == [1.0, -1.0, 1.0, 0.0]
