@@ -89,3 +89,54 @@ def test_sample_rois_fraction_no_replacement_and_crowd():
     # C4 setting: 256 RoIs -> 64 foreground
     fg, bg = sample_rois(overlaps, 256, 0.25, 0.5, 0.5, 0.0, gen)
     assert fg.numel() == 64 and bg.numel() == 192
+
+
+def test_thresholds_at_their_exact_values():
+    # Detectron-1 / detectron2: positive at IoU >= 0.7 (RPN) and >= 0.5 (RoIs), negative below 0.3 (RPN) and in
+    # [0, 0.5) (RoIs); the bounds are exact in float32 so the comparisons decide
+    iou = torch.tensor([[0.7, 0.3, 0.29, 0.69, 0.0, 0.75]])
+    _, labels = Matcher((0.3, 0.7), (0, -1, 1))(iou)
+    assert labels.tolist() == [1, -1, 0, -1, 0, 1]
+    labels, _ = rpn_anchor_labels(iou, 256, 0.5, 0.7, 0.3, bg_with_replacement=False)
+    assert labels.tolist() == [1, -1, 0, -1, 0, 1]
+    # Detectron-1 order: positives first; 2 negative candidates and 254 free slots -> none drawn
+    labels, _ = rpn_anchor_labels(iou, 256, 0.5, 0.7, 0.3, bg_with_replacement=True)
+    assert labels.tolist() == [1, -1, -1, -1, -1, 1]
+    fg, bg = sample_rois(torch.tensor([0.5, 0.49, 0.0, 1.0, -1.0]), 512, 0.25, 0.5, 0.5, 0.0)
+    assert sorted(fg.tolist()) == [0, 3] and sorted(bg.tolist()) == [1, 2]
+
+
+def test_rpn_labels_detectron_draws_negatives_only_when_they_outnumber_the_slots():
+    iou = torch.zeros(1, 12)
+    iou[0, 0] = 0.9                       # 1 positive; 11 negative candidates
+    gen = torch.Generator().manual_seed(0)
+    labels, _ = rpn_anchor_labels(iou, 12, 0.5, 0.7, 0.3, bg_with_replacement=True, generator=gen)
+    assert labels.tolist() == [1] + [-1] * 11                          # 11 candidates, 11 free slots: none
+    labels, _ = rpn_anchor_labels(iou, 11, 0.5, 0.7, 0.3, bg_with_replacement=True, generator=gen)
+    assert labels[0].item() == 1 and 1 <= int((labels == 0).sum()) <= 10  # 11 > 10: 10 draws with replacement
+    # an IoU of exactly 0.3 is not negative: never drawn
+    iou = torch.cat((torch.tensor([0.9]), torch.full((20,), 0.3), torch.zeros(20)))[None]
+    labels, _ = rpn_anchor_labels(iou, 12, 0.5, 0.7, 0.3, bg_with_replacement=True, generator=gen)
+    assert (labels[1:21] == -1).all() and int((labels[21:] == 0).sum()) >= 1
+
+
+def test_rpn_labels_d2_low_quality_matches():
+    # detectron2 (allow_low_quality_matches): each ground truth's best anchors are positive even below 0.3
+    iou = torch.tensor([[0.1, 0.25, 0.25, 0.0], [0.8, 0.0, 0.0, 0.0]])
+    labels, matched = rpn_anchor_labels(iou, 256, 0.5, 0.7, 0.3, bg_with_replacement=False)
+    assert labels.tolist() == [1, 1, 1, 0] and matched.tolist() == [1, 0, 0, 0]
+
+
+def test_subsample_labels_caps_the_positives():
+    gen = torch.Generator().manual_seed(0)
+    out = subsample_labels(torch.tensor([1] * 300 + [0] * 1000), 256, 0.5, gen)
+    assert int((out == 1).sum()) == 128 and int((out == 0).sum()) == 128
+    out = subsample_labels(torch.tensor([1] * 300 + [0] * 1000), 512, 0.25, gen)
+    assert int((out == 1).sum()) == 128 and int((out == 0).sum()) == 384
+
+
+def test_sample_rois_fills_the_batch_with_background_when_foreground_is_scarce():
+    gen = torch.Generator().manual_seed(0)
+    overlaps = torch.cat((torch.full((20,), 0.7), torch.full((1000,), 0.1)))
+    fg, bg = sample_rois(overlaps, 512, 0.25, 0.5, 0.5, 0.0, gen)
+    assert fg.numel() == 20 and bg.numel() == 492   # 512 - 20, not 512 - 128
