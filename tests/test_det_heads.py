@@ -135,8 +135,10 @@ def test_pooler_pools_each_box_from_its_level():
     feats = [torch.randn(1, 2, 64 // 2 ** k, 64 // 2 ** k) for k in range(4)]
     pooler = ROIPooler(7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 2, legacy_plus_one=True)
     boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0], [0.0, 0.0, 250.0, 250.0], [5.0, 5.0, 120.0, 130.0]])]
+    boxes = [torch.cat((boxes[0], torch.tensor([[0.0, 0.0, 600.0, 600.0]])))]  # 601 px: P5
     out = pooler(feats, boxes)
     levels = assign_fpn_levels(boxes[0], 2, 5, legacy_plus_one=True) - 2
+    assert levels.tolist() == [0, 2, 1, 3]  # by hand: floor(4 + log2(sqrt(area) / 224)) in [2, 5]
     for i, level in enumerate(levels.tolist()):
         rois = torch.cat((torch.zeros(1, 1), boxes[0][i:i + 1]), dim=1)
         ref = roi_align(feats[level], rois, (7, 7), 1 / 4 / 2 ** level, 2, False)
@@ -303,3 +305,84 @@ def test_pooler_keeps_float32_boxes_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = pooler([step.to(torch.bfloat16)], boxes)
     assert got.dtype == torch.bfloat16 and got.item() == 1.0
+
+
+def test_rpn_proposal_filters_in_a_tall_image_and_min_size_by_scale():
+    rpn, names = _rpn(pre_nms_topk=(100, 100), post_nms_topk=(100, 100), nms_thresh=0.7)
+    rpn.eval()
+    logits = -torch.arange(8.0).reshape(1, 1, 4, 2)  # best first in (y, x) order
+    rpn.head.forward = lambda xs: ([logits], [torch.zeros(1, 4, 4, 2)])
+
+    def proposals(scale):
+        props, _ = rpn({names[0]: torch.zeros(1, 4, 4, 2)}, torch.tensor([[64, 32]]), (64, 32), torch.tensor([scale]))
+        return props[0].tolist()
+    # anchors (-8, -8, 23, 23) + 16 (x, y) clipped to [0, 31] x [0, 63]; pairwise IoUs <= 0.5: NMS keeps all; the
+    # centre test (x1 + w / 2 < W, y1 + h / 2 < H) drops none: the lower boxes' centres lie below y = W
+    assert proposals(1.0) == [[0, 0, 23, 23], [8, 0, 31, 23], [0, 8, 23, 39], [8, 8, 31, 39],
+                              [0, 24, 23, 55], [8, 24, 31, 55], [0, 40, 23, 63], [8, 40, 31, 63]]
+    # RPN_MIN_SIZE is in original-image pixels: times the image's scale. Every proposal is 24 px wide.
+    rpn.min_size = 13
+    assert proposals(2.0) == []             # 26 px > 24
+    rpn.min_size = 40
+    assert len(proposals(0.5)) == 8         # 20 px <= 24
+
+
+def test_eval_boxes_are_decoded_in_original_image_pixels():
+    heads = _roi_heads()
+    heads.eval()
+    heads.box_predictor.forward = lambda x: (torch.tensor([[0.0, 5.0, 0.0]]).expand(x.shape[0], -1),
+                                             torch.zeros(x.shape[0], 12))
+    out = heads({"f": torch.zeros(1, 4, 8, 8)}, [torch.tensor([[20.0, 20.0, 59.0, 59.0]])], torch.tensor([[80, 80]]),
+                torch.tensor([2.0]), torch.tensor([[50, 50]]))
+    # zero deltas give back the proposal, divided by the image's scale (Detectron-1 decodes rois / im_scale)
+    assert out[0]["boxes"].tolist() == [[10.0, 10.0, 29.5, 29.5]] and out[0]["labels"].tolist() == [0]
+
+
+class _SignedMaps(nn.Module):
+    """Mask head stand-in: the pooled feature, upsampled to 28x28, as the logits of class 0 (index 1 behind
+    Detectron's background slot) and negated for the other two maps."""
+
+    def forward(self, x):
+        m = F.interpolate(x[:, :1], scale_factor=2)
+        return torch.cat((-m, m, -m), dim=1)
+
+
+def test_predicted_masks_pool_the_scaled_box_and_read_the_class_map():
+    heads = ROIHeads(("f",), ROIPooler(1, (1.0,), 1), _FixedHead(), BoxPredictor(4, 2, "first"),
+                     mask_pooler=ROIPooler(14, (1.0,), 2), mask_head=_SignedMaps())
+    feats = torch.full((1, 4, 64, 64), -10.0)
+    feats[..., 20:] = 10.0  # positive right of x = 20 in input pixels
+    # a detection at x 10..29 of the original image is at x 20..58 of the input (scale 2): all positive there
+    results = [{"boxes": torch.tensor([[10.0, 0.0, 29.0, 19.0]]), "scores": torch.tensor([0.9]),
+                "labels": torch.tensor([0])}]
+    heads._predict_masks({"f": feats}, results, torch.tensor([2.0]), torch.tensor([[40, 40]]))
+    mask = results[0]["masks"][0]
+    # the box's inside (up to a pixel at its edges, where the paste thresholds the padded border) and nothing else
+    assert mask.shape == (40, 40) and mask[2:18, 11:28].all()
+    assert mask[:, :9].sum() == 0 and mask[:, 31:].sum() == 0 and mask[21:].sum() == 0
+
+
+def test_postprocess_score_threshold_is_strict_and_d2_nms_is_per_class():
+    heads = _roi_heads()
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(1, 3)
+    # Detectron-1 keeps scores > 0.05: exactly 0.05 is out
+    assert heads._postprocess(torch.tensor([[0.9, 0.05, 0.05]]), box, (20, 20))["labels"].numel() == 0
+    d2 = ROIHeads(("f",), ROIPooler(1, (1.0,), 1), _FixedHead(), BoxPredictor(4, 2, "last"), legacy_plus_one=False)
+    out = d2._postprocess(torch.tensor([[0.5, 0.4, 0.1]]), box[:, :8], (20, 20))
+    # the same box for two classes: NMS runs per class, both stay
+    assert out["labels"].tolist() == [0, 1] and out["scores"].tolist() == pytest.approx([0.5, 0.4])
+
+
+def test_bitmap_mask_targets_sample_pixel_centres():
+    # detectron2 BitMasks.crop_and_resize: RoIAlign with the half-pixel offset, then >= 0.5
+    gen = torch.Generator().manual_seed(0)
+    bitmap = (torch.rand(16, 16, generator=gen) > 0.5).to(torch.uint8)
+    same = mask_head.bitmap_to_mask_in_box(bitmap, torch.tensor([0.0, 0.0, 16.0, 16.0]), 16)
+    torch.testing.assert_close(same, bitmap.float(), rtol=0, atol=0)  # box = image, same size: the bitmap itself
+    blocks = (torch.rand(8, 8, generator=gen) > 0.5).float()
+    half = mask_head.bitmap_to_mask_in_box(blocks.repeat_interleave(2, 0).repeat_interleave(2, 1).to(torch.uint8),
+                                           torch.tensor([0.0, 0.0, 16.0, 16.0]), 8)
+    torch.testing.assert_close(half, blocks, rtol=0, atol=0)  # 2x2 blocks -> one pixel each
+    # a box over columns 1..2 of [1, 1, 0, 0] averages to exactly 0.5: kept
+    edge = torch.tensor([[1, 1, 0, 0]] * 4, dtype=torch.uint8)
+    assert mask_head.bitmap_to_mask_in_box(edge, torch.tensor([1.0, 0.0, 3.0, 2.0]), 1).tolist() == [[1.0]]
