@@ -213,3 +213,25 @@ def test_config_checks(root):
     assert build_coco_dataset({**cfg, "class_names": list("abcd")}, "val").class_names == tuple("abcd")
     with pytest.raises(ValueError, match="needs `data.root`"):
         build_coco_dataset({}, "train")
+
+
+def test_training_drops_images_whose_only_annotations_are_crowd(tmp_path):
+    # Detectron-1 trains only on images with a non-crowd box (the RPN needs one)
+    root = small_set(tmp_path, [{"bbox": [2, 2, 6, 6], "area": 20.0, "iscrowd": 1,
+                                 "segmentation": [[2.0, 2.0, 8.0, 2.0, 8.0, 8.0]]}])
+    assert len(COCODetection(root, "val2017", filter_empty=False)) == 1
+    with pytest.raises(ValueError, match="no image left"):
+        COCODetection(root, "val2017", filter_empty=True)
+
+
+def test_contiguous_labels_follow_the_category_ids_not_the_file_order(tmp_path):
+    root = small_set(tmp_path, [])
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["categories"] = [{"id": 9, "name": "nine"}, {"id": 5, "name": "five"}, {"id": 7, "name": "seven"}]
+    data["annotations"] = [{"id": 1, "image_id": 1, "category_id": 9, "iscrowd": 0, "bbox": [2, 2, 6, 6], "area": 36.0},
+                           {"id": 2, "image_id": 1, "category_id": 5, "iscrowd": 0, "bbox": [1, 1, 4, 4], "area": 16.0}]
+    path.write_text(json.dumps(data))
+    ds = COCODetection(root, "val2017", mask_on=False)
+    assert ds.contiguous_to_cat_id == [5, 7, 9] and ds.class_names == ("five", "seven", "nine")
+    assert ds.records[0]["labels"].tolist() == [2, 0]
