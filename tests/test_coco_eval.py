@@ -245,3 +245,13 @@ def test_val_loader_and_inference_on_dataset(root):
     loader = build_coco_val_loader(cfg)
     results = inference_on_dataset(_Oracle(), loader, COCOEvaluator(loader.dataset.dataset, tasks=("bbox",)))
     assert results["bbox/AP"] == pytest.approx(1.0)
+
+
+def test_a_subset_of_the_images_is_evaluated_as_that_subset(root):
+    # the ground truth of images never processed (a val shard, a truncated run) must not count as missed
+    ds = val_dataset(root, legacy_plus_one=True)
+    evaluator = COCOEvaluator(ds, tasks=("bbox",))
+    indices = list(range(10))
+    evaluator.process(batch_of(ds, indices), [gt_prediction(ds, i) for i in indices])
+    results = evaluator.evaluate()
+    assert results["bbox/AP"] == pytest.approx(1.0) and results["bbox/AR100"] == pytest.approx(1.0)
