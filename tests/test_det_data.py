@@ -143,6 +143,27 @@ def test_flip_box_conventions():
     assert flip_boxes(boxes + [0, 0, 1, 1], 100, False).tolist() == [[70, 20, 90, 40]]
 
 
+def test_flip_polygon_conventions():
+    # Detectron-1 flip_segms: x' = W - 1 - x; detectron2: x' = W - x. Scale 1 (short side = image height).
+    sample = {"image": np.zeros((40, 90, 3), np.uint8), "image_id": 1, "boxes": np.array([[10, 5, 20, 15]], np.float32),
+              "labels": np.zeros(1, np.int64), "iscrowd": np.zeros(1, bool),
+              "segmentations": [[[10.0, 5.0, 20.0, 5.0, 20.0, 15.0]]]}
+    for legacy, off in ((True, 1), (False, 0)):
+        mapper = DetectionMapper(PixelNormalizer("rgb", 1, (0, 0, 0), (1, 1, 1)), [40], 1000, legacy_plus_one=legacy,
+                                 mask_on=True)
+        poly = mapper(sample, None, True)["target"]["masks"][0][0]
+        assert poly.tolist() == [90 - off - 10, 5, 90 - off - 20, 5, 90 - off - 20, 15]
+
+
+def test_random_flip_is_a_fair_coin():
+    mapper = DetectionMapper(PixelNormalizer("rgb", 1, (0, 0, 0), (1, 1, 1)), [2], 1000, random_flip=True)
+    sample = {"image": np.zeros((2, 2, 3), np.uint8), "image_id": 1, "boxes": np.zeros((0, 4), np.float32),
+              "labels": np.zeros(0, np.int64), "iscrowd": np.zeros(0, bool)}
+    rng = np.random.default_rng(0)
+    flips = sum(mapper(sample, rng)["flipped"] for _ in range(1000))
+    assert 440 < flips < 560  # p = 0.5: 6 standard deviations around 500
+
+
 def test_scale_rule():
     assert compute_scale(480, 640, 800, 1333) == pytest.approx(800 / 480)
     assert compute_scale(500, 1500, 800, 1333) == pytest.approx(1333 / 1500)  # long side capped
