@@ -178,6 +178,20 @@ def test_mask_loss_takes_the_ground_truth_class_map_in_the_sampling_frame():
     assert losses["mask_loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_mask_targets_never_come_from_crowd_regions():
+    # Detectron-1 rasterises targets from non-crowd instances only. The crowd region here has the same tight box as
+    # ground truth 0 and comes first, so matching it would give gt 0's RoI a half-filled (triangle) target.
+    heads = _train_heads(mask=True)
+    rect = lambda b: [torch.tensor([b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3]])]  # noqa: E731
+    triangle = [torch.tensor([10.0, 10.0, 40.0, 10.0, 10.0, 30.0])]
+    target = {"boxes": torch.from_numpy(np.concatenate((ROI_GT[:1], ROI_GT))), "labels": torch.tensor([1, 0, 1]),
+              "iscrowd": torch.tensor([True, False, False]), "masks": [triangle] + [rect(b) for b in ROI_GT.tolist()]}
+    losses = heads({"f": torch.zeros(1, 4, 100, 100, dtype=torch.float64)}, [torch.zeros(0, 4, dtype=torch.float64)],
+                   torch.tensor([[100, 100]]), torch.tensor([1.0]), torch.tensor([[100, 100]]), [target])
+    expected = (math.log1p(math.exp(0.4)) + math.log1p(math.exp(-1.3))) / 2
+    assert losses["mask_loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_default_hyperparameters_are_detectron_1():
     # what a config that leaves them out gets (Detectron-1 config defaults)
     rpn = inspect.signature(RPN).parameters
