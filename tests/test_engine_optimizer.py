@@ -112,3 +112,22 @@ def test_build_optimizer_reads_bias_lr_mult():
     rates = sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups)
     # norm weights (weight, mean_weight, var_weight), weights (conv, proj, fc), biases (conv, norm, fc)
     assert rates == [(0.02, 0.0, 3), (0.02, 1e-4, 3), (0.04, 0.0, 3)]
+
+
+def test_build_optimizer_passes_momentum_nesterov_and_adam_settings_to_torch():
+    # constant gradient g = 1, lr 0.1, no weight decay. Heavy ball: buffer 1, then 1.9; steps 0.1 and 0.19.
+    # Nesterov: the step uses g + momentum * buffer: 1.9, then 1 + 0.9 * 1.9 = 2.71.
+    for nesterov, (first, second) in ((False, (0.1, 0.19)), (True, (0.19, 0.271))):
+        model = nn.Linear(2, 1, bias=False)
+        before = model.weight.detach().clone()
+        optimizer = build_optimizer(model, {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": nesterov})
+        moved = []
+        for _ in range(2):
+            model.weight.grad = torch.ones_like(model.weight)
+            optimizer.step()
+            moved.append(before - model.weight.detach())
+            before = model.weight.detach().clone()
+        torch.testing.assert_close(moved[0], torch.full_like(before, first))
+        torch.testing.assert_close(moved[1], torch.full_like(before, second))
+    adamw = build_optimizer(Net(), {"name": "adamw", "lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-6})
+    assert {(g["betas"], g["eps"]) for g in adamw.param_groups} == {((0.8, 0.95), 1e-6)}
