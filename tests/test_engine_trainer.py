@@ -35,15 +35,17 @@ def _model(seed=0):
     return ToySegNet(norm="bn", dropout=0.3)  # running stats and dropout: state and RNG both matter
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("iter_size", [1, 2])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, iter_size):
+    # with iter_size 2 the resumed run must start at micro-batch 2 x 3 = 6, not at batch 3
     torch.manual_seed(1)
-    reference = _trainer(_model(), toy_loader_fn(), max_iter=8)
+    reference = _trainer(_model(), toy_loader_fn(), max_iter=8, iter_size=iter_size)
     recorded = RecordLosses()
     reference.register_hooks([recorded])
     reference.train()
 
     torch.manual_seed(1)
-    interrupted = _trainer(_model(), toy_loader_fn(), max_iter=8)
+    interrupted = _trainer(_model(), toy_loader_fn(), max_iter=8, iter_size=iter_size)
     checkpointer = Checkpointer(tmp_path)
     interrupted.register_hooks([PeriodicCheckpointer(checkpointer, period=3), StopAt(5)])
     with pytest.raises(KeyboardInterrupt):
@@ -51,7 +53,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     assert checkpointer.load()["iteration"] == 3
 
     torch.manual_seed(1234)  # a new process: different RNG state and model initialisation
-    resumed = _trainer(_model(seed=5), toy_loader_fn(), max_iter=8)
+    resumed = _trainer(_model(seed=5), toy_loader_fn(), max_iter=8, iter_size=iter_size)
     resumed.load_state_dict(checkpointer.load())
     resumed_losses = RecordLosses()
     resumed.register_hooks([resumed_losses])
@@ -158,9 +160,9 @@ def test_resume_applies_the_configured_hyperparameters(tmp_path, caplog):
     first.register_hooks([PeriodicCheckpointer(checkpointer, period=2), StopAt(2)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    # the resumed run is configured with lr 0.01 and weight decay 0 instead of 0.1 and 1e-4
+    # the resumed run is configured with lr 0.01, momentum 0.5 and weight decay 0 instead of 0.1, 0.9 and 1e-4
     model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, weight_decay=0.0)
     resumed = Trainer(model, optimizer, PolyLR(optimizer, 4, power=0.9), toy_loader_fn(), max_iter=4)
     with caplog.at_level("WARNING"):
         resumed.load_state_dict(checkpointer.load())
@@ -169,6 +171,7 @@ def test_resume_applies_the_configured_hyperparameters(tmp_path, caplog):
     group = resumed.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)  # poly at iteration 2 of 4 from the new base
     assert group["weight_decay"] == 0.0
+    assert "momentum 0.9 (checkpoint) -> 0.5 (configured)" in caplog.text and group["momentum"] == 0.5
     saved_momentum = checkpointer.load()["optimizer"]["state"][0]["momentum_buffer"]
     assert torch.equal(resumed.optimizer.state[group["params"][0]]["momentum_buffer"], saved_momentum)
 
