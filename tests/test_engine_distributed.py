@@ -89,3 +89,43 @@ def test_each_local_rank_gets_a_gpu_of_its_own(monkeypatch, local_rank, visible,
             init_distributed("cuda")
     else:
         assert init_distributed("cuda").device == torch.device("cuda", device)
+
+
+def test_gradient_accumulation_all_reduces_once_per_step_after_the_last_micro_batch(tmp_path):
+    # One gloo process: DDP's communication hook sees each all-reduced bucket. With iter_size 3 the gradients of
+    # micro-batches 0 and 1 accumulate locally (no_sync) and the backward of micro-batch 2 all-reduces their sum
+    # with its own, i.e. the whole step's gradient; syncing an earlier micro-batch would leave later ones unsynced.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    reduced = []
+
+    def record(state, bucket):
+        reduced.append(bucket.buffer().detach().clone().sum())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    class CompareWithStepGradient(HookBase):
+        def after_step(self):
+            grads = [p.grad.sum() for p in self.trainer.model.parameters()]
+            steps.append((list(reduced), torch.stack(grads).sum()))
+            reduced.clear()
+
+    steps = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(ToySegNet(norm="gn"), bucket_cap_mb=1000)  # one bucket
+        model.register_comm_hook(None, record)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = Trainer(model, optimizer, PolyLR(optimizer, 2), toy_loader_fn(batch_size=1), max_iter=2,
+                          iter_size=3)
+        trainer.register_hooks([CompareWithStepGradient()])
+        trainer.train()
+    finally:
+        dist.destroy_process_group()
+    assert len(steps) == 2
+    for buckets, step_gradient in steps:
+        assert len(buckets) == 1
+        torch.testing.assert_close(buckets[0], step_gradient)
