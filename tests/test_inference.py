@@ -96,6 +96,42 @@ def test_slide_averages_overlapping_window_logits():
     np.testing.assert_allclose(whole[0, 0, 0], sigmoid(red + cols), rtol=1e-6)
 
 
+def test_slide_shifts_the_last_window_back_inside_the_image_with_separate_row_and_column_strides():
+    # width 9, crop 4, stride 3: windows at columns 0, 3 and 5 (ceil(5 / 3) + 1 = 3, the last one shifted back to
+    # end at the border, as mmseg's slide_inference); height 2, crop 2, row stride 1: one row of windows
+    red = np.array([0.5, -1.0, 2.0, 0.0, 1.0, -0.5, 0.25, 1.5, -2.0])
+    probs = inference(RampModel(slope=1.0), image_with_red(red.tolist()), mode="slide", crop_size=(2, 4),
+                      stride=(1, 3))
+    ramp = np.zeros(9)
+    hits = np.zeros(9)
+    for x1 in (0, 3, 5):  # the ramp restarts at 0 in every window; logits are averaged where windows overlap
+        ramp[x1:x1 + 4] += np.arange(4)
+        hits[x1:x1 + 4] += 1
+    np.testing.assert_allclose(probs[0, 0, 0], sigmoid(red + ramp / hits), rtol=1e-6)
+
+    class RowRamp(RampModel):  # the ramp down the rows of the model's input
+        def forward(self, x):
+            return super().forward(x.transpose(-1, -2)).transpose(-1, -2)
+
+    # the same geometry turned by 90 degrees: height 9, row crop 4, row stride 3; one column of windows
+    probs = inference(RowRamp(slope=1.0), image_with_red(red.tolist()).transpose(-1, -2), mode="slide",
+                      crop_size=(4, 2), stride=(3, 1))
+    np.testing.assert_allclose(probs[0, 0, :, 0], sigmoid(red + ramp / hits), rtol=1e-6)
+
+
+def test_scaled_sizes_round_half_up():
+    # int(s * H + 0.5): 0.75 x (2, 6) -> (2, 5) (1.5 -> 2, 4.5 -> 5), not the truncated (1, 4)
+    seen = []
+
+    class Recorder(RampModel):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    inference(Recorder(), image_with_red([0, 1, 2, 3, 4, 5]), scales=(1.0, 0.75))
+    assert seen == [(2, 6), (2, 5)]
+
+
 def test_out_size_and_errors():
     probs = inference(RampModel(), image_with_red([0, 2, 4, 6]), out_size=(4, 8))
     assert probs.shape == (1, 2, 4, 8)
@@ -160,6 +196,8 @@ def test_evaluate_short_sides_and_show_dir(tmp_path):
     # then the next multiple of 8 (padding_constant): 456 x 608
     assert image_sizes({"short_sides": [450]}, 300, 401) == [(450, 602)]
     assert image_sizes({"short_sides": [450], "size_multiple": 8}, 300, 401) == [(456, 608)]
+    # the long side is capped at 1000 unless max_long_side says otherwise (CSAIL's imgMaxSize)
+    assert image_sizes({"short_sides": [600]}, 300, 1200) == [(250, 1000)]
     batches = [{"images": image_with_red([1, -1, 1, -1]), "labels": torch.tensor([[[0, 1, 0, 1], [0, 1, 0, 1]]]),
                 "meta": {"names": ["scene"]}}]
     r = evaluate(RampModel(), batches, {"show_dir": str(tmp_path)}, num_classes=2)
@@ -185,6 +223,8 @@ def test_pad_to_runs_the_model_on_a_zero_canvas_and_crops_its_logits():
     assert canvas.shape == (1, 3, 4, 5) and torch.equal(canvas[..., :2, :3], image)
     assert canvas[..., 2:, :].abs().sum() == 0 and canvas[..., :, 3:].abs().sum() == 0
     np.testing.assert_allclose(probs[0, 1, 0], sigmoid([0, 1, 2]), rtol=1e-6)
+    inference(Recorder(), torch.randn(1, 3, 2, 3), pad_to=(5, 9))  # 3 rows and 6 columns of zeros
+    assert seen[-1].shape == (1, 3, 5, 9)
     inference(Recorder(), torch.randn(1, 3, 6, 6), pad_to=(4, 5))  # larger images are not cropped
     assert seen[-1].shape == (1, 3, 6, 6)
     with pytest.raises(ValueError, match="pad_to applies to whole-image inference"):
