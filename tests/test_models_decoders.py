@@ -52,6 +52,41 @@ def test_csail_structure_and_init():
         assert torch.all(layer.weight == 1) and torch.all(layer.bias == 0), norm
 
 
+def test_csail_decoder_convs_start_kaiming_normal():
+    # CSAIL's weights_init: nn.init.kaiming_normal_ (fan_in, gain sqrt 2) on every conv of the decoder
+    torch.manual_seed(0)
+    head = PPMDeepSup((256, 512, 1024, 2048), K)
+    for conv in (head.cbr_deepsup[0], head.ppm[0][1], head.conv_last[0]):
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.03)
+        assert abs(conv.weight.mean().item()) < 0.1 * (2 / fan_in) ** 0.5
+
+
+def test_upernet_pyramid_pools_upsamples_then_convolves_as_csail():
+    # CSAIL's UPerNet: pool_conv(interpolate(pool_scale(conv5), conv5 size)), conv-BN-ReLU after the upsampling;
+    # the ReLU does not commute with the interpolation, so the order shows on a 5 x 7 map
+    torch.manual_seed(0)
+    head = UPerNet(R18, K, fpn_dim=32).eval()
+    features = [torch.randn(1, c, 5 * 8 // s, 7 * 8 // s) for c, s in zip(R18, (1, 2, 4, 8))]
+    top = features[-1]
+    seen = []
+    head.ppm_last_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        head(features)
+        expected = [top] + [conv(F.interpolate(F.adaptive_avg_pool2d(top, scale), size=(5, 7), mode="bilinear",
+                                               align_corners=False))
+                            for scale, conv in zip((1, 2, 3, 6), head.ppm_conv)]
+    torch.testing.assert_close(seen[0], torch.cat(expected, 1))
+
+
+def test_label_sampling_on_the_align_corners_grid_rounds_to_the_nearest():
+    # output i reads input i * (9 - 1) / (4 - 1) = 0, 2.67, 5.33, 8 rounded: 0, 3, 5, 8 (rows and columns)
+    labels = (10 * torch.arange(9)[:, None] + torch.arange(9)[None])[None]
+    expected = torch.tensor([[10 * r + c for c in (0, 3, 5, 8)] for r in (0, 3, 5, 8)])
+    assert torch.equal(resize_labels(labels, (4, 4), "corners")[0], expected)
+    assert torch.equal(resize_labels(labels, (1, 1), "corners")[0], torch.tensor([[0]]))
+
+
 def _seg_model(head_cls=C1DeepSup, loss_mode="downsample_labels", norm="bn"):
     backbone = ResNet(18, stem="deep", output_stride=8, norm=norm)
     return SegmentationModel(backbone, head_cls(backbone.out_channels, K, norm=norm), num_classes=K,
@@ -94,6 +129,24 @@ def test_csail_loss_at_decoder_stride_with_deep_supervision():
     torch.testing.assert_close(losses["pixel_acc"], acc.float())
     sum(v for k, v in losses.items() if k.endswith("loss")).backward()
     assert model.decode_head.conv_last_deepsup.weight.grad is not None
+
+
+def test_deep_supervision_weight_and_gradient_reach_layer3():
+    torch.manual_seed(0)
+    backbone = ResNet(18, stem="deep", output_stride=8, norm="bn")
+    model = SegmentationModel(backbone, C1DeepSup(backbone.out_channels, K), num_classes=K, deep_sup_weight=0.25,
+                              aux_weight=0.7).train()
+    images, labels = torch.randn(2, 3, 32, 32), _labels(size=32)
+    losses = model({"images": images, "labels": labels})
+    out = model.decode_head(list(model.backbone(images).values()))
+    small = labels[:, 4::8, 4::8]
+    torch.testing.assert_close(losses["deepsup_loss"],
+                               0.25 * F.cross_entropy(out["deepsup_logits"], small, ignore_index=255))
+    # the deep-supervision branch supervises the backbone's layer 3 (and nothing of layer 4)
+    model.zero_grad()
+    losses["deepsup_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.layer3.parameters())
+    assert all(p.grad is None for p in model.backbone.layer4.parameters())
 
 
 def test_mmseg_loss_upsamples_logits():
