@@ -106,6 +106,15 @@ def test_sep_aspp_structure_matches_released_config():
         CondDepthwiseSeparableASPPHead((64, 128, 256, 512), 4, norm="bn")
 
 
+def test_aspp_structure_matches_mmseg_aspp_head():
+    # mmseg ASPPModule: a 1x1 conv for dilation 1, 3x3 convs of dilation 6, 12, 18 (the default) otherwise
+    head = CondASPPHead(IN, K, channels=CH, norm="bn")
+    convs = [m.conv for m in head.aspp_modules]
+    assert [(c.kernel_size, c.dilation) for c in convs] == [((1, 1), (1, 1)), ((3, 3), (6, 6)), ((3, 3), (12, 12)),
+                                                           ((3, 3), (18, 18))]
+    assert head.bottleneck.conv.kernel_size == (3, 3) and head.bottleneck.conv.in_channels == 5 * CH
+
+
 def test_guidance_loss_is_weighted_dice_on_nearest_labels():
     head = CondDepthwiseSeparableASPPHead(IN, K, channels=CH, c1_in_channels=64, c1_channels=8, norm="bn",
                                           guidance_weight=0.2).train()
