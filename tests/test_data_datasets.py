@@ -199,6 +199,15 @@ def test_more_classes_than_8_bit_labels_hold(ade_root):
     assert len(build_dataset({"dataset": "ade20k", "root": str(ade_root), "num_classes": 254}, "train")) > 0
 
 
+def test_label_lookup_tables_map_exactly_the_dataset_classes():
+    from normkit.data.base import label_lut
+    voc = label_lut(21, reduce_zero_label=False)  # raw k -> k for k < 21; 21..254 must not occur; 255 ignored
+    assert voc[:21].tolist() == list(range(21)) and voc[21] == -1 and voc[254] == -1 and voc[255] == 255
+    context = label_lut(59, reduce_zero_label=True)  # raw 0 ignored, raw k -> k - 1 for 1..59; 60 must not occur
+    assert context[0] == 255 and context[1:60].tolist() == list(range(59)) and context[60] == -1
+    assert context[255] == 255
+
+
 def test_16_bit_images_keep_their_values(tmp_path):
     from normkit.data.base import read_image
     grey = np.array([[0, 257 * 100, 65535], [128, 257 * 200, 30000]], np.uint16)
@@ -211,6 +220,9 @@ def test_16_bit_images_keep_their_values(tmp_path):
     assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
     for channel in range(3):
         np.testing.assert_array_equal(rgb[..., channel], expected)
+    odd = tmp_path / "grey16_odd.png"  # round(v / 257), not a shift by 8 bits: 129 -> 1, 65406 -> 254
+    Image.fromarray(np.array([[129, 65406]], np.uint16)).save(odd)
+    np.testing.assert_array_equal(read_image(odd)[..., 0], [[1, 254]])
     colour = tmp_path / "rgb48.png"  # 16 bits per channel: written by OpenCV (PIL cannot write it), BGR order
     cv2.imwrite(str(colour), np.array([[[65535, 0, 257 * 10]]], np.uint16))
     np.testing.assert_array_equal(read_image(colour), [[[10, 0, 255]]])

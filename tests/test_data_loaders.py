@@ -173,6 +173,44 @@ def test_cat_max_ratio_rejects_single_class_crops():
     assert (y, x) == draws[-1] and rng.bit_generator.state == twin.bit_generator.state
 
 
+def test_cat_max_ratio_leaves_ignored_pixels_out_of_the_class_shares():
+    # mmseg's RandomCrop counts the classes of a crop without the ignore index. Columns 0-19 alternate class 1 and
+    # ignore (a crop inside them holds one class), columns 20-39 alternate classes 2 and 3.
+    label = np.array([[1, 255] * 10 + [2, 3] * 10], np.uint8)
+    for seed in range(30):
+        y, x = crop_with_cat_max_ratio(label, (1, 10), 0.75, np.random.default_rng(seed))
+        values, counts = np.unique(label[y, x:x + 10], return_counts=True)
+        counts = counts[values != 255]
+        assert len(counts) > 1 and counts.max() / counts.sum() < 0.75, (seed, x)
+
+
+def _left_bright(height, width):
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, :width // 2] = 200
+    label = np.full((height, width), 2, np.uint8)
+    label[:, :width // 2] = 1
+    return image, label
+
+
+@pytest.mark.parametrize("pipeline", ["csail", "mmseg"])
+def test_training_pipelines_flip_half_of_the_images(pipeline):
+    # CSAIL's TrainDataset and mmseg's RandomFlip(prob=0.5): each image mirrored with probability 1/2
+    if pipeline == "csail":
+        transform, kwargs = CSAILTrainTransform(short_sides=(8,), max_long_side=100), {"short_side": 8}
+    else:
+        transform, kwargs = MMSegTrainTransform(scale=(16, 8), ratio_range=(1.0, 1.0), crop_size=(8, 16),
+                                                cat_max_ratio=1.0, photometric=False), {}
+    image, label = _left_bright(8, 16)
+    flips = 0
+    for seed in range(200):
+        out_image, out_label = transform(image, label, np.random.default_rng(seed), **kwargs)
+        assert out_image.shape[:2] == out_label.shape == (8, 16)
+        flipped = out_label[0, 0] == 2
+        assert (out_image[0, 0, 0] < 100) == flipped and (out_label[0, -1] == 1) == flipped
+        flips += flipped
+    assert 70 <= flips <= 130  # binomial(200, 1/2): 100 +- 7; with 1/4 it would be 50 +- 6
+
+
 def test_photometric_distortion_stays_in_range_and_is_seeded():
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     a = photometric_distortion(image, np.random.default_rng(5))
