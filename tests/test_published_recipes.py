@@ -399,6 +399,51 @@ def test_sn_segmentation_trains_on_pil_resizes_and_tests_on_cv2_ones(name):
     assert cfg["data"]["train"]["image_resize"] == "pil" and cfg["evaluation"]["image_resize"] == "cv2"
 
 
+# Optimisation, training-data and test settings written down from the originals: CSAIL config/ade20k-*.yaml
+# (TRAIN lr_encoder = lr_decoder 0.02, beta1 0.9, lr_pow 0.9; DATASET imgSizes, imgMaxSize 1000, padding_constant 8,
+# 32 for UPerNet), the SwitchNorm_Segmentation fork's train.py (the same, imgSize up to 575), CondNet's
+# configs/_base_/schedules/schedule_{80k,160k}.py, datasets/{ade20k,pascal_context_59}.py and its
+# headlrx10_lr1e-3 Pascal Context config, and the DeepLab v2 port's evalpyt.py (513 x 513 canvas).
+_CSAIL_TRAINING = {"train.optimizer.lr": 0.02, "train.optimizer.momentum": 0.9, "train.lr_schedule.policy": "poly",
+                   "train.lr_schedule.power": 0.9, "train.lr_schedule.min_lr": 0.0, "data.train.pipeline": "csail",
+                   "data.train.max_long_side": 1000, "data.train.pad_multiple": 8, "data.train.flip": True}
+_CSAIL_SHORT_SIDES = {"data.train.short_sides": [300, 375, 450, 525, 600]}
+_CONDNET_TRAINING = {"train.optimizer.momentum": 0.9, "train.lr_schedule.policy": "poly",
+                     "train.lr_schedule.power": 0.9, "train.lr_schedule.min_lr": 1e-4, "data.train.pipeline": "mmseg",
+                     "data.train.ratio_range": [0.5, 2.0], "data.train.cat_max_ratio": 0.75, "data.train.flip": True,
+                     "data.train.photometric": True}
+_CONDNET_ADE = {**_CONDNET_TRAINING, "train.optimizer.lr": 0.01, "train.max_iter": 160000,
+                "data.train.scale": [2048, 512], "data.train.crop_size": [512, 512]}
+PUBLISHED_TRAINING = {
+    "csail/r18d8_c1_deepsup": {**_CSAIL_TRAINING, **_CSAIL_SHORT_SIDES},
+    "csail/r50d8_c1_deepsup": {**_CSAIL_TRAINING, **_CSAIL_SHORT_SIDES},
+    "csail/r50d8_ppm_deepsup": {**_CSAIL_TRAINING, **_CSAIL_SHORT_SIDES},
+    "csail/r101d8_ppm_deepsup": {**_CSAIL_TRAINING, **_CSAIL_SHORT_SIDES},
+    "csail/r50_upernet": {**_CSAIL_TRAINING, **_CSAIL_SHORT_SIDES, "data.train.pad_multiple": 32},
+    "csail/r101_upernet": {**_CSAIL_TRAINING, **_CSAIL_SHORT_SIDES, "data.train.pad_multiple": 32},
+    "sn/r50d8_sn_c1_deepsup": _CSAIL_TRAINING,
+    "sn/r50d8_gn_c1_deepsup": _CSAIL_TRAINING,
+    "sn/r50d8_syncbn_c1_deepsup": _CSAIL_TRAINING,
+    "condnet/r50d8_cond_sep_aspp_ade20k": _CONDNET_ADE,
+    "condnet/r101d8_cond_sep_aspp_ade20k": _CONDNET_ADE,
+    "condnet/r101d8_cond_sep_aspp_pascal_context59": {
+        **_CONDNET_TRAINING, "train.optimizer.lr": 0.001, "train.max_iter": 80000, "data.train.scale": [520, 520],
+        "data.train.crop_size": [480, 480]},
+    "deeplab/r101_deeplab_v2_voc": {"evaluation.pad_to": [513, 513], "evaluation.scales": [1.0],
+                                    "evaluation.flip": False, "data.train.ratio_range": [0.5, 1.3]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TRAINING))
+def test_configs_train_and_test_with_the_published_settings(name):
+    cfg = read_config(name)
+    for path, expected in PUBLISHED_TRAINING[name].items():
+        value = cfg
+        for key in path.split("."):
+            value = value[key]
+        assert value == expected, f"{name}: {path}"
+
+
 def test_pascal_context_heads_train_at_ten_times_the_lr():
     # CondNet's Pascal Context configs: paramwise_cfg custom_keys {'head': lr_mult 10}, every name holding "head"
     from normkit.engine import build_param_groups
