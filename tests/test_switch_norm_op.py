@@ -162,6 +162,37 @@ def test_batch_average_mode_accumulates_sums():
     torch.testing.assert_close(args["running_var"], var_bn + mean_bn ** 2)
 
 
+@pytest.mark.parametrize("has_instance,shape", [(True, (4, 3, 5, 5)), (False, (6, 3, 4))])
+def test_reference_batch_average_mode_matches_the_kernel_and_the_official_sums(has_instance, shape):
+    # The benchmarks' and the modules' "reference" implementation must accumulate what the kernel does:
+    # sums of E[x] and of E[x^2] = var + mean^2 (official batch-average mode), not of the variances.
+    inputs = sample_inputs(shape, has_instance, True)
+    inputs["running_mean"].fill_(0.5)
+    inputs["running_var"].fill_(2.0)
+    _, args = run(switch_norm, inputs, True, True, has_instance, moving=False)
+    _, ref_args = run(switch_norm_reference, inputs, True, True, has_instance, moving=False)
+    c = shape[1]
+    x = inputs["input"].transpose(0, 1).reshape(c, -1)
+    if has_instance:  # BN variance of the official formulas, from unbiased instance variances
+        planes = inputs["input"].reshape(shape[0], c, -1)
+        mean_bn = planes.mean(-1).mean(0)
+        var_bn = (planes.var(-1) + planes.mean(-1) ** 2).mean(0) - mean_bn ** 2
+    else:
+        mean_bn, var_bn = x.mean(1), x.var(1)
+    for got in (args, ref_args):
+        torch.testing.assert_close(got["running_mean"], 0.5 + mean_bn)
+        torch.testing.assert_close(got["running_var"], 2.0 + var_bn + mean_bn ** 2)
+
+
+@pytest.mark.parametrize("has_instance,shape", [(True, (3, 4, 5, 6)), (False, (5, 4, 3))])
+def test_eval_without_running_buffers_uses_batch_statistics_in_kernel_and_reference(has_instance, shape):
+    inputs = dict(sample_inputs(shape, has_instance, True), running_mean=None, running_var=None)
+    train, _ = run(switch_norm, inputs, True, True, has_instance)
+    for fn in (switch_norm, switch_norm_reference):
+        out, _ = run(fn, inputs, False, True, has_instance)
+        torch.testing.assert_close(out, train)
+
+
 def test_empty_batch():
     x = torch.randn(0, 4, 5, 5, requires_grad=True)
     y = switch_norm(x, torch.ones(4), torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(4), torch.ones(4), True)
@@ -317,6 +348,7 @@ def _call(**overrides):
     (dict(weight=torch.ones(5)), ValueError, "weight must have 4 elements"),
     (dict(mean_weight=torch.ones(2)), ValueError, "mean_weight must have 3 elements"),
     (dict(var_weight=torch.ones(4)), ValueError, "var_weight must have 3 elements"),
+    (dict(mean_weight=torch.ones(1, 3)), ValueError, "mean_weight and var_weight must be 1-D of length 3"),
     (dict(running_mean=torch.zeros(3)), ValueError, "running_mean must have 4 elements"),
     (dict(running_var=None), ValueError, "both running_mean and running_var"),
     (dict(weight=torch.ones(4, device="meta")), RuntimeError, "weight is on meta but input is on cpu"),
