@@ -130,6 +130,45 @@ def test_switchnorm3d_matches_2d_on_flattened_input():
     torch.testing.assert_close(m3(x), m2(x.reshape(3, 4, 6, 5)).reshape(x.shape))
 
 
+@pytest.mark.parametrize("using_moving_average", [True, False])
+def test_reference_implementation_runs_the_pure_pytorch_formulation(using_moving_average):
+    # implementation = "reference" (benchmarks, debugging) must run switch_norm_reference, which computes the same
+    # outputs and running statistics as the kernels, and is an ordinary autograd graph (second derivatives work,
+    # where the fused op refuses them).
+    torch.manual_seed(0)
+    fused = SwitchNorm2d(5, momentum=0.2, using_moving_average=using_moving_average).double()
+    _randomize(fused)
+    reference = SwitchNorm2d(5, momentum=0.2, using_moving_average=using_moving_average).double()
+    reference.load_state_dict(fused.state_dict())
+    reference.implementation = "reference"
+    for step in range(2):
+        x = torch.randn(3, 5, 4, 6, dtype=torch.float64) * (step + 1) + step
+        torch.testing.assert_close(reference(x), fused(x))
+        torch.testing.assert_close(reference.running_mean, fused.running_mean)
+        torch.testing.assert_close(reference.running_var, fused.running_var)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(reference(x).square().sum(), x, create_graph=True)
+    grad.sum().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        (grad,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+        grad.sum().backward()
+
+
+def test_official_switchnorm1d_state_dict_loads():
+    # Official SwitchNorm1d stores weight, bias, running_mean and running_var as (1, C).
+    torch.manual_seed(0)
+    src = SwitchNorm1d(4)
+    _randomize(src)
+    src.running_mean.uniform_()
+    src.running_var.uniform_(0.5, 1.5)
+    official = {k: (v.reshape(1, 4) if v.numel() == 4 else v) for k, v in src.state_dict().items()}
+    assert official["weight"].shape == (1, 4) and official["mean_weight"].shape == (2,)
+    dst = SwitchNorm1d(4)
+    dst.load_state_dict(official)
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
 def test_last_gamma_and_initial_state():
     m = SwitchNorm2d(8, last_gamma=True)
     assert torch.equal(m.weight, torch.zeros(8)) and torch.equal(m.mean_weight, torch.ones(3))
@@ -209,6 +248,27 @@ def test_recompute_batch_stats_gives_total_statistics():
         recompute_batch_stats(model, iter([]), 2)
 
 
+def test_recompute_batch_stats_covers_every_switchnorm_and_feeds_batches_without_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), SwitchNorm1d(4, using_moving_average=False))
+    batches = [torch.randn(6, 3) * (i + 1) for i in range(3)]
+    grad_enabled = []
+
+    def forward(m, batch):
+        grad_enabled.append(torch.is_grad_enabled())
+        return m(batch)
+
+    assert recompute_batch_stats(model, iter(batches), 3, forward) == 3
+    assert grad_enabled == [False, False, False]  # no autograd graph kept per batch
+    with torch.no_grad():
+        feats = [model[0](b) for b in batches]
+    # SwitchNorm1d's BN statistics are the unbiased per-channel ones over N; law of total variance over batches
+    means = torch.stack([f.mean(0) for f in feats])
+    second = torch.stack([f.var(0) + f.mean(0) ** 2 for f in feats])
+    torch.testing.assert_close(model[1].running_mean, means.mean(0))
+    torch.testing.assert_close(model[1].running_var, second.mean(0) - means.mean(0) ** 2)
+
+
 def _stats(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
@@ -241,6 +301,9 @@ def test_frozen_batchnorm_matches_eval_batchnorm():
     _randomize(bn)
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
+    fresh = FrozenBatchNorm2d(5)  # detectron2's default: the identity (running_var = 1 - eps)
+    x = torch.randn(2, 5, 4, 4)
+    assert torch.equal(fresh(x), x)
     frozen = FrozenBatchNorm2d(5)
     frozen.load_state_dict(bn.state_dict())  # num_batches_tracked ignored
     x = torch.randn(2, 5, 4, 4)
@@ -255,6 +318,12 @@ def test_frozen_batchnorm_matches_eval_batchnorm():
     assert all(buffer.dtype == torch.float64 for buffer in frozen64.buffers())
     x64 = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(frozen64(x64), bn64.eval()(x64), rtol=1e-13, atol=1e-13)
+    # and its eps (Caffe2-era BatchNorms use 1e-3, which matters for small running variances)
+    bn_eps = nn.BatchNorm2d(5, eps=1e-3)
+    bn_eps.running_var.uniform_(1e-3, 1e-2)
+    frozen_eps = FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(bn_eps))[0]
+    assert frozen_eps.eps == 1e-3
+    torch.testing.assert_close(frozen_eps(x), bn_eps.eval()(x))
 
 
 @pytest.mark.parametrize("name", NORM_NAMES)

@@ -154,11 +154,12 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable[Any], num_batches:
     used = 0
     completed = False
     try:
-        for batch in batches:
-            if used == num_batches:
-                break
-            model(batch) if forward is None else forward(model, batch)
-            used += 1
+        with torch.no_grad():  # statistics only: no autograd graph (the activations of a training forward)
+            for batch in batches:
+                if used == num_batches:
+                    break
+                model(batch) if forward is None else forward(model, batch)
+                used += 1
         completed = used > 0
     finally:
         for m, (moving, momentum) in zip(sn_layers, saved_sn):
