@@ -101,3 +101,37 @@ def test_sync_switchnorm_under_ddp_keeps_replicas_identical(tmp_path):
     a, b = (torch.load(tmp_path / f"ddp{r}.pt", weights_only=True) for r in range(2))
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("using_moving_average", [True, False])
+def test_synchronized_path_updates_the_running_statistics_in_either_mode(tmp_path, monkeypatch, using_moving_average):
+    # The synchronized forward (all_gather of the BN statistics, then the running-statistics update) on a
+    # one-process group, forced on: it must give SwitchNorm2d's outputs and buffers, also in the official
+    # batch-average mode (sums of E[x] and E[x^2] terms), and leave them as they are for an empty batch.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(SyncSwitchNorm, "_synchronized", lambda self: True)
+        sync = _init_module(SyncSwitchNorm(C, momentum=0.25, using_moving_average=using_moving_average).double())
+        local = _init_module(SwitchNorm2d(C, momentum=0.25, using_moving_average=using_moving_average).double())
+        for m in (sync, local):
+            m.running_mean.fill_(0.5)
+            m.running_var.fill_(2.0)
+        x, _ = _full_batch(4)
+        for step in range(2):
+            torch.testing.assert_close(sync(x * (step + 1)), local(x * (step + 1)))
+        planes = (x * 2).reshape(4, C, -1)
+        mean_bn = planes.mean(-1).mean(0)
+        var_bn = (planes.var(-1) + planes.mean(-1) ** 2).mean(0) - mean_bn ** 2
+        if not using_moving_average:  # hand check of the last step's sums
+            planes1 = x.reshape(4, C, -1)
+            mean1 = planes1.mean(-1).mean(0)
+            second1 = (planes1.var(-1) + planes1.mean(-1) ** 2).mean(0)
+            torch.testing.assert_close(sync.running_mean, 0.5 + mean1 + mean_bn)
+            torch.testing.assert_close(sync.running_var, 2.0 + second1 + var_bn + mean_bn ** 2)
+        torch.testing.assert_close(sync.running_mean, local.running_mean)
+        torch.testing.assert_close(sync.running_var, local.running_var)
+        before = sync.running_mean.clone(), sync.running_var.clone()
+        sync(torch.zeros(0, C, 5, 4, dtype=torch.float64))
+        assert torch.equal(sync.running_mean, before[0]) and torch.equal(sync.running_var, before[1])
+    finally:
+        dist.destroy_process_group()
