@@ -61,7 +61,9 @@ def test_exact_threshold_suppressed_only_by_legacy(device):
     # IoU exactly 0.5 in both conventions: torchvision keeps (IoU > t), Detectron legacy suppresses (IoU >= t).
     for offset, expected in ((0, [0, 1]), (1, [0])):
         boxes = pair_with_iou(0.5, offset).to(device)
-        assert nms(boxes, torch.tensor([0.9, 0.8], dtype=torch.float64, device=device), 0.5, offset).tolist() == expected
+        scores = torch.tensor([0.9, 0.8], dtype=torch.float64, device=device)
+        assert nms(boxes, scores, 0.5, offset).tolist() == expected
+        assert nms_reference(boxes, scores, 0.5, offset).tolist() == expected
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,6 +108,15 @@ def test_batched_nms_equals_per_class_nms(device, offset):
                                                                          offset)] for c in range(5)])
     expected = expected[torch.sort(scores[expected], descending=True, stable=True).indices]
     assert torch.equal(batched_nms(boxes, scores, idxs, 0.5, offset), expected)
+
+
+def test_batched_nms_groups_floating_point_categories_by_value():
+    # Non-integral category values (a float score-bin column, say) are distinct categories, not truncated to ints.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10.5, 10], [1.0, 0, 11, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert batched_nms(boxes, scores, torch.tensor([0.25, 0.75, 0.25]), 0.5).tolist() == [0, 1]
+    assert batched_nms(boxes, scores, torch.tensor([-0.5, 0.5, 1.5]), 0.5).tolist() == [0, 1, 2]
+    assert batched_nms(boxes, scores, torch.tensor([True, False, True]), 0.5).tolist() == [0, 1]
 
 
 def clustered_boxes(n, generator):

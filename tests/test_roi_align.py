@@ -64,6 +64,20 @@ def test_sample_outside_map_counts_as_zero_and_border_clamps():
     torch.testing.assert_close(out.flatten(), torch.tensor([8.0, 8.0, 0.0, 0.0]))
 
 
+def test_samples_exactly_on_the_outer_limits_are_inside():
+    # A sample at y = H (or x = W) or at -1 still counts (it sits on the border cell, as in torchvision); just
+    # beyond, it is outside. One sample per bin, at the box centre.
+    x = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    rois = torch.tensor([[0, 3.0, 3.0, 5.0, 5.0],        # (4, 4): clamps to cell (3, 3) = 16
+                         [0, -2.0, -2.0, 0.0, 0.0],      # (-1, -1): clamps to cell (0, 0) = 1
+                         [0, 3.0, -2.0, 5.0, 0.0],       # x = 4, y = -1: cell (0, 3) = 4
+                         [0, 3.002, 3.0, 5.002, 5.0],    # x = 4.002 > W: outside
+                         [0, -2.002, 1.0, -0.002, 3.0]])  # x = -1.002 < -1: outside
+    expected = torch.tensor([16.0, 1.0, 4.0, 0.0, 0.0])
+    for fn in (roi_align, roi_align_reference):
+        torch.testing.assert_close(fn(x, rois, 1, 1.0, 1, False).flatten(), expected)
+
+
 def test_nan_and_inf_boxes_give_zero():
     x = torch.randn(1, 2, 8, 8)
     nan, inf = float("nan"), float("inf")
