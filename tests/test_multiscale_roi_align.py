@@ -45,6 +45,43 @@ def test_matches_per_level_reference(aligned):
         torch.testing.assert_close(out[row:row + 1], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_level_boundary_tolerance_is_the_documented_eps():
+    # floor(4 + log2(sqrt(area) / 224) + 1e-6): a side a hair under 224 * 2^j (rounding) keeps its level, a
+    # side clearly under it does not.
+    sides = [224 * (1 - 1e-9), 112 * (1 - 1e-9), 224 * (1 - 1e-4), 448 * (1 - 1e-4)]
+    boxes = torch.tensor([[0.0, 0.0, s, s] for s in sides], dtype=torch.float64)
+    assert (assign_boxes_to_levels(boxes, 2, 5) + 2).tolist() == [4, 3, 3, 4]
+
+
+def test_single_level_pools_at_that_level_scale():
+    features = fpn_features()
+    box = torch.tensor([square(400, 300, 90)])
+    out = MultiScaleRoIAlign(["p3"], 5, 2)(features, [box], [(IMAGE_H, IMAGE_W)])
+    roi = torch.cat([torch.zeros(1, 1), box], 1)
+    torch.testing.assert_close(out, roi_align_reference(features["p3"], roi, 5, 1 / 8, 2, False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,level", [({"canonical_scale": 112.0}, 4), ({"canonical_level": 5}, 4), ({}, 3)])
+def test_canonical_scale_and_level_choose_the_level(kwargs, level):
+    # A 160-pixel box: floor(4 + log2(160 / 224)) = 3 by default; with a canonical scale of 112 it is
+    # floor(4 + log2(160 / 112)) = 4, and with canonical level 5 floor(5 + log2(160 / 224)) = 4.
+    features = fpn_features()
+    box = torch.tensor([square(500, 400, 160)])
+    out = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 5, 2, **kwargs)(features, [box], [(IMAGE_H, IMAGE_W)])
+    roi = torch.cat([torch.zeros(1, 1), box], 1)
+    expected = roi_align_reference(features[f"p{level}"], roi, 5, 2.0 ** -level, 2, False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_comes_from_the_largest_image_whatever_its_place_in_the_batch():
+    # The batch is padded to the largest image (800 x 1216): a smaller first image must not set the scales.
+    features = fpn_features()
+    boxes = [torch.zeros(0, 4), torch.tensor([square(600, 400, 100)])]  # side 100: level 2, stride 4
+    out = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 5, 2)(features, boxes, [(400, 600), (IMAGE_H, IMAGE_W)])
+    roi = torch.cat([torch.ones(1, 1), boxes[1]], 1)
+    torch.testing.assert_close(out, roi_align_reference(features["p2"], roi, 5, 1 / 4, 2, False), atol=1e-5, rtol=1e-5)
+
+
 def test_very_wide_images_take_the_scale_from_their_longer_side():
     # 40 x 1000 padded to 64 x 1024: the height ratio 16 / 40 rounds to stride 2, not 4 (torchvision's choice)
     features = {f"p{int(math.log2(s))}": torch.randn(1, 3, 64 // s, 1024 // s) for s in STRIDES}
