@@ -42,6 +42,21 @@ def test_write_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["ckpt.pth"]
 
 
+def test_interrupted_write_removes_its_temporary_file(tmp_path):
+    # Ctrl-C (KeyboardInterrupt, not an Exception) in the middle of a write must clean up too.
+    from normkit.io import atomic_write
+    path = tmp_path / "ckpt.pth"
+    atomic_save(_state(1.0), path)
+
+    def interrupted(f):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted)
+    assert os.listdir(tmp_path) == ["ckpt.pth"] and load_checkpoint(path)["iteration"] == 1
+
+
 # Child process: starts saving iteration 2 and dies abruptly (no cleanup, like SIGKILL) at the given stage. A fresh
 # interpreter, not a fork: forking this multi-threaded process (torch's thread pools) can deadlock the child.
 _KILLED_WHILE_SAVING = """
@@ -87,6 +102,29 @@ def test_checkpointer_keeps_latest_and_prunes(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 15
     assert Checkpointer(tmp_path / "other", enabled=False).save(_state(1.0), 1) is None
     assert not (tmp_path / "other").exists()
+
+
+def test_iteration_files_are_ordered_by_iteration_not_by_name(tmp_path):
+    # Past 9,999,999 iterations the names grow a digit: "iter_10000000" sorts before "iter_9999999" as text.
+    checkpointer = Checkpointer(tmp_path, max_keep=2)
+    for iteration in (9_999_998, 9_999_999, 10_000_000):
+        checkpointer.save(_state(float(iteration % 1000)), iteration)
+    assert [p.name for p in checkpointer.iteration_files()] == ["iter_9999999.pth", "iter_10000000.pth"]
+    path, _ = Checkpointer(tmp_path).resume()
+    assert path.name == "iter_10000000.pth"
+
+
+def test_saving_the_same_iteration_twice_keeps_it(tmp_path):
+    # e.g. the final save of a run resumed at its last iteration: the file just written must survive pruning
+    checkpointer = Checkpointer(tmp_path, max_keep=1)
+    checkpointer.save(_state(1.0), 1)
+    checkpointer.save(_state(2.0), 2)
+    checkpointer.save(_state(2.0), 2)
+    assert [p.name for p in checkpointer.iteration_files()] == ["iter_0000002.pth"]
+    keep_two = Checkpointer(tmp_path / "two", max_keep=2)
+    for iteration in (1, 2, 2, 3):
+        keep_two.save(_state(float(iteration)), iteration)
+    assert [p.name for p in keep_two.iteration_files()] == ["iter_0000002.pth", "iter_0000003.pth"]
 
 
 class _Arbitrary:
