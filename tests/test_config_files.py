@@ -91,6 +91,10 @@ def test_yaml_reads_exponent_floats_and_refuses_duplicate_keys(tmp_path):
     train = read_config(tmp_path / "floats.yaml")["train"]
     assert train["lr_schedule"]["min_lr"] == 1e-4 and train["optimizer"]["weight_decay"] == 1e-4
     assert train["optimizer"]["lr"] == 0.05
+    # an exponent without its sign too (1e4, 1.5E3), and only numbers become floats
+    from normkit.io import parse_yaml
+    assert parse_yaml("a: 1e4\nb: 1.5E3\nc: -2e-2\nd: 1e\ne: e4\n") == {
+        "a": 1e4, "b": 1500.0, "c": -0.02, "d": "1e", "e": "e4"}
     (tmp_path / "twice.yaml").write_text("train: {max_iter: 10}\nmodel: {}\ntrain: {max_iter: 20}\n")
     with pytest.raises(ValueError, match="duplicate key 'train'"):
         read_config(tmp_path / "twice.yaml")

@@ -244,6 +244,28 @@ def test_csail_errors_name_the_keys(tmp_path):
     assert not (tmp_path / "o.pth").exists()
 
 
+def test_rename_keys_is_one_to_one_and_matches_whole_keys():
+    from normkit.convert.common import rename_keys
+    rules = [(r"(?:bn|sn)1\.(\w+)", r"bn1.\1"), (r"conv1\.weight", r"conv1.weight")]
+    w = torch.zeros(2)
+    renamed = rename_keys({"sn1.weight": w, "conv1.weight": w}, rules, source="t")
+    assert set(renamed) == {"bn1.weight", "conv1.weight"}
+    with pytest.raises(RuntimeError, match="t: keys 'bn1.weight' and 'sn1.weight' both map to 'bn1.weight'"):
+        rename_keys({"bn1.weight": w, "sn1.weight": w}, rules, source="t")
+    # a key a rule only starts (weight-norm's conv1.weight_g) is unexpected, not renamed to conv1.weight
+    with pytest.raises(RuntimeError, match="t: 1 unexpected keys no rename rule covers: conv1.weight_g"):
+        rename_keys({"conv1.weight_g": w}, rules, source="t")
+
+
+def test_source_container_must_be_a_mapping():
+    # {"model": "resnet50", "state_dict": {...}}: a training script's architecture name beside the weights
+    from normkit.io import read_tensor_dict
+    weights = {"conv1.weight": torch.ones(1)}
+    assert read_tensor_dict({"model": "resnet50", "state_dict": weights}) == weights
+    both = {"state_dict": weights, "model": {"w": torch.zeros(1)}}
+    assert read_tensor_dict(both, ("state_dict", "model")) == weights
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Round trips: a normkit model's state dict renamed into the source layout (from the key scheme in docs/design.md),
 # converted back, loaded, outputs equal.

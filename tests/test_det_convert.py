@@ -63,6 +63,25 @@ def test_official_checkpoint_converts_and_loads_strictly(name, tmp_path, caplog)
     assert sum(p.requires_grad for p in model.parameters()) == trainable
 
 
+def test_fpn_modules_map_level_by_level(tmp_path):
+    # Detectron.pytorch's FPN lists its modules top-down: conv_top is C5's lateral, topdown_lateral_modules i
+    # takes C(4 - i), posthoc_modules i outputs P(5 - i). normkit's neck lists them bottom-up (index 0 = P2 / C2).
+    # The 3x3 output convs all have one shape, so only a key-by-key check sees a reversed order.
+    path, source = fake_checkpoint("e2e_faster_rcnn_R-50-FPN_2x_sn", tmp_path)
+    state = convert("sn-detectron", [str(path)])
+    expected = {"Conv_Body.conv_top.0.weight": "neck.lateral_convs.3.0.weight"}
+    for i in range(3):
+        lateral = f"Conv_Body.topdown_lateral_modules.{i}.conv_lateral.0.weight"
+        expected[lateral] = f"neck.lateral_convs.{2 - i}.0.weight"
+    for i in range(4):
+        for leaf in ("0.weight", "0.bias", "1.weight", "1.mean_weight", "1.var_weight", "1.running_var"):
+            if f"Conv_Body.posthoc_modules.{i}.{leaf}" in source:
+                expected[f"Conv_Body.posthoc_modules.{i}.{leaf}"] = f"neck.output_convs.{3 - i}.{leaf}"
+    assert sum(k.startswith("Conv_Body.posthoc_modules.3.") for k in expected) >= 3
+    for src, dst in expected.items():
+        assert torch.equal(state[dst], source[src].reshape(state[dst].shape)), (src, dst)
+
+
 def test_description_names_the_architecture(tmp_path):
     _, state = fake_checkpoint("e2e_mask_rcnn_R-50-FPN_2x_sn_8-1", tmp_path)
     text = describe_sn_detectron(state)
