@@ -156,6 +156,23 @@ def test_checkpoint_round_trip_and_strict_errors(tmp_path):
         build_model(_tiny_cfg(), checkpoint=tmp_path / "bad.pth")
 
 
+def test_strict_loading_rules_on_a_small_module():
+    from torch import nn
+    from normkit.models.checkpoint import load_state_dict_strict, read_state_dict
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    state = model.state_dict()
+    # a DataParallel prefix is stripped only when every key has it (a submodule may be called "module")
+    assert set(read_state_dict({f"module.{k}": v for k, v in state.items()})) == set(state)
+    mixed = {"module.w": torch.zeros(1), "other.w": torch.zeros(1)}
+    assert set(read_state_dict(mixed)) == set(mixed)
+    # only step counters and SyncBN bookkeeping may be absent, not running statistics
+    with pytest.raises(RuntimeError, match=r"missing keys \(1\): 1.running_var"):
+        load_state_dict_strict(model, {k: v for k, v in state.items() if k != "1.running_var"})
+    # as many values in another shape (a transposed weight) is a shape mismatch, named as one
+    with pytest.raises(RuntimeError, match=r"shape mismatches \(1\): 0.weight: checkpoint \[2, 3\] vs model \[3, 2\]"):
+        load_state_dict_strict(model, {**state, "0.weight": torch.zeros(2, 3)})
+
+
 def test_unsafe_pickles_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "object": ResNet}, path)
