@@ -28,11 +28,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_kernel_benchmark_arguments, markdown_table, steady_cpu_allocator, time_interleaved,  # noqa: E402
-                    write_results)
+from common import (add_kernel_benchmark_arguments, markdown_table, steady_cpu_allocator,  # noqa: E402
+                    time_interleaved, write_results)
 
 from normkit.nn import assign_boxes_to_levels  # noqa: E402
-from normkit.ops import batched_nms, nms, nms_reference, roi_align, roi_align_reference, roi_pool, roi_pool_reference  # noqa: E402
+from normkit.ops import (batched_nms, nms, nms_reference, roi_align, roi_align_reference, roi_pool,  # noqa: E402
+                         roi_pool_reference)
 
 IMAGE_H, IMAGE_W = 800, 1216
 FPN_STRIDES = (4, 8, 16, 32)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_kernel_benchmark_arguments, markdown_table, steady_cpu_allocator, time_interleaved,  # noqa: E402
-                    write_results)
+from common import (add_kernel_benchmark_arguments, markdown_table, steady_cpu_allocator,  # noqa: E402
+                    time_interleaved, write_results)
 
 from normkit.nn import SwitchNorm2d  # noqa: E402
 
@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     steady_note = "; freed memory kept in the heap (common.steady_cpu_allocator), so no layer pays page faults"
     notes = (f"Training mode, {args.dtype}, NCHW, median of {repeats} interleaved repeats (each the mean over "
              f"{20 if on_gpu else 50} ms of back-to-back calls){steady_note if steady else ''}. Targets: CPU fwd+bwd "
-             "within 1.2x of GroupNorm(32) (the same backward traffic; GN's forward reads x once, SN's training forward "
-             "twice, as the BN statistics need the whole batch first), <= 1.0x BatchNorm2d and >= 3x faster than the "
-             "reference; GPU fwd >= 80% of HBM roofline (for tensors larger than the L2 cache), fwd+bwd within 1.2x "
-             "of cuDNN BatchNorm2d, >= 5x faster than the reference.\n")
+             "within 1.2x of GroupNorm(32) (the same backward traffic; GN's forward reads x once, SN's training "
+             "forward twice, as the BN statistics need the whole batch first), <= 1.0x BatchNorm2d and >= 3x faster "
+             "than the reference; GPU fwd >= 80% of HBM roofline (for tensors larger than the L2 cache), fwd+bwd "
+             "within 1.2x of cuDNN BatchNorm2d, >= 5x faster than the reference.\n")
     path = write_results("switch_norm", device, notes + "\n" + "\n".join(sections))
     _plot(plot, path.replace(".md", ".png"), f"SN fwd+bwd, {args.dtype}, {device.type}, {thread_counts[-1]} threads")
     print(f"wrote {path}")

@@ -22,7 +22,8 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as tools/train.py does: see the note there (set before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as tools/train.py does: see the note there
+                                                     # (set before torch loads)
 
 import torch  # noqa: E402
 

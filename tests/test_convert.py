@@ -194,7 +194,8 @@ CSAIL_CASES = [
     pytest.param(50, "upernet", 32, id="r50_upernet", marks=pytest.mark.slow),
     pytest.param(101, "ppm_deepsup", 8, id="r101d8_ppm_deepsup", marks=pytest.mark.slow),
 ]
-_BLOCKS = {18: (_CsailBasic, (2, 2, 2, 2)), 50: (_CsailBottleneck, (3, 4, 6, 3)), 101: (_CsailBottleneck, (3, 4, 23, 3))}
+_BLOCKS = {18: (_CsailBasic, (2, 2, 2, 2)), 50: (_CsailBottleneck, (3, 4, 6, 3)),
+           101: (_CsailBottleneck, (3, 4, 23, 3))}
 
 
 @pytest.mark.parametrize("depth,head,output_stride", CSAIL_CASES)

@@ -140,7 +140,8 @@ def test_demo_draws_detections(trained, capsys):
 
 def test_test_tool_rejects_segmentation_options_for_detection(trained):
     tmp = trained["tmp"]
-    with pytest.raises(ValueError, match=r"unknown config key evaluation.flip; the keys of evaluation are: output_dir, tasks"):
+    with pytest.raises(ValueError,
+                       match=r"unknown config key evaluation.flip; the keys of evaluation are: output_dir, tasks"):
         normkit.tools.test.main(["--config", str(CONFIG), "--checkpoint", str(tmp / "full" / "latest.pth"),
                                  "--flip", "--set", *_overrides(tmp / "data")])
 

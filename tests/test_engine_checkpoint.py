@@ -150,7 +150,8 @@ def test_load_errors_are_clear(tmp_path):
 
 
 def _draws():
-    return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(1).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1)
+    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(1).tolist(),
+            [random.random() for _ in range(3)], random.gauss(0, 1))
 
 
 def test_rng_state_survives_a_file_round_trip(tmp_path):

@@ -31,8 +31,8 @@ def _param(path):
 
 def test_configs_cover_every_published_model():
     names = {f"{p.parent.name}/{p.stem}" for p in ALL_CONFIGS}
-    assert {"csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup",
-            "csail/r101d8_ppm_deepsup", "sn/r50_sn_imagenet", "csail/r50_upernet", "csail/r101_upernet", "csail/r18d8_c1_deepsup",
+    assert {"csail/r50d8_c1_deepsup", "csail/r50d8_ppm_deepsup", "csail/r101d8_ppm_deepsup",
+            "sn/r50_sn_imagenet", "csail/r50_upernet", "csail/r101_upernet", "csail/r18d8_c1_deepsup",
             "sn/r50d8_sn_c1_deepsup", "deeplab/r101_deeplab_v2_voc", "condnet/r50d8_cond_sep_aspp_ade20k",
             "condnet/r101d8_cond_sep_aspp_ade20k", "condnet/r101d8_cond_sep_aspp_pascal_context59"} <= names
 

@@ -1,4 +1,5 @@
-"""CondNet heads against a functional reference written from docs/design.md ("Conditional classifier") and the DeepLabV3(+) structure."""
+"""CondNet heads against a functional reference written from docs/design.md ("Conditional classifier") and the
+DeepLabV3(+) structure."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -82,7 +82,8 @@ def _labels(batch, size):
 def test_auxiliary_loss_is_0_4_times_the_cross_entropy_of_the_upsampled_aux_logits():
     torch.manual_seed(0)
     model = build_model(_tiny_cfg(name="encoder_decoder", loss_mode="upsample_logits", decode_head={"name": "c1"},
-                                  auxiliary_head={"name": "fcn", "in_index": 2, "channels": 16, "dropout": 0.0})).train()
+                                  auxiliary_head={"name": "fcn", "in_index": 2, "channels": 16,
+                                                  "dropout": 0.0})).train()
     images, labels = torch.randn(2, 3, 32, 32), _labels(2, 32)
     losses = model({"images": images, "labels": labels})
     features = list(model.backbone(images).values())
@@ -245,7 +246,8 @@ def test_cross_entropy_average_over_25_percent_ignored_pixels(name, ratio):
     torch.manual_seed(0)
     model = build_model(_tiny_cfg(name="encoder_decoder", loss_mode="upsample_logits", ce_average=ce_average,
                                   decode_head={"name": "c1"},
-                                  auxiliary_head={"name": "fcn", "in_index": 2, "channels": 16, "dropout": 0.0})).train()
+                                  auxiliary_head={"name": "fcn", "in_index": 2, "channels": 16,
+                                                  "dropout": 0.0})).train()
     images = torch.randn(2, 3, 32, 32)
     labels = torch.randint(0, 4, (2, 32, 32), generator=torch.Generator().manual_seed(1))
     labels[:, :8] = 255  # 8 of 32 rows: 25% of the pixels
@@ -337,7 +339,8 @@ def test_sn_imagenet_config_has_the_resnetv1sn_head_and_the_devkit_momentum():
     # devkit SwitchNorm(momentum=0.9): running <- 0.9 running + 0.1 batch
     assert len(norms) == 53 and {m.momentum for m in norms} == {0.1}
     assert all(m.using_moving_average and m.using_bn for m in norms)
-    assert all(float(blk.bn3.weight.detach().abs().sum()) == 0 for stage in model.stages() for blk in stage)  # last_gamma
+    assert all(float(blk.bn3.weight.detach().abs().sum()) == 0
+               for stage in model.stages() for blk in stage)  # last_gamma
     # the head: mean over the 7x7 map, no dropout at eval, fc
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

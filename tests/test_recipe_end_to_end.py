@@ -457,7 +457,8 @@ class CondDepthwiseSeparableASPPHead(nn.Module):
             DepthwiseSeparableConvModule(in_channels, channels, 3, padding=d, dilation=d) for d in dilations)
         self.bottleneck = ConvModule((len(dilations) + 1) * channels, channels, 3, padding=1)
         self.c1_bottleneck = ConvModule(c1_in_channels, c1_channels, 1)
-        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1_channels, channels, 3, padding=1),
+        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1_channels, channels, 3,
+                                                                         padding=1),
                                             DepthwiseSeparableConvModule(channels, channels, 3, padding=1))
         self.guidance_project = ConvModule(channels, K, 1, norm=False, act=False)
         self.filter_project = ConvModule(channels * K, channels * K + K, 1, groups=K, norm=False, act=False)

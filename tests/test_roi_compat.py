@@ -138,7 +138,8 @@ def test_fx_traces_functional_ops_as_leaves():
     calls = {n.target for n in graph_module.graph.nodes if n.op == "call_function"}
     assert {roi_align, roi_pool, nms, batched_nms} <= calls
     import normkit.ops  # calls through the package need no wrap of their own
-    traced = torch.fx.symbolic_trace(lambda x, rois: normkit.ops.roi_align(x, rois, 2) + normkit.ops.roi_pool(x, rois, 2))
+    traced = torch.fx.symbolic_trace(lambda x, rois: normkit.ops.roi_align(x, rois, 2)
+                                     + normkit.ops.roi_pool(x, rois, 2))
     assert {roi_align, roi_pool} <= {n.target for n in traced.graph.nodes if n.op == "call_function"}
     x, rois = torch.randn(2, 3, 12, 16), random_rois(5, 2, 24, 32)
     boxes, scores, idxs = random_rois(30, 1, 40, 40)[:, 1:], torch.rand(30), torch.randint(0, 3, (30,))

@@ -35,7 +35,8 @@ def test_hand_computed():
     # Box (0.6, 0.4)-(3.4, 2.6) rounds to cells x 1..3, y 0..3: a 4x3 (h x w) region. 2x2 bins: bin heights
     # 2 -> rows [0, 2) and [2, 4); bin width 1.5 -> columns [1 + 0, 1 + 2) and [1 + 1, 1 + 3).
     out = roi_pool(x, torch.tensor([[0, 0.6, 0.4, 3.4, 2.6]]), 2)
-    torch.testing.assert_close(out[0, 0], torch.tensor([[x[0, 0, 1, 2], x[0, 0, 1, 3]], [x[0, 0, 3, 2], x[0, 0, 3, 3]]]))
+    torch.testing.assert_close(out[0, 0], torch.tensor([[x[0, 0, 1, 2], x[0, 0, 1, 3]],
+                                                        [x[0, 0, 3, 2], x[0, 0, 3, 3]]]))
     # Rounding is half away from zero: 0.5 -> 1, -0.5 -> -1 (then clipped to the map).
     out = roi_pool(x, torch.tensor([[0, 0.5, 0.5, 0.5, 0.5], [0, -0.5, -0.5, -0.5, -0.5]]), 1)
     torch.testing.assert_close(out.flatten(), torch.tensor([7.0, 0.0]))

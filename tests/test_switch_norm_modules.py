@@ -12,7 +12,8 @@ class OfficialSwitchNorm2d(nn.Module):
 
     def __init__(self, c, eps=1e-5, momentum=0.997, using_moving_average=True, using_bn=True):
         super().__init__()
-        self.eps, self.momentum, self.using_moving_average, self.using_bn = eps, momentum, using_moving_average, using_bn
+        self.eps, self.momentum, self.using_moving_average, self.using_bn = (eps, momentum, using_moving_average,
+                                                                             using_bn)
         self.weight = nn.Parameter(torch.ones(1, c, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
         k = 3 if using_bn else 2

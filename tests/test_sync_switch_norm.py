@@ -80,7 +80,8 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = convert_sync_switchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), SwitchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+        model = convert_sync_switchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), SwitchNorm2d(4), nn.ReLU(),
+                                                      nn.Conv2d(4, 2, 1)))
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(rank)

@@ -142,7 +142,8 @@ def scale_to_total_batch(train_cfg: dict, total_batch: int) -> dict:
     x 2 images). For a total batch B (images per process x iter_size x processes) the returned copy of the
     `train:` section has lr (and a poly schedule's min_lr) x B / reference_batch and max_iter, lr_schedule.steps
     and lr_schedule.warmup_iters x reference_batch / B (rounded half up; at least 1 for max_iter), so the run sees the
-    same number of images at each point of the schedule (Detectron's GETTING_STARTED: 1 GPU instead of 8 -> lr / 8, iterations x 8).
+    same number of images at each point of the schedule (Detectron's GETTING_STARTED: 1 GPU instead of 8 -> lr / 8,
+    iterations x 8).
     Without reference_batch the section is returned unchanged; reference_batch itself is removed."""
     optimizer = dict(train_cfg.get("optimizer") or {})
     reference = optimizer.pop("reference_batch", None)

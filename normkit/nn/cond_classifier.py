@@ -38,8 +38,8 @@ def _conv_module(in_channels: int, out_channels: int, groups: int = 1) -> nn.Mod
 class ConditionalClassifier(nn.Module):
     """Conditional classifier of CondNet: a per-image classifier generated from class embeddings.
 
-    Steps (docs/design.md, "Conditional classifier"): Dropout2d; guidance logits ``G = guidance_project(X)`` (1x1 conv with bias);
-    class embeddings ``E = class_embedding(G, X)`` (B, K, C); kernel generation, one 1x1 conv with
+    Steps (docs/design.md, "Conditional classifier"): Dropout2d; guidance logits ``G = guidance_project(X)``
+    (1x1 conv with bias); class embeddings ``E = class_embedding(G, X)`` (B, K, C); kernel generation, one 1x1 conv with
     groups = K over E viewed as (B, K*C, 1, 1) (computed as the equivalent batched GEMM) giving K*C
     weights (and, with bias, K biases: the first K*C outputs are the weights, the last K the biases,
     exactly as the official code slices them even though that split does not follow the conv's groups);

@@ -89,7 +89,8 @@ class _SwitchNorm(nn.Module):
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self.input_dims:
             dims = " or ".join(f"{d}D" for d in self.input_dims)
-            raise ValueError(f"{type(self).__name__} expects {dims} input, got {x.dim()}D input of shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects {dims} input, got {x.dim()}D input of shape "
+                             f"{tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got input with {x.shape[1]} channels "
                              f"(shape {tuple(x.shape)})")

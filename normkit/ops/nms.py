@@ -88,7 +88,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
 
 def _fake_nms(dets, scores, iou_threshold, offset=0):
-    torch._check(dets.dim() == 2 and dets.shape[1] == 4, lambda: f"nms: boxes must be Tensor[N, 4], got {list(dets.shape)}")
+    torch._check(dets.dim() == 2 and dets.shape[1] == 4,
+                 lambda: f"nms: boxes must be Tensor[N, 4], got {list(dets.shape)}")
     torch._check(scores.dim() == 1 and scores.shape[0] == dets.shape[0],
                  lambda: f"nms: scores must be Tensor[{dets.shape[0]}], got {list(scores.shape)}")
     torch._check(dets.dtype == scores.dtype,
@@ -119,8 +120,10 @@ def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: i
     order = torch.sort(scores, descending=True, stable=True).indices
     b = boxes[order].to(opmath_dtype(boxes.dtype))
     area = (b[:, 2] - b[:, 0] + offset) * (b[:, 3] - b[:, 1] + offset)
-    w = (torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0]) + offset).clamp(min=0)
-    h = (torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1]) + offset).clamp(min=0)
+    w = (torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])
+         + offset).clamp(min=0)
+    h = (torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])
+         + offset).clamp(min=0)
     inter = w * h
     iou = inter / (area[:, None] + area[None, :] - inter)
     suppresses = iou >= iou_threshold if offset == 1 else iou > iou_threshold

@@ -226,7 +226,8 @@ def _reference_update_running_stats(running_mean: Tensor, running_var: Tensor, b
 def switch_norm_reference(input: Tensor, weight: Tensor | None, bias: Tensor | None, mean_weight: Tensor,
                           var_weight: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
                           training: bool = False, momentum: float = 0.003, eps: float = 1e-5,
-                          using_moving_average: bool = True, using_bn: bool = True, has_instance: bool = True) -> Tensor:
+                          using_moving_average: bool = True, using_bn: bool = True,
+                          has_instance: bool = True) -> Tensor:
     """Slow pure-PyTorch Switchable Normalization following the official implementation's formulas."""
     n, c = input.shape[:2]
     x = input.reshape(n, c, -1)

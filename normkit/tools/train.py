@@ -17,10 +17,11 @@ The `train:` section (defaults shown)::
       amp: null                  # null | bf16 | fp16 (fp16 adds a GradScaler)
       sync_norm: false           # under DDP: BatchNorm -> SyncBatchNorm, SwitchNorm -> SyncSwitchNorm
       find_unused_parameters: false
-      optimizer: {name: sgd, lr: 0.02, momentum: 0.9, weight_decay: 1.0e-4, lr_mult: {}}   # normkit.engine.build_optimizer
+      optimizer: {name: sgd, lr: 0.02, momentum: 0.9, weight_decay: 1.0e-4, lr_mult: {}}
+                                 # normkit.engine.build_optimizer
                                  # + reference_batch: N scales lr, max_iter and the schedule's steps and warmup
                                  # to the total batch (normkit.engine.scale_to_total_batch)
-      lr_schedule: {policy: poly, power: 0.9, min_lr: 0.0}                               # normkit.engine.build_lr_scheduler
+      lr_schedule: {policy: poly, power: 0.9, min_lr: 0.0}  # normkit.engine.build_lr_scheduler
       checkpoint_period: 0       # iterations between checkpoints (0: only at the end)
       max_keep: 3                # iteration checkpoints kept; latest.pth always names the newest
       eval_period: 0             # iterations between evaluations on val (0: only at the end)

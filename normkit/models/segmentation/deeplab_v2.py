@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normkit.models.registry import MODELS, SEG_HEADS, call_with_config
-from normkit.models.segmentation.common import (build_segmentation_parts, check_images, check_labels, cross_entropy, pixel_accuracy,
-                                                resize_labels, unpack_batch)
+from normkit.models.segmentation.common import (build_segmentation_parts, check_images, check_labels, cross_entropy,
+                                                pixel_accuracy, resize_labels, unpack_batch)
 
 __all__ = ["ASPPSumHead", "DeepLabV2"]
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from normkit.models.registry import MODELS, call_with_config
 from normkit.models.segmentation.common import (CE_AVERAGES, LOSS_MODES, align_logits_and_labels,
-                                                build_segmentation_parts, check_images, check_labels, cross_entropy, pixel_accuracy,
-                                                unpack_batch)
+                                                build_segmentation_parts, check_images, check_labels, cross_entropy,
+                                                pixel_accuracy, unpack_batch)
 
 __all__ = ["SegmentationModel"]
 
