@@ -297,3 +297,52 @@ def test_batches_are_pinned_only_for_a_process_that_uses_cuda(monkeypatch, avail
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
     assert worker_options(0)["pin_memory"] is pinned and worker_options(2)["pin_memory"] is pinned
+
+
+def test_every_epoch_holds_each_sample_once_in_a_new_order():
+    # 12 samples, global batch 4: epoch e is batches 3e..3e+2, a fresh permutation of all 12 samples
+    batches = list(itertools.islice(global_batches(12, 2, 2, seed=5), 9))
+    epochs = [sum(batches[3 * e:3 * e + 3], []) for e in range(3)]
+    assert all(sorted(epoch) == list(range(12)) for epoch in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+def test_an_orientation_with_exactly_one_batch_of_images_is_enough():
+    landscape = [True, False, True, False, True, False]
+    for batch in itertools.islice(global_batches(6, 3, 1, seed=0, landscape=landscape), 4):
+        assert len({landscape[i] for i in batch}) == 1 and len(batch) == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 2, "world_size": 2}, {"rank": -1, "world_size": 2}, {"start_iter": -1},
+                                    {"batch_size": 0}, {"world_size": 0, "rank": 0}])
+def test_train_batch_sampler_rejects_impossible_positions(kwargs):
+    from normkit.data.samplers import TrainBatchSampler
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        TrainBatchSampler(12, **{"batch_size": 2, **kwargs})
+
+
+def test_each_sample_is_augmented_by_the_generator_of_its_seed_iteration_and_index(mini_root):
+    # the documented contract: sample i of iteration t draws from numpy Generator([seed, t, i, 2]) (resumable,
+    # independent of the batch it lands in); labels carry every geometric draw (rescale, crop, flip)
+    cfg = config(mini_root, "mmseg")
+    loader = build_train_loader(cfg, 3, seed=7)
+    transform = MMSegTrainTransform(scale=(80, 40), ratio_range=(0.5, 2.0), crop_size=(32, 24))
+    for iteration in range(2):
+        batch = next(loader)
+        assert batch["meta"]["iteration"] == iteration
+        for i, index in enumerate(batch["meta"]["indices"]):
+            sample = loader.dataset[index]
+            _, label = transform(sample["image"], sample["label"], np.random.default_rng([7, iteration, index, 2]))
+            h, w = label.shape
+            assert torch.equal(batch["labels"][i, :h, :w], torch.from_numpy(label.astype(np.int64)))
+            assert (batch["labels"][i, h:] == 255).all() and (batch["labels"][i, :, w:] == 255).all()
+
+
+def test_csail_batches_are_padded_to_multiples_of_8_by_default(mini_root):
+    train = {"pipeline": "csail", "short_sides": [33], "max_long_side": 50}
+    cfg = {**config(mini_root, "csail"), "train": train}
+    shapes = [tuple(b["images"].shape[-2:]) for b in take(build_train_loader(cfg, 2, seed=0), 4)]
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in shapes)
+    unpadded = {**cfg, "train": {**train, "pad_multiple": 1}}
+    assert any(h % 8 or w % 8 for b in take(build_train_loader(unpadded, 2, seed=0), 4)
+               for h, w in [b["images"].shape[-2:]])
