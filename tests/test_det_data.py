@@ -306,3 +306,23 @@ def test_val_loader_shards_keep_every_image(cfg):
     assert sorted(sum(shards, [])) == sorted(ids)
     batch = next(iter(full))
     assert min(batch["image_sizes"][0].tolist()) == 80 and "targets" in batch
+    assert batch["images"].shape[0] == 1  # one image per batch unless data.val.batch_size says otherwise
+
+
+def test_sorted_blocks_cover_all_full_blocks_every_epoch_in_a_new_order():
+    from normkit.data.detection import sorted_block_batches
+    ratios = np.arange(25, dtype=np.float64)[::-1] / 10  # sorted order: 24, 23, ..., 0
+    stream = sorted_block_batches(ratios, 2, seed=1)
+    epochs = [[next(stream) for _ in range(12)] for _ in range(3)]  # 12 full blocks, index 0 (largest) left over
+    blocks = sorted([24 - 2 * b, 23 - 2 * b] for b in range(12))
+    assert all(sorted(epoch) == blocks for epoch in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+def test_double_flip_mode_mirrors_from_index_n_on(cfg):
+    from normkit.data.samplers import SampleKey
+    loader = build_coco_train_loader({**cfg, "train": {**cfg["train"], "flip": "double", "short_sides": [64]}}, 2)
+    n = len(loader.dataset)
+    samples = loader.loader.dataset
+    assert not samples[SampleKey(0, n - 1, None)]["flipped"] and samples[SampleKey(0, n, None)]["flipped"]
+    assert samples[SampleKey(0, n, None)]["image_id"] == samples[SampleKey(0, 0, None)]["image_id"]
