@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from engine_toys import ToySegNet, toy_loader_fn
-from normkit.engine import Checkpointer, HookBase, MetricsWriter, PeriodicCheckpointer, PolyLR, Trainer
+from normkit.engine import (Checkpointer, EvalHook, HookBase, MetricsWriter, PeriodicCheckpointer, PolyLR, Trainer,
+                            has_evaluation_record)
 
 
 class RecordLosses(HookBase):
@@ -201,3 +202,82 @@ def test_tensorboard_of_a_resumed_run_shows_every_iteration_once(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/total_loss")] == [1, 2, 3, 4]
+
+
+class RecordCheckpoints:
+    """A stand-in Checkpointer: the iterations saved."""
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, state, iteration):
+        self.saved.append(iteration)
+
+
+@pytest.mark.parametrize("period, due", [(2, [2, 4, 5]), (5, [5]), (0, [5]), (7, [5])])
+def test_checkpoints_and_evaluations_come_every_period_and_after_the_last_iteration(period, due):
+    trainer = _trainer(_model(), toy_loader_fn(), max_iter=5)
+    checkpoints, evaluated = RecordCheckpoints(), []
+    trainer.register_hooks([PeriodicCheckpointer(checkpoints, period),
+                            EvalHook(lambda: evaluated.append(trainer.iter + 1) or {}, period)])
+    trainer.train()
+    assert checkpoints.saved == due and evaluated == due
+
+
+def test_evaluation_scalars_and_the_train_mode_after_an_evaluation(tmp_path):
+    trainer = _trainer(_model(), toy_loader_fn(), max_iter=3)
+    modes = []
+
+    class RecordMode(HookBase):
+        def before_step(self):
+            modes.append(self.trainer.model.training)
+
+    def eval_fn():
+        trainer.model.eval()  # an evaluation that leaves the model in eval mode
+        return {"mean_iou": 0.25, "count": 3, "per_class_iou": [0.5, 0.0], "name": "x"}
+
+    hook = EvalHook(eval_fn, 1)
+    trainer.register_hooks([RecordMode(), hook, MetricsWriter(tmp_path, period=0, tensorboard=False)])
+    trainer.train()
+    assert modes == [True, True, True]
+    assert {k: v for k, v in trainer.scalars.items() if k.startswith("val/")} == {"val/mean_iou": 0.25,
+                                                                                    "val/count": 3.0}
+    # evaluations are recorded at their iteration although the log period (0: the last iteration) is not due
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["val/mean_iou"]) for r in records] == [(1, 0.25), (2, 0.25), (3, 0.25)]
+
+
+@pytest.mark.parametrize("start, evaluations", [(4, [4, 6]), (3, [4, 6])])
+def test_a_missed_evaluation_is_repeated_only_at_an_evaluation_iteration(start, evaluations):
+    trainer = _trainer(_model(), toy_loader_fn(), max_iter=6)
+    trainer.iter = start  # resumed there; no evaluation of it was recorded
+    evaluated = []
+
+    def eval_fn():  # the completed iterations the evaluation sees: the resumed ones before training starts
+        evaluated.append(trainer.iter + (trainer.scalars != {}))
+        return {}
+
+    trainer.register_hooks([EvalHook(eval_fn, 2, missed=lambda iteration: True)])
+    trainer.train()
+    assert evaluated == evaluations
+
+
+def test_evaluation_records_are_found_by_iteration(tmp_path):
+    assert not has_evaluation_record(tmp_path, 4)  # no metrics.jsonl
+    lines = [{"iteration": 4, "total_loss": 1.0}, {"iteration": 2, "total_loss": 1.0, "val/mean_iou": 0.5},
+             {"iteration": 6, "val/mean_iou": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"iteration": 8, "val/m\n')
+    assert [has_evaluation_record(tmp_path, i) for i in (2, 4, 6, 8)] == [True, False, True, False]
+
+
+def test_tensorboard_keeps_the_tags_of_evaluation_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(_model(), toy_loader_fn(), max_iter=2)
+    trainer.register_hooks([EvalHook(lambda: {"mean_iou": 0.5}, 2), MetricsWriter(tmp_path, period=1)])
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "val/mean_iou" in tags and "train/total_loss" in tags and "train/val/mean_iou" not in tags
+    assert [(e.step, e.value) for e in events.Scalars("val/mean_iou")] == [(2, 0.5)]
