@@ -72,7 +72,7 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path
             torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("local_rank,visible,device", [(3, 2, None), (3, 1, 0), (1, 2, 1)])
+@pytest.mark.parametrize("local_rank,visible,device", [(3, 2, None), (2, 2, None), (3, 1, 0), (1, 2, 1)])
 def test_each_local_rank_gets_a_gpu_of_its_own(monkeypatch, local_rank, visible, device):
     # Two GPUs and a fourth process per node would share a GPU (NCCL: "Duplicate GPU detected"): refused. One
     # visible GPU per process (CUDA_VISIBLE_DEVICES set per rank) is that process's device 0.
@@ -129,3 +129,42 @@ def test_gradient_accumulation_all_reduces_once_per_step_after_the_last_micro_ba
     for buckets, step_gradient in steps:
         assert len(buckets) == 1
         torch.testing.assert_close(buckets[0], step_gradient)
+
+
+def test_without_local_rank_a_process_uses_the_gpu_of_its_rank(monkeypatch):
+    # torchrun always sets LOCAL_RANK; other launchers may set only RANK and WORLD_SIZE (one node)
+    import torch.distributed as dist
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # the process group is someone else's business here
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    info = init_distributed("cuda")
+    assert (info.rank, info.local_rank, info.device) == (1, 1, torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_the_world_is_refused(monkeypatch, rank, world_size):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(ValueError, match="must lie in"):
+        init_distributed("cpu")
+
+
+def test_only_rank_0_logs_below_warnings():
+    import logging
+
+    from normkit.engine import setup_logging
+    logger = logging.getLogger("normkit")
+    saved = list(logger.handlers), logger.level, logger.propagate
+    try:
+        setup_logging(1)
+        assert logger.level == logging.WARNING
+        setup_logging(0)
+        assert logger.level == logging.INFO
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
