@@ -120,6 +120,8 @@ def test_linear_scaling_rule_scales_lr_and_schedule_with_the_total_batch():
                                                               "min_lr": pytest.approx(8e-4)}
     no_reference = {"max_iter": 10, "optimizer": {"lr": 0.1}}
     assert scale_to_total_batch(no_reference, 64) is no_reference
+    # a schedule shorter than one iteration at this batch still trains one (1 x 16 / 64 = 0.25 rounds to 0)
+    assert scale_to_total_batch({"max_iter": 1, "optimizer": {"lr": 0.1, "reference_batch": 16}}, 64)["max_iter"] == 1
     for bad in (0, True, 16.0):
         with pytest.raises(ValueError, match="reference_batch must be a positive integer"):
             scale_to_total_batch({"optimizer": {"lr": 0.1, "reference_batch": bad}}, 8)

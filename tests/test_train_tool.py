@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from normkit.engine import Trainer, load_checkpoint
 from normkit.tools.tasks import SegmentationTask
@@ -193,3 +194,51 @@ def test_latest_as_a_folder_is_reported_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "run_step", _no_step)
     with pytest.raises(IsADirectoryError, match="latest.pth exists but is not a file"):
         _load_tool().main(_args(tmp_path, tmp_path / "w", "--resume"))
+
+
+def _built(tmp_path, monkeypatch, rank, *extra):
+    """build_trainer as rank `rank` of 2 processes (DDP wrapping left out: no process group here)."""
+    import normkit.tools.train as train_module
+    from normkit.engine.distributed import DistInfo
+    from normkit.tools.cli import load_run_config
+    monkeypatch.setattr(train_module, "wrap_ddp", lambda model, info, **kwargs: model)
+    cfg = load_run_config(train_module.parse_args(_args(tmp_path, tmp_path / f"w{rank}", *extra)))
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    trainer, _, _ = train_module.build_trainer(cfg, tmp_path / f"w{rank}", info)
+    return trainer, torch.rand(4)
+
+
+def test_the_recipe_is_scaled_to_the_total_batch_of_every_process_and_micro_batch(tmp_path, monkeypatch):
+    # 2 images x iter_size 2 x 2 processes = 8 images per step; the recipe's lr 0.02 and 4 iterations are for 16
+    trainer, _ = _built(tmp_path, monkeypatch, 0, "train.iter_size=2", "train.optimizer.reference_batch=16")
+    assert trainer.max_iter == 8 and trainer.iter_size == 2
+    assert trainer.scheduler.base_lrs and all(lr == pytest.approx(0.01) for lr in trainer.scheduler.base_lrs)
+
+
+def test_ranks_start_from_the_same_weights_with_their_own_random_streams(tmp_path, monkeypatch):
+    ranks = [_built(tmp_path, monkeypatch, rank) for rank in range(2)]
+    for a, b in zip(ranks[0][0].model.state_dict().values(), ranks[1][0].model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(ranks[0][1], ranks[1][1])  # dropout, sampling: a stream per rank
+
+
+def test_ranks_that_resumed_from_different_iterations_are_refused(tmp_path, monkeypatch):
+    import normkit.tools.train as train_module
+    monkeypatch.setattr(train_module, "all_gather_objects", lambda obj: [2, 4])
+    with pytest.raises(RuntimeError, match=r"ranks resumed from different iterations \[2, 4\]"):
+        _built(tmp_path, monkeypatch, 0)
+
+
+def test_new_run_archives_take_the_next_free_number(tmp_path):
+    import normkit.tools.train as train_module
+    work_dir = tmp_path / "w"
+    for name in ("1", "3", "notes", "old"):  # an archive deleted by hand, folders of the user's
+        (work_dir / "previous" / name).mkdir(parents=True)
+    (work_dir / "latest.pth").write_text("x")
+    assert train_module.move_previous_run(work_dir) == work_dir / "previous" / "4"
+    assert (work_dir / "previous" / "4" / "latest.pth").read_text() == "x"
+    assert sorted(p.name for p in work_dir.iterdir()) == ["previous"]
+    # a work dir holding only earlier runs is free for a fresh run
+    assert train_module._reuse_problem(work_dir, resume=False, new_run=False) is None
+    (work_dir / "metrics.jsonl").write_text("")
+    assert "is not empty (metrics.jsonl)" in train_module._reuse_problem(work_dir, resume=False, new_run=False)
