@@ -264,6 +264,9 @@ def test_demo_overlays_of_images_sharing_a_stem_do_not_replace_each_other(tmp_pa
     assert demo.output_paths(images, tmp_path / "out") == [tmp_path / "out" / name
                                                            for name in ("a.jpg.png", "a.png.png", "b.png")]
     assert demo.output_paths(images[:1], tmp_path / "one.png") == [tmp_path / "one.png"]
+    # several images and an image-like --out: a folder of that name, not one file written over and over
+    assert demo.output_paths(images[1:], tmp_path / "x.png") == [tmp_path / "x.png" / name
+                                                                 for name in ("a.png", "b.png")]
 
 
 def test_watch_survives_missing_folders_unreadable_checkpoints_and_log_lines(setup, tmp_path, capsys):
@@ -286,6 +289,7 @@ def test_watch_survives_missing_folders_unreadable_checkpoints_and_log_lines(set
 
 
 @pytest.mark.parametrize("option", [["--poll", "-1"], ["--poll", "0"], ["--scales", "0"], ["--scales", "1", "-1"],
+                                    ["--scales", "inf"],
                                     ["--idle-timeout", "nan"], ["--idle-timeout", "-5"]])
 def test_test_tool_rejects_non_positive_numbers(option, capsys):
     with pytest.raises(SystemExit):
@@ -320,3 +324,67 @@ def test_demo_rejects_meaningless_numbers(option, capsys):
     with pytest.raises(SystemExit):
         load_tool("demo").parse_args(["--config", "c", "--checkpoint", "k", "--image", "i", *option])
     assert "must" in capsys.readouterr().err
+
+
+def test_demo_output_never_lands_in_the_input_folder(tmp_path):
+    demo = load_tool("demo")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="input folder"):  # photo.jpg -> photo.png: no clash, but the same folder
+        demo.refuse_overwriting_inputs([folder / "photo.jpg"], [folder / "photo.png"], folder, folder)
+    demo.refuse_overwriting_inputs([folder / "photo.jpg"], [tmp_path / "out" / "photo.png"], folder, tmp_path / "out")
+
+
+def test_demo_accepts_the_ends_of_the_opacity_range_and_lists_classes_by_area():
+    demo = load_tool("demo")
+    for alpha in ("0", "1"):
+        assert demo.parse_args(["--config", "c", "--checkpoint", "k", "--image", "i", "--alpha", alpha]).alpha == \
+            float(alpha)
+    pred = np.array([[0, 1, 1, 2], [2, 2, 2, 2]], np.uint8)
+    assert demo.describe(pred, ["sky", "tree", "road", "car"]) == "road 62.5%, tree 25.0%, sky 12.5%"
+
+
+def test_test_tool_options_override_the_evaluation_section():
+    tool = load_tool("test")
+    cfg = {"evaluation": {"mode": "whole", "scales": [1.0], "flip": False}}
+    args = tool.parse_args(["--config", "c", "--checkpoint", "k", "--flip", "--scales", "0.5", "1.5", "--mode", "slide",
+                            "--crop-size", "8", "8", "--stride", "4", "6"])
+    assert tool.evaluation_config(cfg, args) == {"mode": "slide", "scales": [0.5, 1.5], "flip": True,
+                                                 "crop_size": [8, 8], "stride": [4, 6]}
+    assert tool.evaluation_config(cfg, tool.parse_args(["--config", "c", "--checkpoint", "k"])) == cfg["evaluation"]
+
+
+def test_watched_checkpoints_go_by_iteration_number(tmp_path):
+    tool = load_tool("test")
+    for name in ("iter_10.pth", "iter_5.pth", "iter_0000007.pth", "latest.pth", ".iter_12.pth.tmp-1", "iter_x.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in tool.pending_checkpoints(tmp_path, set())] == ["iter_5.pth", "iter_0000007.pth",
+                                                                          "iter_10.pth"]
+    assert [p.name for p in tool.pending_checkpoints(tmp_path, {"iter_5.pth"})] == ["iter_0000007.pth", "iter_10.pth"]
+
+
+def test_watch_idle_timeout_counts_from_the_newest_checkpoint(setup, tmp_path, monkeypatch):
+    # poll 1 s, idle timeout 10 s on a clock of our own: checkpoints at t = 0, 8 and 15 keep the watcher going
+    tool = load_tool("test")
+    work = tmp_path / "watched"
+    work.mkdir()
+    source = setup["work"] / "iter_0000010.pth"
+    (work / "iter_0000010.pth").write_bytes(source.read_bytes())
+    arrivals = {8.0: "iter_0000020.pth", 15.0: "iter_0000030.pth"}
+    clock = [0.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic():
+            return clock[0]
+
+        @staticmethod
+        def sleep(seconds):
+            clock[0] += seconds
+            if clock[0] in arrivals:
+                (work / arrivals[clock[0]]).write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(tool, "time", Clock)
+    records = tool.main(["--config", str(setup["config"]), "--watch", str(work), "--poll", "1", "--idle-timeout", "10"])
+    assert [r["iteration"] for r in records] == [10, 20, 30]
+    assert clock[0] == 25.0
