@@ -81,3 +81,65 @@ def test_steps_keep_packages_carried_on_pythonpath(monkeypatch):
     assert gpu_check.child_env(MAX_JOBS="16")["PYTHONPATH"].split(":") == [gpu_check.ROOT, "/tmp/site"]
     monkeypatch.delenv("PYTHONPATH")
     assert gpu_check.child_env()["PYTHONPATH"] == gpu_check.ROOT
+
+
+def test_targets_hold_exactly_at_their_thresholds():
+    headers = ["shape", "layer", "fwd+bwd / BN", "reference / this (fwd+bwd)", "fwd GB/s (3x model)"]
+    rows = [["(16, 256, 128, 128)", "normkit SN", 1.2, 5.0, 2400.0],   # 80% of 3000 GB/s, 1.2x BN, 5x
+            ["(16, 256, 128, 128)", "normkit SN", 1.21, 4.99, 2399.0]]  # just short of each
+    checks = gpu_check.switch_norm_targets(result(headers, rows), peak=3000.0, l2_bytes=0)
+    assert [ok for _, ok, _ in checks] == [True, True, True, False, False, False]
+    # a tensor exactly the L2's size is partly read from it: its bandwidth is not judged
+    nbytes = 4 * 16 * 256 * 128 * 128
+    assert [ok for _, ok, _ in gpu_check.switch_norm_targets(result(headers, rows[:1]), 3000.0, nbytes)] == \
+        [None, True, True]
+
+
+def test_peak_bandwidth_counts_both_edges_of_the_memory_clock(monkeypatch):
+    import types
+
+    import torch
+    h100 = types.SimpleNamespace(memory_clock_rate=2_619_000, memory_bus_width=5120)  # kHz, bits (H100 SXM)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: h100)
+    assert gpu_check.peak_bandwidth_gbs() == 2 * 2.619e9 * 5120 / 8 / 1e9  # 3352 GB/s
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace())
+    assert gpu_check.peak_bandwidth_gbs() is None
+
+
+def _main_with(monkeypatch, failing_step, verdicts, capsys):
+    """gpu_check.main() on a pretend GPU: every step succeeds but `failing_step` (a word of its command), each
+    benchmark's targets are `verdicts`. Returns the exit status and the benchmarks run."""
+    import json
+    import types
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(L2_cache_size=0))
+    monkeypatch.setattr(gpu_check, "peak_bandwidth_gbs", lambda: 3000.0)
+    benchmarks = []
+
+    def run(cmd, limit, env=None, shown=3000):
+        if gpu_check.DRIVER in cmd:
+            benchmarks.append(Path(cmd[4]).name)
+            with open(cmd[5], "w") as f:
+                json.dump({"path": str(Path(gpu_check.ROOT) / "benchmarks" / "results" / "x.md")}, f)
+        return (failing_step not in " ".join(cmd)), "done"
+
+    monkeypatch.setattr(gpu_check, "run", run)
+    monkeypatch.setattr(gpu_check, "TARGETS", {script: (lambda r, gpu: [("target", ok, "") for ok in verdicts])
+                                               for script, _, _ in gpu_check.BENCHMARKS})
+    status = gpu_check.main([])
+    capsys.readouterr()
+    return status, benchmarks
+
+
+def test_the_summary_fails_on_a_failed_step_or_target_but_not_on_an_unjudged_one(monkeypatch, capsys):
+    every = [script for script, _, _ in gpu_check.BENCHMARKS]
+    assert _main_with(monkeypatch, "no step fails", [True, None], capsys) == (0, every)  # n/a: not judged
+    assert _main_with(monkeypatch, "no step fails", [True, False], capsys) == (1, every)
+    # failing CUDA tests fail the check, and the benchmarks still run (the build works)
+    assert _main_with(monkeypatch, "pytest", [True], capsys) == (1, every)
+    assert _main_with(monkeypatch, "build_ext", [True], capsys) == (1, [])
