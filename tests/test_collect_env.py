@@ -35,3 +35,17 @@ def test_the_report_names_versions_and_the_build():
                                                       else "none"), out, re.M)
     assert re.search(rf"^  roi_align +CPU", out, re.M)
     assert re.search(rf"^CPU threads +{torch.get_num_threads()} intra-op", out, re.M)
+
+
+def test_the_report_lists_every_operator_and_every_gpu(monkeypatch):
+    from normkit.collect_env import collect_env
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"Pretend GPU {index}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, index))
+    lines = dict(collect_env())
+    assert lines["GPU 0"] == "Pretend GPU 0 (compute capability 9.0)"
+    assert lines["GPU 1"] == "Pretend GPU 1 (compute capability 9.1)"
+    devices = op_devices()
+    assert {label.strip(): value for label, value in lines.items() if label.startswith("  ") and "composite" not in
+            label} == {op: ", ".join(kinds) for op, kinds in devices.items() if kinds}
+    assert lines["  composite (of the above)"] == ", ".join(sorted(op for op, kinds in devices.items() if not kinds))
