@@ -281,3 +281,30 @@ def test_tensorboard_keeps_the_tags_of_evaluation_scalars(tmp_path):
     tags = events.Tags()["scalars"]
     assert "val/mean_iou" in tags and "train/total_loss" in tags and "train/val/mean_iou" not in tags
     assert [(e.step, e.value) for e in events.Scalars("val/mean_iou")] == [(2, 0.5)]
+
+
+def test_logged_lr_is_the_base_rate_and_data_time_covers_every_micro_batch():
+    import time
+
+    from normkit.engine import build_param_groups
+    model = _model()
+    # the decode head's group (10x) comes last, after the backbone's groups at the base rate
+    optimizer = torch.optim.SGD(build_param_groups(model, 0.1, 0.0, lr_mult={"decode_head": 10.0}), momentum=0.9)
+    assert [g["lr_mult"] for g in optimizer.param_groups][-1] == 10.0
+
+    def slow_loader(start_batch):
+        for batch in toy_loader_fn()(start_batch):
+            time.sleep(0.02)
+            yield batch
+
+    trainer = Trainer(model, optimizer, PolyLR(optimizer, 4, power=1.0), slow_loader, max_iter=2, iter_size=3)
+    logged = []
+
+    class Record(HookBase):
+        def after_step(self):
+            logged.append((self.trainer.scalars["lr"], self.trainer.scalars["data_time"]))
+
+    trainer.register_hooks([Record()])
+    trainer.train()
+    assert [lr for lr, _ in logged] == [pytest.approx(0.1), pytest.approx(0.1 * 3 / 4)]  # the lr each step used
+    assert all(data_time >= 3 * 0.02 for _, data_time in logged)
