@@ -332,6 +332,41 @@ def test_cpu_results_independent_of_thread_count():
         assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_channels_last_past_one_channel_block_matches_reference(training):
+    # The CPU channels-last passes (moments, gradient moments, affine and its backward) take 256 channels per task:
+    # 300 channels make a full block and a partial one, whose statistics and coefficients sit at channel offset 256.
+    shape = (2, 300, 3, 5)
+    inputs = sample_inputs(shape, True, True)
+    grads = ("input", "weight", "bias", "mean_weight", "var_weight")
+    cl_inputs = dict(inputs, input=inputs["input"].contiguous(memory_format=torch.channels_last))
+    out, args = run(switch_norm, cl_inputs, training, True, True, grads)
+    ref, ref_args = run(switch_norm_reference, inputs, training, True, True, grads)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, [args[k] for k in grads], g.contiguous(memory_format=torch.channels_last))
+    want = torch.autograd.grad(ref, [ref_args[k] for k in grads], g)
+    for name, a, b in zip(grads, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("given", ["weight", "bias"])
+def test_weight_without_bias_and_bias_without_weight(given):
+    # Each affine parameter gets its gradient whether or not the other one is given.
+    inputs = sample_inputs((3, 4, 5, 6), True, True)
+    inputs["bias" if given == "weight" else "weight"] = None
+    grads = ("input", given, "mean_weight", "var_weight")
+    out, args = run(switch_norm, inputs, True, True, True, grads)
+    ref, ref_args = run(switch_norm_reference, inputs, True, True, True, grads)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [args[k] for k in grads], g)
+    want = torch.autograd.grad(ref, [ref_args[k] for k in grads], g)
+    for name, a, b in zip(grads, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 
