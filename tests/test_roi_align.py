@@ -158,6 +158,30 @@ def test_backward_matches_reference(device, channels_last):
         assert_close(a.grad, b.grad, torch.float32)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_on_several_threads_matches_reference(channels_last):
+    # The CPU backward splits the channels over the intra-op threads, each adding into its own channels only: with
+    # 2 and 3 threads over 5 channels every thread gets a range that does not start at channel 0.
+    x = feature_map(1 / 4, channels=5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rois = torch.cat([sample_rois()] * 2)  # overlapping boxes add into the same cells
+    grad = torch.randn(rois.shape[0], 5, 3, 3)
+    if channels_last:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    expected = x.detach().clone().requires_grad_(True)
+    roi_align_reference(expected, rois, 3, 1 / 4, 2, True).backward(grad)
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 3):
+            torch.set_num_threads(count)
+            a = x.detach().clone().requires_grad_(True)
+            roi_align(a, rois, 3, 1 / 4, 2, True).backward(grad)
+            assert_close(a.grad, expected.grad, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("aligned", [False, True])
 def test_gradcheck(seed, aligned):

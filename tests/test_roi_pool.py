@@ -97,6 +97,44 @@ def test_backward_matches_reference(device):
     torch.testing.assert_close(x.grad, y.grad)
 
 
+def test_backward_on_several_threads_matches_reference():
+    # The CPU backward splits the channels over the intra-op threads, each adding into its own channels only.
+    x = feature_map(1 / 4, channels=5).requires_grad_(True)
+    rois = torch.cat([sample_rois()] * 2)
+    grad = torch.randn(rois.shape[0], 5, 3, 3)
+    expected = x.detach().clone().requires_grad_(True)
+    roi_pool_reference(expected, rois, 3, 1 / 4).backward(grad)
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 3):
+            torch.set_num_threads(count)
+            x.grad = None
+            roi_pool(x, rois, 3, 1 / 4).backward(grad)
+            torch.testing.assert_close(x.grad, expected.grad)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ties_send_the_gradient_to_the_first_maximum():
+    # Equal values in a bin (a ReLU's zeros, quantized maps): the maximum taken is the first in row-major order,
+    # as in torchvision, and the gradient goes to that cell. The top-left cell holds the map's largest value, so
+    # every bin that covers it sends its gradient to cell 0.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (2, 3, 25, 33), generator=g).float()
+    x[:, :, 0, 0] = 5.0
+    x.requires_grad_(True)
+    rois = torch.cat([sample_rois(), torch.tensor([[0, 0.0, 0.0, 40.0, 30.0], [1, -8.0, -8.0, 12.0, 12.0]])])
+    grad = torch.rand(rois.shape[0], 3, 3, 3, generator=g) + 1
+    out = roi_pool(x, rois, 3, 1 / 4)
+    out.backward(grad)
+    expected = x.detach().clone().requires_grad_(True)
+    ref = roi_pool_reference(expected, rois, 3, 1 / 4)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, expected.grad)
+    assert (x.grad[:, :, 0, 0] > 0).all()
+
+
 def test_gradcheck():
     x = torch.randperm(2 * 2 * 6 * 7).reshape(2, 2, 6, 7).double().requires_grad_(True)
     rois = random_rois(5, 2, 12, 14, dtype=torch.float64)
