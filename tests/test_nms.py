@@ -149,6 +149,25 @@ def test_clustered_boxes_match_reference(device, offset, n, classes):
     assert torch.equal(batched_nms(boxes.to(device), scores.to(device), idxs.to(device), 0.6, offset).cpu(), expected)
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_batched_nms_on_several_threads_matches_reference(offset):
+    # From 2048 boxes the CPU kernel runs its categories as parallel tasks, each on its own slice of the scratch
+    # flags: 2 and 3 threads must keep the reference set (several runs, as a shared slice would be a race).
+    generator = torch.Generator().manual_seed(7)
+    boxes = clustered_boxes(2500, generator)
+    scores = torch.rand(2500, generator=generator)
+    idxs = torch.randint(0, 4, (2500,), generator=generator)
+    expected = per_class_reference(boxes, scores, idxs, 0.6, offset)
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 3):
+            torch.set_num_threads(count)
+            for _ in range(3):
+                assert torch.equal(batched_nms(boxes, scores, idxs, 0.6, offset), expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(torchvision is None, reason="needs torchvision")
 @pytest.mark.parametrize("n", [500, 5000])  # torchvision's batched NMS changes strategy above 4000 boxes on CPU
 @pytest.mark.parametrize("classes", [1, 3, 80])
