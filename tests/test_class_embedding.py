@@ -61,6 +61,22 @@ def test_float32_past_cache_blocks(channels_last, intra_op_threads):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_outputs_on_several_threads(dtype, channels_last, intra_op_threads):
+    # One sample whose GEMM outputs are too small to cut into a tile per thread: on 2 and 3 threads the CPU op hands
+    # them to the library's batched GEMM (at::baddbmm), the 1/N mean as its alpha.
+    shape = (1, 9, 4, 5, 3)
+    guidance, features = sample_inputs(shape, dtype, channels_last=channels_last)
+    grad = torch.randn(1, 9, 4, dtype=torch.float64)
+    results = forward_backward(class_embedding, guidance, features, grad.to(dtype))
+    expected = forward_backward(class_embedding_reference,
+                                *(t.detach().double().requires_grad_() for t in (guidance, features)), grad)
+    rtol, atol = TOLERANCES[dtype]
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4, 2, 3), (1, 4, 3, 1, 1)])
 def test_gradcheck(shape, single_thread):
     guidance, features = sample_inputs(shape, scale=1.0)

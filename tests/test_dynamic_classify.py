@@ -69,6 +69,24 @@ def test_float32_past_cache_blocks(with_bias, channels_last, intra_op_threads):
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_outputs_on_several_threads(dtype, channels_last, intra_op_threads):
+    # One sample whose output is too small to cut into a tile per thread: on 2 and 3 threads the CPU op hands the
+    # GEMMs to the library's batched GEMM (at::baddbmm), bias included.
+    shape = (1, 9, 4, 5, 3)
+    features, weight, bias = sample_inputs(shape, dtype, channels_last=channels_last)
+    grad = torch.randn(1, 9, 5, 3, dtype=torch.float64)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (features, weight, bias)]
+    for with_bias in (True, False):
+        results = forward_backward(dynamic_classify, features, weight, bias if with_bias else None, grad.to(dtype))
+        expected = forward_backward(dynamic_classify_reference, ref_inputs[0], ref_inputs[1],
+                                    ref_inputs[2] if with_bias else None, grad)
+        rtol, atol = TOLERANCES[dtype]
+        for got, want in zip(results, expected):
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
 def test_hand_computed():
     features = torch.tensor([[[[1.0, 2.0]], [[3.0, -1.0]]]])  # B=1, C=2, H=1, W=2
     weight = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [0.5, -1.0]]])  # K=3
