@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 // setup.py passes the CUDA code targets compiled for (e.g. sm_80,sm_90,compute_90); empty in a CPU-only build.
 #ifndef NORMKIT_CUDA_ARCHS
 #define NORMKIT_CUDA_ARCHS
@@ -13,12 +15,16 @@
 #define NORMKIT_STRINGIFY_EXPANDED(...) #__VA_ARGS__
 #define NORMKIT_STRINGIFY(...) NORMKIT_STRINGIFY_EXPANDED(__VA_ARGS__)
 
-// `import normkit._C` loads this library, which registers the ops below with the dispatcher. The module's one
-// attribute, cuda_archs, tells bug reports (python -m normkit.collect_env) what the CUDA kernels were built for.
+// `import normkit._C` loads this library, which registers the ops below with the dispatcher. Its attributes tell
+// bug reports (python -m normkit.collect_env) what the CUDA kernels were built for (cuda_archs) and which build of
+// the CPU kernels this process runs (cpu_kernels: "avx2" or "baseline", csrc/cpu/isa.h; torch is loaded first, so
+// ATEN_CPU_CAPABILITY has been read).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "normkit compiled operators", -1, nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddStringConstant(m, "cuda_archs", NORMKIT_STRINGIFY(NORMKIT_CUDA_ARCHS)) < 0) {
+  if (m != nullptr &&
+      (PyModule_AddStringConstant(m, "cuda_archs", NORMKIT_STRINGIFY(NORMKIT_CUDA_ARCHS)) < 0 ||
+       PyModule_AddStringConstant(m, "cpu_kernels", normkit::use_avx2_kernels() ? "avx2" : "baseline") < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

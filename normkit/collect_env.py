@@ -48,6 +48,8 @@ def collect_env() -> list[tuple[str, str]]:
         from normkit import _C
         lines.append(("normkit._C", _C.__file__))
         lines.append(("CUDA kernels built for", _C.cuda_archs.replace(",", ", ") or "none (CPU-only build)"))
+        lines.append(("CPU kernels in use", {"avx2": "AVX2+FMA build", "baseline": "x86-64 baseline build"}.get(
+            _C.cpu_kernels, _C.cpu_kernels)))
         lines.append(("operator kernels", "device"))
         devices = op_devices()
         for op in sorted(op for op in devices if devices[op]):

@@ -59,10 +59,26 @@ def test_widest_build_matches_reference(check):
     check()
 
 
+def test_the_widest_build_runs_where_torch_runs_avx2_kernels():
+    import normkit._C
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected = "avx2" if capability.startswith("AVX") and sys.platform == "linux" and _cpu_has("avx2", "fma") else None
+    if expected is None:
+        pytest.skip(f"no AVX2+FMA build to run here (torch CPU capability {capability})")
+    assert normkit._C.cpu_kernels == expected
+
+
+def _cpu_has(*flags):
+    with open("/proc/cpuinfo") as f:
+        words = set(next(line for line in f if line.startswith("flags")).split())
+    return all(flag in words for flag in flags)
+
+
 def test_baseline_build_matches_reference():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_cpu_isa as t\n"
               "assert torch.backends.cpu.get_cpu_capability() in ('DEFAULT', 'NO AVX')\n"  # NO AVX: older torch (2.6)
+              "import normkit._C\nassert normkit._C.cpu_kernels == 'baseline', normkit._C.cpu_kernels\n"
               "for check in t.CHECKS: check()\nprint('ok')")
     done = subprocess.run([sys.executable, "-c", script, os.path.dirname(os.path.abspath(__file__))], env=env,
                           capture_output=True, text=True, timeout=300)
