@@ -32,11 +32,8 @@ def run(fn, inputs, training, using_bn, has_instance, requires_grad=(), momentum
     return out, args
 
 
-@pytest.mark.parametrize("has_instance,shape", CASES)
-@pytest.mark.parametrize("using_bn,training", [(True, True), (True, False), (False, True), (False, False)])
-def test_gradcheck_against_reference(has_instance, shape, using_bn, training):
-    inputs = sample_inputs(shape, has_instance, using_bn)
-    grads = ("input", "weight", "bias", "mean_weight", "var_weight")
+def compare_with_reference(inputs, training, using_bn, has_instance, grads):
+    """The kernel's output and the gradients named in `grads` against the reference's; returns both runs' args."""
     out, args = run(switch_norm, inputs, training, using_bn, has_instance, grads)
     ref, ref_args = run(switch_norm_reference, inputs, training, using_bn, has_instance, grads)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -45,6 +42,15 @@ def test_gradcheck_against_reference(has_instance, shape, using_bn, training):
     want = torch.autograd.grad(ref, [ref_args[k] for k in grads], g)
     for name, a, b in zip(grads, got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    return args, ref_args
+
+
+@pytest.mark.parametrize("has_instance,shape", CASES)
+@pytest.mark.parametrize("using_bn,training", [(True, True), (True, False), (False, True), (False, False)])
+def test_gradcheck_against_reference(has_instance, shape, using_bn, training):
+    inputs = sample_inputs(shape, has_instance, using_bn)
+    grads = ("input", "weight", "bias", "mean_weight", "var_weight")
+    args, ref_args = compare_with_reference(inputs, training, using_bn, has_instance, grads)
     torch.testing.assert_close(args["running_mean"], ref_args["running_mean"])
     torch.testing.assert_close(args["running_var"], ref_args["running_var"])
 
@@ -356,15 +362,7 @@ def test_weight_without_bias_and_bias_without_weight(given):
     # Each affine parameter gets its gradient whether or not the other one is given.
     inputs = sample_inputs((3, 4, 5, 6), True, True)
     inputs["bias" if given == "weight" else "weight"] = None
-    grads = ("input", given, "mean_weight", "var_weight")
-    out, args = run(switch_norm, inputs, True, True, True, grads)
-    ref, ref_args = run(switch_norm_reference, inputs, True, True, True, grads)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, [args[k] for k in grads], g)
-    want = torch.autograd.grad(ref, [ref_args[k] for k in grads], g)
-    for name, a, b in zip(grads, got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    compare_with_reference(inputs, True, True, True, ("input", given, "mean_weight", "var_weight"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
