@@ -49,8 +49,12 @@ PUBLISHED = {
 
 
 def _attr(obj, path: str):
+    """`path`'s value: dotted attribute names and indices of a module, or keys of a config section."""
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        if isinstance(obj, dict):
+            obj = obj[part]
+        else:
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
 
 
@@ -441,10 +445,7 @@ PUBLISHED_TRAINING = {
 def test_configs_train_and_test_with_the_published_settings(name):
     cfg = read_config(name)
     for path, expected in PUBLISHED_TRAINING[name].items():
-        value = cfg
-        for key in path.split("."):
-            value = value[key]
-        assert value == expected, f"{name}: {path}"
+        assert _attr(cfg, path) == expected, f"{name}: {path}"
 
 
 def test_pascal_context_heads_train_at_ten_times_the_lr():
