@@ -8,14 +8,16 @@ Rows per problem size:
                      side generates the kernels with the grouped conv, normkit with the equivalent batched GEMM
 
 Both forward (inference, no autograd) and forward+backward are timed with interleaved medians
-(benchmarks/common.py). Memory: on CUDA the peak allocated during forward+backward above the inputs; on CPU
+(benchmarks/common.py). The two fused ops are one batched GEMM each (2·B·K·C·H·W flops) plus O(B·K·H·W) work, on
+both sides: their forward GFLOP/s, set beside the processor's FMA peak, shows how close to the hardware each side
+runs and so how large a forward ratio is possible at all. Memory: on CUDA the peak allocated during forward+backward above the inputs; on CPU
 (no allocator statistics) the activation memory autograd keeps for backward: unique storages packed by
 saved_tensors_hooks that are not the inputs, the parameters or the outputs (those live anyway; the guidance
 logits, for instance, are an output the Dice loss holds).
 
 Sizes: ADE20K (K=150) and Pascal-Context (K=59) with C=512. On CUDA: B=2/8 at 128x128 and 64x64 (ADE20K
 512 crops at stride 4 and 8). On CPU the full list would take many minutes per row, so `main` runs B=2 at
-64x64 and 32x32 (about two minutes on two cores); pass --full to run the GPU list anyway.
+64x64 and 32x32 (under a minute on two cores); pass --full to run the GPU list anyway.
 """
 from __future__ import annotations
 
@@ -110,8 +112,9 @@ def memory_bytes(fn, live, device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-HEADERS = ["problem", "op", "fwd normkit", "fwd official", "fwd speedup", "fwd+bwd normkit", "fwd+bwd official",
-           "fwd+bwd speedup", "memory normkit MiB", "memory official MiB"]
+HEADERS = ["problem", "op", "fwd normkit", "fwd official", "fwd speedup", "fwd GFLOP/s normkit",
+           "fwd GFLOP/s official", "fwd+bwd normkit", "fwd+bwd official", "fwd+bwd speedup", "memory normkit MiB",
+           "memory official MiB"]
 
 
 def run_table(sizes, device, dtype, repeats) -> list[list]:
@@ -125,8 +128,10 @@ def run_table(sizes, device, dtype, repeats) -> list[list]:
                                    device=device, warmup=warmup, repeats=repeats, min_time=min_time)
             fwd_bwd = time_interleaved({"normkit": forward_backward(ours), "official": forward_backward(official)},
                                        device=device, warmup=warmup, repeats=repeats, min_time=min_time)
+            gemm_gflop = 2 * batch * classes * channels * size * size / 1e9
+            rates = ["", ""] if name == "head" else [gemm_gflop / fwd["normkit"], gemm_gflop / fwd["official"]]
             row = [f"B={batch} C={channels} K={classes} {size}x{size}", name,
-                   fwd["normkit"] * 1e3, fwd["official"] * 1e3, fwd["official"] / fwd["normkit"],
+                   fwd["normkit"] * 1e3, fwd["official"] * 1e3, fwd["official"] / fwd["normkit"], *rates,
                    fwd_bwd["normkit"] * 1e3, fwd_bwd["official"] * 1e3, fwd_bwd["official"] / fwd_bwd["normkit"],
                    memory_bytes(ours, live, device) / 2 ** 20, memory_bytes(official, live, device) / 2 ** 20]
             rows.append(row)
@@ -154,7 +159,8 @@ def main(argv=None) -> dict:
     memory = ("peak allocated during forward+backward above the inputs" if on_gpu else
               "bytes autograd saves for backward besides the inputs, parameters and outputs")
     notes = (f"dtype {args.dtype}, device {device}; times are medians of {repeats} interleaved repeats in ms; "
-             f"speedup = official / normkit. Memory: {memory}.\n")
+             f"speedup = official / normkit; fwd GFLOP/s: the fused op's GEMM flops (2·B·K·C·H·W) per second of "
+             f"forward time. Memory: {memory}.\n")
     if steady:
         notes += "Freed memory is kept in the heap (common.steady_cpu_allocator), so no side pays page faults.\n"
     if on_gpu:
@@ -164,7 +170,7 @@ def main(argv=None) -> dict:
         notes += (f"float32 convolutions and GEMMs both in "
                   f"{'TF32' if torch.backends.cuda.matmul.allow_tf32 else 'IEEE float32'}.\n")
     if not (on_gpu or args.full):
-        notes += ("CPU sizes are reduced (B=2, 64x64 and 32x32) so the run takes about two minutes on two cores; "
+        notes += ("CPU sizes are reduced (B=2, 64x64 and 32x32) so the run takes under a minute on two cores; "
                   "the GPU run covers B=2/8 at 128x128 and 64x64.\n")
     sections, results = [], []
     for threads in thread_counts:
