@@ -78,6 +78,10 @@ TORCH_LIBRARY(normkit, m) {
   m.def("nms(Tensor dets, Tensor scores, float iou_threshold, int offset=0) -> Tensor");
   // NMS within each category idxs (integer Tensor[N]): boxes of different categories never suppress each other.
   m.def("batched_nms(Tensor dets, Tensor scores, Tensor idxs, float iou_threshold, int offset=0) -> Tensor");
+  // batched_nms run over groups of whole categories, each of at most max_group_boxes boxes unless one category
+  // is larger (csrc/common/nms_groups.h); the CUDA batched_nms takes this path above 4096 boxes. Same result.
+  m.def("_batched_nms_in_groups(Tensor dets, Tensor scores, Tensor idxs, float iou_threshold, int offset, "
+        "int max_group_boxes) -> Tensor");
 
   // ---- Conditional classifier (csrc/cpu/cond_classifier.cpp, csrc/cuda/cond_classifier.cu) ----
   // guidance: (B, K, H, W) class logits; features: (B, C, H, W). Embedding (B, K, C):

@@ -149,6 +149,32 @@ def test_clustered_boxes_match_reference(device, offset, n, classes):
     assert torch.equal(batched_nms(boxes.to(device), scores.to(device), idxs.to(device), 0.6, offset).cpu(), expected)
 
 
+def grouping_case(generator):
+    """3000 clustered boxes: 60 small categories and one of 1000 boxes, 21 distinct scores (many ties) and NaNs."""
+    boxes = clustered_boxes(3000, generator)
+    scores = torch.randint(0, 21, (3000,), generator=generator).float() / 20
+    scores[[5, 1700, 2999]] = float("nan")
+    idxs = torch.randint(0, 60, (3000,), generator=generator)
+    idxs[torch.randperm(3000, generator=generator)[:1000]] = 77
+    return boxes, scores, idxs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_batched_nms_in_groups_equals_one_pass(device, offset):
+    # CUDA's batched_nms runs over groups of whole categories above 4096 boxes (its bitmask is quadratic in the
+    # boxes it is given): any grouping must keep the boxes, and the order (ties and NaNs too), of one pass.
+    boxes, scores, idxs = grouping_case(torch.Generator().manual_seed(11))
+    expected = batched_nms(boxes, scores, idxs, 0.6, offset)
+    assert torch.equal(expected.sort().values, per_class_reference(boxes, scores, idxs, 0.6, offset).sort().values)
+    boxes, scores, idxs = boxes.to(device), scores.to(device), idxs.to(device)
+    for max_group_boxes in (1, 7, 100, 999, 1000, 2999, 3000):
+        kept = torch.ops.normkit._batched_nms_in_groups(boxes, scores, idxs, 0.6, offset, max_group_boxes)
+        assert torch.equal(kept.cpu(), expected), max_group_boxes
+    with pytest.raises(RuntimeError, match="max_group_boxes must be positive"):
+        torch.ops.normkit._batched_nms_in_groups(boxes, scores, idxs, 0.6, offset, 0)
+
+
 @pytest.mark.parametrize("offset", [0, 1])
 def test_batched_nms_on_several_threads_matches_reference(offset):
     # From 2048 boxes the CPU kernel runs its categories as parallel tasks, each on its own slice of the scratch
@@ -187,6 +213,8 @@ def test_opcheck_and_compile():
     boxes, scores = random_boxes(40), torch.rand(40)
     torch.library.opcheck(torch.ops.normkit.nms.default, (boxes, scores, 0.5, 0),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.normkit._batched_nms_in_groups.default,
+                          (boxes, scores, torch.arange(40) % 5, 0.5, 0, 16), test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda b, s: nms(b, s, 0.5) * 2)
     assert torch.equal(compiled(boxes, scores), nms_reference(boxes, scores, 0.5) * 2)
 
@@ -226,3 +254,16 @@ def test_cuda_equals_cpu(n, offset):
     boxes, scores = random_boxes(n, spread=30.0), torch.rand(n)
     expected = nms(boxes, scores, 0.5, offset)
     assert torch.equal(nms(boxes.cuda(), scores.cuda(), 0.5, offset).cpu(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batched_nms_above_the_mask_limit_equals_cpu():
+    # 12000 boxes: above 4096 the CUDA batched NMS runs over groups of whole categories, one larger than a group.
+    generator = torch.Generator().manual_seed(3)
+    boxes = torch.cat([grouping_case(generator)[0] for _ in range(4)])
+    scores = torch.rand(12000, generator=generator)
+    idxs = torch.randint(0, 500, (12000,), generator=generator)
+    idxs[:5000] = 1000
+    expected = batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(), expected)

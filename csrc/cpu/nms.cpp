@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/nms_groups.h"
 #include "common/roi_checks.h"
 #include "common/roi_geometry.h"
 
@@ -163,10 +164,18 @@ at::Tensor batched_nms_cpu(const at::Tensor& dets, const at::Tensor& scores, con
   return nms_kernel(dets, scores, idxs, iou_threshold, offset);
 }
 
+at::Tensor batched_nms_in_groups_cpu(const at::Tensor& dets, const at::Tensor& scores, const at::Tensor& idxs,
+                                     double iou_threshold, int64_t offset, int64_t max_group_boxes) {
+  roi::check_nms_inputs(dets, scores, offset);
+  roi::check_nms_categories(idxs, dets);
+  return roi::batched_nms_in_groups(dets, scores, idxs, iou_threshold, offset, max_group_boxes, &nms_kernel);
+}
+
 }  // namespace
 }  // namespace normkit
 
 TORCH_LIBRARY_IMPL(normkit, CPU, m) {
   m.impl("nms", &normkit::nms_cpu);
   m.impl("batched_nms", &normkit::batched_nms_cpu);
+  m.impl("_batched_nms_in_groups", &normkit::batched_nms_in_groups_cpu);
 }

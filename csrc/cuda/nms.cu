@@ -7,6 +7,8 @@
 //  2. reduce kernel: a single block walks the boxes in score order, 64 at a time; one thread resolves the
 //     block's own 64 boxes sequentially, then all threads OR the kept boxes' rows into the `removed` bitmap.
 // Only the kept flags are produced on the device; one copy of the kept count sizes the output.
+// The mask holds a bit per pair of boxes: batched NMS above kMaxMaskBoxes boxes runs over groups of whole
+// categories (common/nms_groups.h), as the CPU kernel visits categories one by one.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +17,7 @@
 
 #include <cstdint>
 
+#include "common/nms_groups.h"
 #include "common/roi_checks.h"
 #include "common/roi_geometry.h"
 #include "cuda/roi_launch.cuh"
@@ -24,6 +27,7 @@ namespace {
 
 constexpr int kBoxesPerWord = 64;  // one bit per box in a uint64 mask word; also the mask kernel's block size
 constexpr int kReduceThreads = 256;
+constexpr int64_t kMaxMaskBoxes = 4096;  // a 2 MB mask
 
 template <typename scalar_t>
 __global__ void mask_kernel(const scalar_t* __restrict__ boxes, const int64_t* __restrict__ categories, int64_t n,
@@ -138,7 +142,16 @@ at::Tensor batched_nms_cuda(const at::Tensor& dets, const at::Tensor& scores, co
                             double iou_threshold, int64_t offset) {
   roi::check_nms_inputs(dets, scores, offset);
   roi::check_nms_categories(idxs, dets);
-  return nms_kernel(dets, scores, idxs, iou_threshold, offset);
+  c10::cuda::CUDAGuard guard(dets.device());
+  return roi::batched_nms_in_groups(dets, scores, idxs, iou_threshold, offset, kMaxMaskBoxes, &nms_kernel);
+}
+
+at::Tensor batched_nms_in_groups_cuda(const at::Tensor& dets, const at::Tensor& scores, const at::Tensor& idxs,
+                                      double iou_threshold, int64_t offset, int64_t max_group_boxes) {
+  roi::check_nms_inputs(dets, scores, offset);
+  roi::check_nms_categories(idxs, dets);
+  c10::cuda::CUDAGuard guard(dets.device());
+  return roi::batched_nms_in_groups(dets, scores, idxs, iou_threshold, offset, max_group_boxes, &nms_kernel);
 }
 
 }  // namespace
@@ -147,4 +160,5 @@ at::Tensor batched_nms_cuda(const at::Tensor& dets, const at::Tensor& scores, co
 TORCH_LIBRARY_IMPL(normkit, CUDA, m) {
   m.impl("nms", &normkit::nms_cuda);
   m.impl("batched_nms", &normkit::batched_nms_cuda);
+  m.impl("_batched_nms_in_groups", &normkit::batched_nms_in_groups_cuda);
 }

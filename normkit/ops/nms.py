@@ -68,7 +68,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Equals NMS run per category with the kept indices merged by decreasing score (ties: input order), also for
     NaN/inf or huge coordinates and any integer category ids: the kernel groups the boxes by category instead of
     shifting their coordinates. Floating-point or bool `idxs` group the boxes by value. Empty `boxes` return an
-    empty int64 tensor before any other argument is looked at, as in torchvision.
+    empty int64 tensor before any other argument is looked at, as in torchvision. On CUDA, whose kernel keeps a
+    bit per pair of boxes, more than 4096 boxes run over groups of whole categories (as torchvision switches to a
+    loop over categories), so memory grows with the square of a group's boxes, not of all boxes.
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
@@ -104,9 +106,14 @@ def _fake_batched_nms(dets, scores, idxs, iou_threshold, offset=0):
     return _fake_nms(dets, scores, iou_threshold, offset)
 
 
+def _fake_batched_nms_in_groups(dets, scores, idxs, iou_threshold, offset, max_group_boxes):
+    return _fake_batched_nms(dets, scores, idxs, iou_threshold, offset)
+
+
 def _register() -> None:
     torch.library.register_fake("normkit::nms")(_fake_nms)
     torch.library.register_fake("normkit::batched_nms")(_fake_batched_nms)
+    torch.library.register_fake("normkit::_batched_nms_in_groups")(_fake_batched_nms_in_groups)
     for name in ("normkit::nms", "normkit::batched_nms"):
         register_float32_autocast(name)
 
