@@ -89,6 +89,37 @@ def test_nan_and_inf_boxes_give_zero():
             assert torch.equal(out, torch.zeros_like(out))
 
 
+def large_grid_rois():
+    """Boxes whose sample grids exceed 8 per axis (searched for their samples on the map): reaching far past an
+    11 x 9 map, inverted (aligned=True samples run backwards), and three whose unit-spaced samples (grid 20 over a
+    width of 20 in one bin) land exactly on -1 and on the map's width and height, the last inverted: with
+    aligned=True it samples 14, 13, ..., -5."""
+    return torch.tensor([[0, -40.3, -30.1, 20.2, 15.7],
+                         [1, -5.0, 2.0, 300.0, 8.0],
+                         [0, 12.0, 40.0, -20.0, -3.0],
+                         [1, -1000.5, -900.25, 2000.0, 1500.0],
+                         [0, -5.5, -5.5, 14.5, 14.5],
+                         [1, -14.5, -14.5, 5.5, 5.5],
+                         [0, 15.0, 15.0, -5.0, -5.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_large_sample_grids_keep_every_sample_on_the_map(device, aligned):
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64, device=device)
+    rois = large_grid_rois().to(device)
+    for output_size, sampling_ratio in (((3, 2), 0), ((3, 2), 13), (1, 20)):
+        a = x.clone().requires_grad_(True)
+        out = roi_align(a, rois, output_size, 1.0, sampling_ratio, aligned)
+        b = x.clone().requires_grad_(True)
+        expected = roi_align_reference(b, rois, output_size, 1.0, sampling_ratio, aligned)
+        assert_close(out, expected, torch.float64)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        assert_close(a.grad, b.grad, torch.float64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     x = torch.randn(2, 3, 8, 8, device=device)
@@ -323,3 +354,21 @@ def test_cuda_deterministic_backward_in_chunks(channels_last):
         grads[device, deterministic] = result
     torch.testing.assert_close(grads["cuda", True], grads["cpu", True], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grads["cuda", False], grads["cpu", True], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_huge_boxes_visit_only_their_samples_on_the_map():
+    # Adaptive grids stop at 65536 samples per axis: a thread walking every sample of these bins would take
+    # 4e9 steps (the kernel would seem to hang); the searched ranges hold the few samples on the 50 x 50 map.
+    x = torch.randn(1, 8, 50, 50)
+    rois = torch.tensor([[0, -1e8, -1e8, 1e8, 1e8], [0, 0.0, 0.0, 1e7, 30.0]])
+    grad = torch.randn(2, 8, 7, 7)
+    results = []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).requires_grad_(True)
+        out = roi_align(xd, rois.to(device), 7, 1 / 16, 0, True)
+        out.backward(grad.to(device))
+        results.append((out.cpu(), xd.grad.cpu()))
+    assert_close(results[1][0], results[0][0], torch.float32)
+    assert_close(results[1][1], results[0][1], torch.float32)

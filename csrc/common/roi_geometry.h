@@ -105,6 +105,46 @@ C10_HOST_DEVICE inline T align_sample_coordinate(T start, T bin, int p, int i, i
   return start + mul_rn(T(p), bin) + mul_rn(T(i) + T(0.5), bin) / T(grid);
 }
 
+// Smallest i in [0, count) for which `pred(i)` is false, `pred` being true on a prefix (count when never false).
+template <typename Pred>
+C10_HOST_DEVICE inline int partition_point(int count, Pred pred) {
+  int low = 0, high = count;
+  while (low < high) {
+    const int mid = low + (high - low) / 2;
+    if (pred(mid)) {
+      low = mid + 1;
+    } else {
+      high = mid;
+    }
+  }
+  return low;
+}
+
+// Grids up to this many samples per axis are walked whole: a search would cost more than it skips.
+constexpr int kSampleSearchGrid = 8;
+
+// The samples [*first, *last) of bin p along one axis that may land in [-1, size]; every other sample fails
+// linear_sample. A box far larger than the map (an adaptive grid of up to 65536 samples per axis) thus costs
+// only its samples on the map. Sample coordinates are monotone in i (rounding is monotone), so those samples
+// form one interval, found by binary search with the same coordinate arithmetic and limits as linear_sample.
+// Callers still test each sample; a NaN axis yields an empty range.
+template <typename T>
+C10_HOST_DEVICE inline void align_sample_range(T start, T bin, int p, int grid, int size, int* first, int* last) {
+  if (grid <= kSampleSearchGrid) {
+    *first = 0;
+    *last = grid;
+    return;
+  }
+  const auto coordinate = [&](int i) { return align_sample_coordinate(start, bin, p, i, grid); };
+  if (bin >= T(0)) {  // non-decreasing: samples before the map, on it, beyond it
+    *first = partition_point(grid, [&](int i) { return coordinate(i) < T(-1); });
+    *last = partition_point(grid, [&](int i) { return coordinate(i) <= T(size); });
+  } else {  // non-increasing (aligned=true inverted boxes), or NaN
+    *first = partition_point(grid, [&](int i) { return coordinate(i) > T(size); });
+    *last = partition_point(grid, [&](int i) { return coordinate(i) >= T(-1); });
+  }
+}
+
 // The four neighbours of a bilinear sample and their weights; `spatial index = y * width + x`.
 template <typename T>
 struct BilinearSample {

@@ -40,7 +40,9 @@ struct AxisSamples {
     samples.clear();
     bin_begin.assign(1, 0);
     for (int p = 0; p < pooled; ++p) {
-      for (int i = 0; i < grid; ++i) {
+      int first, last;
+      roi::align_sample_range(start, bin, p, grid, int(size), &first, &last);
+      for (int i = first; i < last; ++i) {
         int low, high;
         T w_low, w_high;
         if (roi::linear_sample(roi::align_sample_coordinate(start, bin, p, i, grid), int(size), low, high, w_low,

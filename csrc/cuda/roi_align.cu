@@ -88,9 +88,12 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
     int64_t stride;
     const scalar_t* src = input + plane_offset<kChannelsLast>(n, c, s, stride);
     acc_t sum = 0;
-    for (int iy = 0; iy < r.grid_h; ++iy) {
+    int y_first, y_last, x_first, x_last;
+    roi::align_sample_range(r.start_h, r.bin_h, ph, r.grid_h, s.height, &y_first, &y_last);
+    roi::align_sample_range(r.start_w, r.bin_w, pw, r.grid_w, s.width, &x_first, &x_last);
+    for (int iy = y_first; iy < y_last; ++iy) {
       const acc_t y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, r.grid_h);
-      for (int ix = 0; ix < r.grid_w; ++ix) {
+      for (int ix = x_first; ix < x_last; ++ix) {
         const acc_t x = roi::align_sample_coordinate(r.start_w, r.bin_w, pw, ix, r.grid_w);
         BilinearSample<acc_t> b;
         if (!roi::bilinear_sample(y, x, s.height, s.width, b)) continue;
@@ -120,9 +123,12 @@ __global__ void backward_atomic_kernel(const scalar_t* __restrict__ grad, const 
     int64_t stride;
     acc_t* dst = grad_input + plane_offset<kChannelsLast>(n, c, s, stride);
     const acc_t g = acc_t(grad[index]) / r.count;
-    for (int iy = 0; iy < r.grid_h; ++iy) {
+    int y_first, y_last, x_first, x_last;
+    roi::align_sample_range(r.start_h, r.bin_h, ph, r.grid_h, s.height, &y_first, &y_last);
+    roi::align_sample_range(r.start_w, r.bin_w, pw, r.grid_w, s.width, &x_first, &x_last);
+    for (int iy = y_first; iy < y_last; ++iy) {
       const acc_t y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, r.grid_h);
-      for (int ix = 0; ix < r.grid_w; ++ix) {
+      for (int ix = x_first; ix < x_last; ++ix) {
         const acc_t x = roi::align_sample_coordinate(r.start_w, r.bin_w, pw, ix, r.grid_w);
         BilinearSample<acc_t> b;
         if (!roi::bilinear_sample(y, x, s.height, s.width, b)) continue;
