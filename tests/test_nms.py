@@ -214,7 +214,8 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.normkit.nms.default, (boxes, scores, 0.5, 0),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     torch.library.opcheck(torch.ops.normkit._batched_nms_in_groups.default,
-                          (boxes, scores, torch.arange(40) % 5, 0.5, 0, 16), test_utils=("test_schema", "test_faketensor"))
+                          (boxes, scores, torch.arange(40) % 5, 0.5, 0, 16),
+                          test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda b, s: nms(b, s, 0.5) * 2)
     assert torch.equal(compiled(boxes, scores), nms_reference(boxes, scores, 0.5) * 2)
 

@@ -109,15 +109,16 @@ def test_large_sample_grids_keep_every_sample_on_the_map(device, aligned):
     x = torch.randn(2, 3, 9, 11, dtype=torch.float64, device=device)
     rois = large_grid_rois().to(device)
     for output_size, sampling_ratio in (((3, 2), 0), ((3, 2), 13), (1, 20)):
-        a = x.clone().requires_grad_(True)
-        out = roi_align(a, rois, output_size, 1.0, sampling_ratio, aligned)
         b = x.clone().requires_grad_(True)
         expected = roi_align_reference(b, rois, output_size, 1.0, sampling_ratio, aligned)
-        assert_close(out, expected, torch.float64)
-        grad = torch.randn_like(out)
-        out.backward(grad)
+        grad = torch.randn_like(expected)
         expected.backward(grad)
-        assert_close(a.grad, b.grad, torch.float64)
+        for deterministic in (False, True):  # CUDA: atomic and listed backward
+            a = x.clone().requires_grad_(True)
+            out = roi_align(a, rois, output_size, 1.0, sampling_ratio, aligned, deterministic=deterministic)
+            assert_close(out, expected, torch.float64)
+            out.backward(grad)
+            assert_close(a.grad, b.grad, torch.float64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -360,15 +361,17 @@ def test_cuda_deterministic_backward_in_chunks(channels_last):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_huge_boxes_visit_only_their_samples_on_the_map():
     # Adaptive grids stop at 65536 samples per axis: a thread walking every sample of these bins would take
-    # 4e9 steps (the kernel would seem to hang); the searched ranges hold the few samples on the 50 x 50 map.
+    # 4e9 steps (the kernel would seem to hang), and the deterministic backward listing every sample would need
+    # terabytes; the searched ranges hold the few samples on the 50 x 50 map.
     x = torch.randn(1, 8, 50, 50)
     rois = torch.tensor([[0, -1e8, -1e8, 1e8, 1e8], [0, 0.0, 0.0, 1e7, 30.0]])
     grad = torch.randn(2, 8, 7, 7)
     results = []
-    for device in ("cpu", "cuda"):
+    for device, deterministic in (("cpu", True), ("cuda", False), ("cuda", True)):  # listed: 4 entries per sample
         xd = x.to(device).requires_grad_(True)
-        out = roi_align(xd, rois.to(device), 7, 1 / 16, 0, True)
+        out = roi_align(xd, rois.to(device), 7, 1 / 16, 0, True, deterministic=deterministic)
         out.backward(grad.to(device))
         results.append((out.cpu(), xd.grad.cpu()))
-    assert_close(results[1][0], results[0][0], torch.float32)
-    assert_close(results[1][1], results[0][1], torch.float32)
+    for out, grad_input in results[1:]:
+        assert_close(out, results[0][0], torch.float32)
+        assert_close(grad_input, results[0][1], torch.float32)

@@ -141,28 +141,52 @@ __global__ void backward_atomic_kernel(const scalar_t* __restrict__ grad, const 
   }
 }
 
-// Deterministic backward, step 1: the sample grid of every RoI (0 x 0 for an invalid batch index). Stored
-// so that the listing kernel uses exactly these sizes, the ones the offsets were computed from.
+// Samples of bin p along one axis that may land on the map: [*first, *first + returned count).
+template <typename acc_t>
+__device__ inline int axis_sample_range(acc_t start, acc_t bin, int p, int grid, int size, int* first) {
+  int last;
+  roi::align_sample_range(start, bin, p, grid, size, first, &last);
+  return last - *first;
+}
+
+// Samples that may land on the map in the first `bins` bins along one axis.
+template <typename acc_t>
+__device__ inline int64_t axis_samples_before(acc_t start, acc_t bin, int bins, int grid, int size) {
+  int64_t total = 0;
+  int first;
+  for (int p = 0; p < bins; ++p) total += axis_sample_range(start, bin, p, grid, size, &first);
+  return total;
+}
+
+// Deterministic backward, step 1: per RoI, the samples that may land on the map along y summed over the bin rows
+// and along x summed over the bin columns (0 for an invalid batch index); RoI k lists 4 * ys * xs contributions,
+// so a box far larger than the map costs its samples on the map only. Stored so that the offsets and the
+// listing kernel agree.
 template <typename scalar_t>
-__global__ void grid_sizes_kernel(const scalar_t* __restrict__ rois, int64_t num_rois, AlignShape s,
-                                  at::opmath_type<scalar_t> spatial_scale, int sampling_ratio, bool aligned,
-                                  int* __restrict__ grids) {
+__global__ void sample_counts_kernel(const scalar_t* __restrict__ rois, int64_t num_rois, AlignShape s,
+                                     at::opmath_type<scalar_t> spatial_scale, int sampling_ratio, bool aligned,
+                                     int64_t* __restrict__ counts) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t k = global_thread_index(); k < num_rois; k += global_thread_count()) {
     AlignRegion<acc_t> r;
     int n = 0;
-    const bool valid = load_region(rois, k, s, spatial_scale, sampling_ratio, aligned, n, r);
-    grids[2 * k] = valid ? r.grid_h : 0;
-    grids[2 * k + 1] = valid ? r.grid_w : 0;
+    int64_t ys = 0, xs = 0;
+    if (load_region(rois, k, s, spatial_scale, sampling_ratio, aligned, n, r)) {
+      ys = axis_samples_before(r.start_h, r.bin_h, s.pooled_h, r.grid_h, s.height);
+      xs = axis_samples_before(r.start_w, r.bin_w, s.pooled_w, r.grid_w, s.width);
+    }
+    counts[2 * k] = ys;
+    counts[2 * k + 1] = xs;
   }
 }
 
 // Deterministic backward, step 2, for the RoIs [first_roi, first_roi + num_rois) of one chunk: one thread per
-// (roi, bin) lists the 4 contributions of each of its samples from 4 * (sample_offset[k] - sample_offset[first_roi]
-// + bin * grid_h * grid_w) on. cell = n * H * W + y * W + x, or `invalid_cell` (sorted last, ignored) for samples
-// outside the map; source = k * bins + bin; weight includes 1 / count.
+// (roi, bin) lists the 4 contributions of each of its samples in range, bins in row-major order after the RoI's
+// first contribution at 4 * (sample_offset[k] - sample_offset[first_roi]). cell = n * H * W + y * W + x, or
+// `invalid_cell` (sorted last, ignored) for samples outside the map; source = k * bins + bin; weight includes
+// 1 / count.
 template <typename scalar_t>
-__global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, const int* __restrict__ grids,
+__global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, const int64_t* __restrict__ counts,
                                           const int64_t* __restrict__ sample_offset, int64_t first_roi,
                                           int64_t num_rois, AlignShape s, at::opmath_type<scalar_t> spatial_scale,
                                           int sampling_ratio, bool aligned, int64_t invalid_cell,
@@ -173,18 +197,24 @@ __global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, con
   const int64_t plane = int64_t(s.height) * s.width;
   for (int64_t item = global_thread_index(); item < num_rois * bins; item += global_thread_count()) {
     const int64_t k = first_roi + item / bins;
-    const int grid_h = grids[2 * k], grid_w = grids[2 * k + 1];
-    if (grid_h == 0 || grid_w == 0) continue;
+    const int64_t roi_xs = counts[2 * k + 1];
+    if (counts[2 * k] == 0 || roi_xs == 0) continue;
     const int bin = int(item % bins);
     const int ph = bin / s.pooled_w, pw = bin % s.pooled_w;
     AlignRegion<acc_t> r;
     int n = 0;
     load_region(rois, k, s, spatial_scale, sampling_ratio, aligned, n, r);
-    int64_t e = 4 * (sample_offset[k] - sample_offset[first_roi] + int64_t(bin) * grid_h * grid_w);
-    for (int iy = 0; iy < grid_h; ++iy) {
-      const acc_t y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, grid_h);
-      for (int ix = 0; ix < grid_w; ++ix, e += 4) {
-        const acc_t x = roi::align_sample_coordinate(r.start_w, r.bin_w, pw, ix, grid_w);
+    // The bin's samples follow those of the bin rows above (ys_above * roi_xs) and of the bins to its left.
+    const int64_t ys_above = axis_samples_before(r.start_h, r.bin_h, ph, r.grid_h, s.height);
+    const int64_t xs_left = axis_samples_before(r.start_w, r.bin_w, pw, r.grid_w, s.width);
+    int y_first, x_first;
+    const int y_count = axis_sample_range(r.start_h, r.bin_h, ph, r.grid_h, s.height, &y_first);
+    const int x_count = axis_sample_range(r.start_w, r.bin_w, pw, r.grid_w, s.width, &x_first);
+    int64_t e = 4 * (sample_offset[k] - sample_offset[first_roi] + ys_above * roi_xs + int64_t(y_count) * xs_left);
+    for (int iy = y_first; iy < y_first + y_count; ++iy) {
+      const acc_t y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, r.grid_h);
+      for (int ix = x_first; ix < x_first + x_count; ++ix, e += 4) {
+        const acc_t x = roi::align_sample_coordinate(r.start_w, r.bin_w, pw, ix, r.grid_w);
         BilinearSample<acc_t> b;
         if (!roi::bilinear_sample(y, x, s.height, s.width, b)) {
           for (int j = 0; j < 4; ++j) {
@@ -242,7 +272,7 @@ __global__ void gather_segments_kernel(const scalar_t* __restrict__ grad, const 
 
 // The deterministic backward of the RoIs [first_roi, first_roi + num_rois), whose samples give num_entries > 0
 // contributions: list them, sort them by cell and add each cell's ordered sum into grad_input.
-void add_chunk_contributions(const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& grids,
+void add_chunk_contributions(const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& counts,
                              const at::Tensor& sample_offset, int64_t first_roi, int64_t num_rois, int64_t num_entries,
                              const AlignShape& s, double spatial_scale, int64_t sampling_ratio, bool aligned,
                              int64_t invalid_cell, bool channels_last, at::Tensor& grad_input) {
@@ -254,7 +284,7 @@ void add_chunk_contributions(const at::Tensor& grad, const at::Tensor& boxes, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_list_contributions", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     list_contributions_kernel<scalar_t><<<roi_cuda::capped_blocks(bin_items), roi_cuda::kThreads, 0, stream>>>(
-        boxes.data_ptr<scalar_t>(), grids.data_ptr<int>(), sample_offset.data_ptr<int64_t>(), first_roi, num_rois, s,
+        boxes.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), sample_offset.data_ptr<int64_t>(), first_roi, num_rois, s,
         acc_t(spatial_scale), int(sampling_ratio), aligned, invalid_cell, cells.data_ptr<int64_t>(),
         weights.data_ptr<acc_t>(), sources.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -340,27 +370,25 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
     return grad_input.to(grad.scalar_type());
   }
 
-  // Grid sizes on the device, offsets on the host (one small copy; this path syncs anyway to size its buffers).
+  // Sample counts on the device, offsets on the host (one small copy; this path syncs anyway to size its buffers).
   const int64_t num_rois = rois.size(0);
-  at::Tensor grids = at::empty({num_rois, 2}, grad.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_grid_sizes", [&] {
+  at::Tensor counts = at::empty({num_rois, 2}, grad.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_sample_counts", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    grid_sizes_kernel<scalar_t><<<roi_cuda::capped_blocks(num_rois), roi_cuda::kThreads, 0, stream>>>(
+    sample_counts_kernel<scalar_t><<<roi_cuda::capped_blocks(num_rois), roi_cuda::kThreads, 0, stream>>>(
         boxes.data_ptr<scalar_t>(), num_rois, s, acc_t(spatial_scale), int(sampling_ratio), aligned,
-        grids.data_ptr<int>());
+        counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const at::Tensor host_grids = grids.cpu();
-  const int* grid_ptr = host_grids.data_ptr<int>();
+  const at::Tensor host_counts = counts.cpu();
+  const int64_t* count_ptr = host_counts.const_data_ptr<int64_t>();
   std::vector<int64_t> offsets(num_rois + 1, 0);  // RoI k owns samples [offsets[k], offsets[k + 1])
-  for (int64_t k = 0; k < num_rois; ++k) {
-    offsets[k + 1] = offsets[k] + pooled_h * pooled_w * int64_t(grid_ptr[2 * k]) * grid_ptr[2 * k + 1];
-  }
+  for (int64_t k = 0; k < num_rois; ++k) offsets[k + 1] = offsets[k] + count_ptr[2 * k] * count_ptr[2 * k + 1];
   if (offsets.back() == 0) return grad_input.to(grad.scalar_type());
   const at::Tensor sample_offset = at::tensor(offsets, at::kLong).to(grad.device());
   const int64_t invalid_cell = batch_size * height * width;
-  // The RoIs go in chunks of at most kMaxChunkEntries contributions (a larger RoI is a chunk of its own), which
-  // bounds the scratch below (about 70 bytes a contribution, sort included). Chunks run in order on the stream,
+  // The RoIs go in chunks of at most kMaxChunkEntries contributions (a RoI with more samples on the map is a chunk
+  // of its own), which bounds the scratch below (about 70 bytes a contribution, sort included). Chunks run in order on the stream,
   // each adding its per-cell sums, so the summation order is still fixed by the input alone.
   constexpr int64_t kMaxChunkEntries = int64_t(1) << 22;
   for (int64_t first = 0; first < num_rois;) {
@@ -368,7 +396,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
     while (end < num_rois && 4 * (offsets[end + 1] - offsets[first]) <= kMaxChunkEntries) ++end;
     const int64_t num_entries = 4 * (offsets[end] - offsets[first]);
     if (num_entries > 0) {
-      add_chunk_contributions(g, boxes, grids, sample_offset, first, end - first, num_entries, s, spatial_scale,
+      add_chunk_contributions(g, boxes, counts, sample_offset, first, end - first, num_entries, s, spatial_scale,
                               sampling_ratio, aligned, invalid_cell, channels_last, grad_input);
     }
     first = end;
