@@ -141,20 +141,15 @@ __global__ void backward_atomic_kernel(const scalar_t* __restrict__ grad, const 
   }
 }
 
-// Samples of bin p along one axis that may land on the map: [*first, *first + returned count).
-template <typename acc_t>
-__device__ inline int axis_sample_range(acc_t start, acc_t bin, int p, int grid, int size, int* first) {
-  int last;
-  roi::align_sample_range(start, bin, p, grid, size, first, &last);
-  return last - *first;
-}
-
-// Samples that may land on the map in the first `bins` bins along one axis.
+// Samples that may land on the map in the first `bins` bins along one axis (roi::align_sample_range).
 template <typename acc_t>
 __device__ inline int64_t axis_samples_before(acc_t start, acc_t bin, int bins, int grid, int size) {
   int64_t total = 0;
-  int first;
-  for (int p = 0; p < bins; ++p) total += axis_sample_range(start, bin, p, grid, size, &first);
+  for (int p = 0; p < bins; ++p) {
+    int first, last;
+    roi::align_sample_range(start, bin, p, grid, size, &first, &last);
+    total += last - first;
+  }
   return total;
 }
 
@@ -207,13 +202,14 @@ __global__ void list_contributions_kernel(const scalar_t* __restrict__ rois, con
     // The bin's samples follow those of the bin rows above (ys_above * roi_xs) and of the bins to its left.
     const int64_t ys_above = axis_samples_before(r.start_h, r.bin_h, ph, r.grid_h, s.height);
     const int64_t xs_left = axis_samples_before(r.start_w, r.bin_w, pw, r.grid_w, s.width);
-    int y_first, x_first;
-    const int y_count = axis_sample_range(r.start_h, r.bin_h, ph, r.grid_h, s.height, &y_first);
-    const int x_count = axis_sample_range(r.start_w, r.bin_w, pw, r.grid_w, s.width, &x_first);
-    int64_t e = 4 * (sample_offset[k] - sample_offset[first_roi] + ys_above * roi_xs + int64_t(y_count) * xs_left);
-    for (int iy = y_first; iy < y_first + y_count; ++iy) {
+    int y_first, y_last, x_first, x_last;
+    roi::align_sample_range(r.start_h, r.bin_h, ph, r.grid_h, s.height, &y_first, &y_last);
+    roi::align_sample_range(r.start_w, r.bin_w, pw, r.grid_w, s.width, &x_first, &x_last);
+    int64_t e = 4 * (sample_offset[k] - sample_offset[first_roi] + ys_above * roi_xs +
+                     int64_t(y_last - y_first) * xs_left);
+    for (int iy = y_first; iy < y_last; ++iy) {
       const acc_t y = roi::align_sample_coordinate(r.start_h, r.bin_h, ph, iy, r.grid_h);
-      for (int ix = x_first; ix < x_first + x_count; ++ix, e += 4) {
+      for (int ix = x_first; ix < x_last; ++ix, e += 4) {
         const acc_t x = roi::align_sample_coordinate(r.start_w, r.bin_w, pw, ix, r.grid_w);
         BilinearSample<acc_t> b;
         if (!roi::bilinear_sample(y, x, s.height, s.width, b)) {
