@@ -10,10 +10,12 @@ Rows per problem size:
 Both forward (inference, no autograd) and forward+backward are timed with interleaved medians
 (benchmarks/common.py). The two fused ops are one batched GEMM each (2·B·K·C·H·W flops) plus O(B·K·H·W) work, on
 both sides: their forward GFLOP/s, set beside the processor's FMA peak, shows how close to the hardware each side
-runs and so how large a forward ratio is possible at all. Memory: on CUDA the peak allocated during forward+backward above the inputs; on CPU
-(no allocator statistics) the activation memory autograd keeps for backward: unique storages packed by
-saved_tensors_hooks that are not the inputs, the parameters or the outputs (those live anyway; the guidance
-logits, for instance, are an output the Dice loss holds).
+runs and so how large a forward ratio is possible at all.
+
+Memory: on CUDA the peak allocated during forward+backward above the inputs; on CPU (no allocator statistics) the
+activation memory autograd keeps for backward: unique storages packed by saved_tensors_hooks that are not the
+inputs, the parameters or the outputs (those live anyway; the guidance logits, for instance, are an output the
+Dice loss holds).
 
 Sizes: ADE20K (K=150) and Pascal-Context (K=59) with C=512. On CUDA: B=2/8 at 128x128 and 64x64 (ADE20K
 512 crops at stride 4 and 8). On CPU the full list would take many minutes per row, so `main` runs B=2 at

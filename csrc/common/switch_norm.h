@@ -87,7 +87,8 @@ struct Mixture {
 
 // Gradient of the loss w.r.t. the softmax logits, given the gradient w.r.t. the (present) weights.
 template <typename T>
-C10_HOST_DEVICE inline void softmax_backward(const T* weights3, const T* grad_weights3, int first, int k, T* grad_logits) {
+C10_HOST_DEVICE inline void softmax_backward(const T* weights3, const T* grad_weights3, int first, int k,
+                                             T* grad_logits) {
   T dot = T(0);
   for (int j = 0; j < k; ++j) dot += weights3[first + j] * grad_weights3[first + j];
   for (int j = 0; j < k; ++j) grad_logits[j] = weights3[first + j] * (grad_weights3[first + j] - dot);

@@ -126,9 +126,9 @@ at::Tensor nms_kernel(const at::Tensor& dets, const at::Tensor& scores, const at
         n, words_per_row, acc_t(iou_threshold), int(offset), reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  reduce_kernel<<<1, kReduceThreads, 0, stream>>>(reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>()), n,
-                                                  words_per_row, reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()),
-                                                  keep.data_ptr<bool>());
+  reduce_kernel<<<1, kReduceThreads, 0, stream>>>(
+      reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>()), n, words_per_row,
+      reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), keep.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return order.masked_select(keep);
 }

@@ -280,8 +280,8 @@ void add_chunk_contributions(const at::Tensor& grad, const at::Tensor& boxes, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_list_contributions", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     list_contributions_kernel<scalar_t><<<roi_cuda::capped_blocks(bin_items), roi_cuda::kThreads, 0, stream>>>(
-        boxes.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), sample_offset.data_ptr<int64_t>(), first_roi, num_rois, s,
-        acc_t(spatial_scale), int(sampling_ratio), aligned, invalid_cell, cells.data_ptr<int64_t>(),
+        boxes.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), sample_offset.data_ptr<int64_t>(), first_roi, num_rois,
+        s, acc_t(spatial_scale), int(sampling_ratio), aligned, invalid_cell, cells.data_ptr<int64_t>(),
         weights.data_ptr<acc_t>(), sources.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -315,7 +315,8 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   roi::check_feature_size(input.size(0), input.size(1), input.size(2), input.size(3), "roi_align");
   c10::cuda::CUDAGuard guard(input.device());
   const auto format = roi::kernel_memory_format(input);
-  at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_h, pooled_w}, input.options().memory_format(format));
+  at::Tensor output =
+      at::empty({rois.size(0), input.size(1), pooled_h, pooled_w}, input.options().memory_format(format));
   if (output.numel() == 0) return output;
   const AlignShape s{int(input.size(0)), int(input.size(1)), int(input.size(2)), int(input.size(3)), int(pooled_h),
                      int(pooled_w)};
@@ -325,7 +326,8 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = format == at::MemoryFormat::ChannelsLast ? forward_kernel<scalar_t, true> : forward_kernel<scalar_t, false>;
+    auto kernel =
+        format == at::MemoryFormat::ChannelsLast ? forward_kernel<scalar_t, true> : forward_kernel<scalar_t, false>;
     kernel<<<roi_cuda::capped_blocks(total), roi_cuda::kThreads, 0, stream>>>(
         in.data_ptr<scalar_t>(), boxes.data_ptr<scalar_t>(), total, s, acc_t(spatial_scale), int(sampling_ratio),
         aligned, output.data_ptr<scalar_t>());
@@ -384,8 +386,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   const at::Tensor sample_offset = at::tensor(offsets, at::kLong).to(grad.device());
   const int64_t invalid_cell = batch_size * height * width;
   // The RoIs go in chunks of at most kMaxChunkEntries contributions (a RoI with more samples on the map is a chunk
-  // of its own), which bounds the scratch below (about 70 bytes a contribution, sort included). Chunks run in order on the stream,
-  // each adding its per-cell sums, so the summation order is still fixed by the input alone.
+  // of its own), which bounds the scratch below (about 70 bytes a contribution, sort included). Chunks run in order on
+  // the stream, each adding its per-cell sums, so the summation order is still fixed by the input alone.
   constexpr int64_t kMaxChunkEntries = int64_t(1) << 22;
   for (int64_t first = 0; first < num_rois;) {
     int64_t end = first + 1;

@@ -297,7 +297,8 @@ at::Tensor affine_cuda(const at::Tensor& input, const at::Tensor& coefficients) 
   return per_plane_affine_cuda<2>(input, nullptr, coefficients);
 }
 
-at::Tensor affine_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& coefficients) {
+at::Tensor affine_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& coefficients) {
   check_grad_output(grad_output, input);
   const at::Tensor x = to_nc_layout(input);
   return per_plane_affine_cuda<3>(match_nc_layout(grad_output, x), &x, coefficients);
@@ -351,7 +352,9 @@ __global__ void forward_coefficients_kernel(CoefArgs<acc_t> args, bool bn_given,
       for (int64_t n = 0; n < N; ++n) s += args.mom[2 * (n * C + c)];
       const acc_t mean = s / acc_t(N);
       acc_t v = 0;
-      for (int64_t n = 0; n < N; ++n) v += form.member_term(args.mom[2 * (n * C + c)], args.mom[2 * (n * C + c) + 1], mean);
+      for (int64_t n = 0; n < N; ++n) {
+        v += form.member_term(args.mom[2 * (n * C + c)], args.mom[2 * (n * C + c) + 1], mean);
+      }
       bn[c] = mean;
       bn[C + c] = v / form.denominator(acc_t(N));
       bn[2 * C + c] = acc_t(N);
